@@ -1,0 +1,1 @@
+"""The wire contract (.proto files) and the stubs generated from them."""
