@@ -1,0 +1,197 @@
+"""Architecture spec: which attention kind each head uses and which MLP activation each
+layer uses.
+
+The spec is public (both parties need it to build the same computation), versioned and
+stored as YAML next to checkpoints and produced by the search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import yaml
+
+SPEC_VERSION = 1
+
+
+class AttentionKind(str, Enum):
+    """Per-head attention map given scores a = q kᵀ / sqrt(head_dim) over N tokens."""
+
+    SOFTMAX = "softmax"  # softmax(a)
+    RELU_SOFTMAX = "relu_softmax"  # relu(a) / (sum relu(a) + eps)
+    SCALE = "scale"  # a / N (linear: computed as q (kᵀ v) / N when cheaper)
+    QUAD2 = "quad2"  # MPCFormer 2Quad: (a + c)² / sum (a + c)², c = 5
+
+
+class ActivationKind(str, Enum):
+    """MLP activation."""
+
+    GELU = "gelu"
+    RELU = "relu"
+    QUAD = "quad"  # MPCFormer: 0.125 x² + 0.25 x + 0.5
+    IDENTITY = "identity"
+
+
+def _enum(cls: type[Enum], v: Any, where: str) -> Any:
+    if isinstance(v, cls):
+        return v
+    try:
+        return cls(v)
+    except ValueError:
+        known = [m.value for m in cls]
+        raise ValueError(f"{where}: unknown {cls.__name__} {v!r}; known: {known}") from None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One block: an attention kind per head and one MLP activation."""
+
+    attention: tuple[AttentionKind, ...]
+    activation: ActivationKind
+
+    def __post_init__(self) -> None:
+        att = self.attention
+        if isinstance(att, (str, AttentionKind)):
+            raise ValueError("LayerSpec.attention must be a sequence of per-head kinds")
+        object.__setattr__(
+            self, "attention", tuple(_enum(AttentionKind, a, "attention") for a in att)
+        )
+        object.__setattr__(self, "activation", _enum(ActivationKind, self.activation, "activation"))
+        if not self.attention:
+            raise ValueError("LayerSpec.attention must list at least one head")
+
+    @property
+    def heads(self) -> int:
+        return len(self.attention)
+
+    def groups(self) -> list[tuple[AttentionKind, tuple[int, ...]]]:
+        """Heads grouped by kind, in first-appearance order: [(kind, head indices)]."""
+        order: dict[AttentionKind, list[int]] = {}
+        for h, k in enumerate(self.attention):
+            order.setdefault(k, []).append(h)
+        return [(k, tuple(v)) for k, v in order.items()]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Per-layer attention/activation kinds for a whole ViT."""
+
+    layers: tuple[LayerSpec, ...]
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.version != SPEC_VERSION:
+            raise ValueError(f"unsupported ArchSpec version {self.version!r} (want {SPEC_VERSION})")
+        if not self.layers:
+            raise ValueError("ArchSpec needs at least one layer")
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, LayerSpec):
+                raise ValueError(f"layer {i}: expected LayerSpec, got {type(layer).__name__}")
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    def validate(self, depth: int, heads: int) -> ArchSpec:
+        """Raise ValueError unless this spec fits a model with ``depth`` layers of ``heads``."""
+        if self.depth != depth:
+            raise ValueError(f"spec has {self.depth} layers, model has {depth}")
+        for i, layer in enumerate(self.layers):
+            if layer.heads != heads:
+                raise ValueError(f"layer {i}: spec has {layer.heads} heads, model has {heads}")
+        return self
+
+    # -- constructors ------------------------------------------------------------------
+    @classmethod
+    def uniform(
+        cls,
+        depth: int,
+        heads: int,
+        attention: AttentionKind | str = AttentionKind.SOFTMAX,
+        activation: ActivationKind | str = ActivationKind.GELU,
+    ) -> ArchSpec:
+        """Every head of every layer has the same kind."""
+        return cls(tuple(LayerSpec((attention,) * heads, activation) for _ in range(depth)))
+
+    @classmethod
+    def mix(
+        cls,
+        depth: int,
+        heads: int,
+        kinds: Sequence[AttentionKind | str] = (AttentionKind.RELU_SOFTMAX, AttentionKind.SCALE),
+        fractions: Sequence[float] | None = None,
+        activation: ActivationKind | str = ActivationKind.GELU,
+    ) -> ArchSpec:
+        """Every layer splits its heads between ``kinds`` by ``fractions`` (default equal).
+
+        The default is the MPCViT-style half ReLU-softmax / half scale mix.
+        """
+        if not kinds:
+            raise ValueError("mix needs at least one kind")
+        fr = list(fractions) if fractions is not None else [1.0 / len(kinds)] * len(kinds)
+        if len(fr) != len(kinds) or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+            raise ValueError(f"fractions {fr} must be non-negative, one per kind, summing to 1")
+        counts = [int(round(f * heads)) for f in fr]
+        counts[-1] = heads - sum(counts[:-1])
+        if counts[-1] < 0:
+            raise ValueError(f"fractions {fr} do not split {heads} heads")
+        row: list[AttentionKind | str] = []
+        for k, c in zip(kinds, counts, strict=True):
+            row += [k] * c
+        return cls(tuple(LayerSpec(tuple(row), activation) for _ in range(depth)))
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "layers": [
+                {"attention": [a.value for a in layer.attention],
+                 "activation": layer.activation.value}
+                for layer in self.layers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ArchSpec:
+        if not isinstance(d, dict):
+            raise ValueError(f"ArchSpec must be a mapping, got {type(d).__name__}")
+        if "version" not in d:
+            raise ValueError("ArchSpec is missing its 'version' field")
+        unknown = set(d) - {"version", "layers"}
+        if unknown:
+            raise ValueError(f"unknown ArchSpec fields: {sorted(unknown)}")
+        layers = d.get("layers")
+        if not isinstance(layers, list):
+            raise ValueError("ArchSpec 'layers' must be a list")
+        out = []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, dict) or set(layer) != {"attention", "activation"}:
+                raise ValueError(f"layer {i}: need exactly 'attention' and 'activation' keys")
+            att = layer["attention"]
+            if not isinstance(att, list):
+                raise ValueError(f"layer {i}: 'attention' must be a list of per-head kinds")
+            try:
+                out.append(LayerSpec(tuple(att), layer["activation"]))
+            except ValueError as e:
+                raise ValueError(f"layer {i}: {e}") from None
+        return cls(tuple(out), version=d["version"])
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> ArchSpec:
+        return cls.from_dict(yaml.safe_load(text))
+
+    def summary(self) -> dict[str, int]:
+        """Head and activation counts by kind (for logs and reports)."""
+        out: dict[str, int] = {}
+        for layer in self.layers:
+            for a in layer.attention:
+                out[a.value] = out.get(a.value, 0) + 1
+            out[layer.activation.value] = out.get(layer.activation.value, 0) + 1
+        return out

@@ -1,0 +1,215 @@
+"""Plaintext ViT-Lite (MPCViT/CCT shape), written once for both backends.
+
+Every ``forward`` here uses only ``models.ops`` and tensor methods that torch tensors and
+CrypTen ``MPCTensor``s share, so ``models.secure.SecureViT`` runs these same methods on a
+mirror of the module tree whose parameters are secret shares.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .configs import ViTConfig
+from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward also accepts CrypTen tensors."""
+
+    def forward(self, x):
+        return ops.linear(x, self.weight, self.bias)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose forward also accepts CrypTen tensors (robust inv-sqrt)."""
+
+    def forward(self, x):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class PatchEmbed(nn.Module):
+    """Conv tokenizer with kernel = stride = patch, evaluated as patchify + matmul."""
+
+    def __init__(self, in_chans: int, patch: int, dim: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.dim = dim
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x):
+        w = self.proj.weight.reshape(self.dim, -1)
+        return ops.linear(ops.patchify(x, self.patch), w, self.proj.bias)
+
+
+def attend(kind: AttentionKind, q, k, v):
+    """One attention kind applied to a group of heads: q, k, v are (B, h, N, d) and q is
+    already multiplied by 1/sqrt(d)."""
+    kt = k.transpose(-2, -1)
+    if kind is AttentionKind.SCALE:
+        n, d = k.shape[-2], k.shape[-1]
+        # (q kᵀ / N) v == q (kᵀ v / N); the right-hand form is cheaper when d < N
+        # (fewer elements to multiply and, under MPC, to open).
+        if d < n:
+            return q.matmul(kt.matmul(v) * (1.0 / n))
+        return (q.matmul(kt) * (1.0 / n)).matmul(v)
+    return ops.ATTENTION_FNS[kind.value](q.matmul(kt)).matmul(v)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a per-head attention kind.
+
+    Heads of the same kind are gathered (one ``index_select`` by a precomputed
+    permutation) and evaluated by a single op per kind, never by a loop over heads.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kinds: tuple[AttentionKind, ...] | None = None,
+        qkv_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        kinds = tuple(kinds) if kinds is not None else (AttentionKind.SOFTMAX,) * heads
+        if len(kinds) != heads:
+            raise ValueError(f"got {len(kinds)} attention kinds for {heads} heads")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
+        self.set_kinds(kinds)
+
+    def set_kinds(self, kinds: tuple[AttentionKind, ...]) -> None:
+        groups = LayerSpec(tuple(kinds), ActivationKind.IDENTITY).groups()
+        self.kinds = tuple(AttentionKind(k) for k in kinds)
+        order = [h for _, hs in groups for h in hs]
+        self.perm = None if order == sorted(order) else tuple(order)
+        self.inv_perm = None if self.perm is None else tuple(order.index(h)
+                                                            for h in range(self.heads))
+        self.groups = []
+        start = 0
+        for kind, hs in groups:
+            self.groups.append((kind, start, start + len(hs)))
+            start += len(hs)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.perm is not None:
+            qkv = qkv.index_select(2, torch.tensor(self.perm))
+        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+        outs = [attend(kind, q[:, s:e], k[:, s:e], v[:, s:e]) for kind, s, e in self.groups]
+        o = outs[0] if len(outs) == 1 else ops.cat(outs, dim=1)
+        if self.inv_perm is not None:
+            o = o.index_select(1, torch.tensor(self.inv_perm))
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, activation: ActivationKind) -> None:
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
+        self.activation = ActivationKind(activation)
+
+    def forward(self, x):
+        return self.fc2(ops.ACTIVATION_FNS[self.activation.value](self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x += attn(norm1 x); x += mlp(norm2 x)."""
+
+    def __init__(self, cfg: ViTConfig, layer: LayerSpec, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.attn = Attention(cfg.dim, cfg.heads, layer.attention, qkv_bias=qkv_bias)
+        self.norm2 = LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CCTBlock(nn.Module):
+    """MPCViT reference block: x += attn(pre_norm x); x = norm1 x; x += mlp x."""
+
+    def __init__(self, cfg: ViTConfig, layer: LayerSpec, qkv_bias: bool = False) -> None:
+        super().__init__()
+        self.pre_norm = LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.attn = Attention(cfg.dim, cfg.heads, layer.attention, qkv_bias=qkv_bias)
+        self.norm1 = LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation)
+
+    def forward(self, x):
+        x = x + self.attn(self.pre_norm(x))
+        x = self.norm1(x)
+        return x + self.mlp(x)
+
+
+class ViT(nn.Module):
+    """ViT-Lite: patch tokens + class token + positional embedding, blocks, LN, head.
+
+    Only the class token feeds the head, so the final LayerNorm runs on it alone (LN is
+    per token, so this equals normalising all tokens and then selecting).
+    """
+
+    def __init__(self, config: ViTConfig, spec: ArchSpec | None = None) -> None:
+        super().__init__()
+        spec = spec if spec is not None else ArchSpec.uniform(config.depth, config.heads)
+        spec.validate(config.depth, config.heads)
+        self.config = config
+        self.spec = spec
+        self.patch_embed = PatchEmbed(config.in_chans, config.patch, config.dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, config.dim))
+        block_cls = Block if config.block == "prenorm" else CCTBlock
+        self.blocks = nn.ModuleList(block_cls(config, layer) for layer in spec.layers)
+        self.norm = LayerNorm(config.dim, eps=config.ln_eps)
+        self.head = Linear(config.dim, config.num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.2)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+
+    def set_spec(self, spec: ArchSpec) -> None:
+        """Switch attention/activation kinds in place (weights are kind-independent)."""
+        spec.validate(self.config.depth, self.config.heads)
+        for blk, layer in zip(self.blocks, spec.layers, strict=True):
+            blk.attn.set_kinds(layer.attention)
+            blk.mlp.activation = layer.activation
+        self.spec = spec
+
+    def forward_features(self, x):
+        t = self.patch_embed(x)
+        cls = self.cls_token.expand(t.shape[0], -1, -1)
+        x = ops.cat([cls, t], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x[:, 0])
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+def build_model(config: ViTConfig | str, spec: ArchSpec | None = None) -> ViT:
+    """A ViT for a config (or config name) and an optional spec (default all-softmax, GeLU)."""
+    if isinstance(config, str):
+        from .configs import get_config
+
+        config = get_config(config)
+    return ViT(config, spec)
