@@ -1,0 +1,166 @@
+"""Runtime configuration: addresses, timeouts, TLS, provider (loaded from YAML)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+PROVIDERS = ("dealer", "tfp")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM files for mutual TLS: the CA that signs every party, and this node's pair.
+
+    ``server_name`` overrides the name checked in the peer's certificate (useful when
+    peers are reached by IP address).
+    """
+
+    ca: str
+    cert: str
+    key: str
+    server_name: str | None = None
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        out = []
+        for what in ("ca", "cert", "key"):
+            path = Path(getattr(self, what))
+            try:
+                out.append(path.read_bytes())
+            except OSError as exc:
+                raise ConfigError(f"tls.{what}: cannot read {path}: {exc.strerror}") from exc
+        return out[0], out[1], out[2]
+
+    def server_credentials(self):
+        import grpc
+
+        ca, cert, key = self.read()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                           require_client_auth=True)
+
+    def channel_credentials(self):
+        import grpc
+
+        ca, cert, key = self.read()
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                            certificate_chain=cert)
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        if self.server_name:
+            return [("grpc.ssl_target_name_override", self.server_name)]
+        return []
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds.  ``recv`` bounds every wait for a peer's message inside a protocol."""
+
+    connect: float = 30.0
+    recv: float = 120.0
+    dealer: float = 60.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"timeouts.{f.name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """Where correlated randomness comes from.
+
+    ``dealer``: a DealerService at ``address`` (secure if the dealer does not collude).
+    ``tfp``: CrypTen's trusted-first-party provider: party 0 generates every tuple and so
+    can learn everything.  INSECURE: for tests and development only.
+    """
+
+    kind: str = "dealer"
+    address: str | None = None
+    tls: TlsConfig | None = None
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROVIDERS:
+            raise ConfigError(f"provider must be one of {PROVIDERS}, got {self.kind!r}")
+        if self.kind == "dealer" and not self.address:
+            raise ConfigError("provider 'dealer' needs the dealer's address")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """One party's view of the deployment."""
+
+    rank: int
+    world_size: int = 2
+    listen: str = "127.0.0.1:0"
+    peers: dict[int, str] = field(default_factory=dict)
+    provider: ProviderSpec = field(default_factory=lambda: ProviderSpec(kind="tfp"))
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    tls: TlsConfig | None = None
+    chunk_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.rank < self.world_size):
+            raise ConfigError(f"rank {self.rank} is outside world_size {self.world_size}")
+        if self.world_size < 2:
+            raise ConfigError("world_size must be at least 2")
+        if self.chunk_bytes < 1024:
+            raise ConfigError("chunk_bytes must be at least 1024")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RuntimeConfig:
+        data = dict(data)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown runtime config keys: {sorted(unknown)}")
+        if "rank" not in data:
+            raise ConfigError("runtime config needs 'rank'")
+        tls = _tls(data.pop("tls", None), "tls")
+        timeouts = Timeouts(**_mapping(data.pop("timeouts", None) or {}, "timeouts"))
+        prov = _mapping(data.pop("provider", None) or {"kind": "tfp"}, "provider")
+        if isinstance(prov, str):
+            prov = {"kind": prov}
+        prov = dict(prov)
+        prov_tls = _tls(prov.pop("tls", None), "provider.tls") or tls
+        provider = ProviderSpec(tls=prov_tls, timeout=timeouts.dealer, **prov)
+        peers = {int(k): str(v) for k, v in (data.pop("peers", None) or {}).items()}
+        return cls(provider=provider, timeouts=timeouts, tls=tls, peers=peers, **data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RuntimeConfig:
+        return cls.from_dict(load_yaml(path))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with a clear error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping")
+    return data
+
+
+def _mapping(value: Any, name: str) -> Any:
+    if isinstance(value, (dict, str)):
+        return value
+    raise ConfigError(f"{name} must be a mapping")
+
+
+def _tls(value: Any, name: str) -> TlsConfig | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not {"ca", "cert", "key"} <= set(value):
+        raise ConfigError(f"{name} needs ca, cert and key paths")
+    return TlsConfig(**value)

@@ -1,0 +1,411 @@
+"""The dealer: correlated randomness (Beaver triples and friends) served over gRPC.
+
+Protocol (CrypTen's TTP scheme, moved off torch.distributed):
+
+* every party opens the session with the dealer and receives a private seed; the party
+  and the dealer then draw the same pseudo-random stream;
+* party ``i > 0`` draws all of its tuple shares from that stream, locally;
+* party 0 draws its shares of the random inputs (``a``, ``b``, ``r``...) the same way
+  and asks the dealer for its share of the dependent value (``a*b``, ``r^2``, wraps...),
+  which the dealer computes from every party's stream.
+
+The dealer never sees inputs, weights or outputs; it must not collude with a party.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import torch  # noqa: E402
+from crypten.common.rng import (  # noqa: E402
+    generate_kbit_random_tensor,
+    generate_random_ring_element,
+)
+from crypten.common.util import count_wraps  # noqa: E402
+from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor  # noqa: E402
+from crypten.mpc.provider.provider import TupleProvider  # noqa: E402
+
+from ..proto.generated import dealer_pb2, dealer_pb2_grpc  # noqa: E402
+from . import compat  # noqa: F401
+from .config import ProviderSpec, TlsConfig  # noqa: E402
+from .errors import DealerError  # noqa: E402
+
+log = logging.getLogger("mpcvit.dealer")
+
+OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
+KINDS = ("additive", "square", "binary", "wraps", "b2a")
+_ALLOWED_KWARGS = {"stride", "padding", "dilation", "groups", "output_padding"}
+MAX_ELEMENTS = 1 << 26  # per tensor in one request (512 MiB of int64)
+
+
+def _tensor_msg(t: torch.Tensor) -> dealer_pb2.Tensor:
+    return dealer_pb2.Tensor(shape=list(t.shape), data=t.contiguous().numpy().tobytes())
+
+
+def _tensor_from(msg: dealer_pb2.Tensor) -> torch.Tensor:
+    arr = np.frombuffer(bytearray(msg.data), dtype="<i8").reshape(tuple(msg.shape))
+    return torch.from_numpy(arr)
+
+
+def _op_result_size(op: str, size0, size1, kwargs: dict) -> torch.Size:
+    """Shape of op(a, b) without computing it (meta tensors)."""
+    a = torch.empty(size0, dtype=torch.long, device="meta")
+    b = torch.empty(size1, dtype=torch.long, device="meta")
+    try:
+        return getattr(torch, op)(a, b, **kwargs).shape
+    except (RuntimeError, NotImplementedError):  # op without a meta kernel for long
+        a = torch.zeros(size0, dtype=torch.float32)
+        b = torch.zeros(size1, dtype=torch.float32)
+        return getattr(torch, op)(a, b, **kwargs).shape
+
+
+# ----------------------------------------------------------------------------------
+# Party side
+# ----------------------------------------------------------------------------------
+class DealerProvider(TupleProvider):
+    """CrypTen TupleProvider that draws tuples from the dealer's streams (see module doc)."""
+
+    NAME = "DEALER"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state: _PartyState | None = None
+
+    # -- session lifecycle (called by mpc.runtime / the launcher) -----------------------
+    def begin(self, session: str, rank: int, world_size: int, spec: ProviderSpec) -> None:
+        if spec.address is None:
+            raise DealerError("dealer provider needs an address")
+        options = [("grpc.max_receive_message_length", 1 << 30),
+                   ("grpc.max_send_message_length", 1 << 30)]
+        if spec.tls is not None:
+            options += spec.tls.channel_options()
+            channel = grpc.secure_channel(spec.address, spec.tls.channel_credentials(), options)
+        else:
+            channel = grpc.insecure_channel(spec.address, options)
+        stub = dealer_pb2_grpc.DealerServiceStub(channel)
+        try:
+            reply = stub.OpenSession(
+                dealer_pb2.OpenSessionRequest(session=session, rank=rank, world_size=world_size),
+                timeout=spec.timeout, wait_for_ready=True,
+            )
+        except grpc.RpcError as exc:
+            channel.close()
+            raise DealerError(
+                f"dealer at {spec.address}: {exc.code().name}: {exc.details()}"
+            ) from exc
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int.from_bytes(reply.seed, "little"))
+        self._state = _PartyState(session, rank, world_size, spec, channel, stub, gen)
+
+    def end(self) -> None:
+        state, self._state = self._state, None
+        if state is None:
+            return
+        try:
+            state.stub.CloseSession(
+                dealer_pb2.CloseSessionRequest(session=state.session, rank=state.rank),
+                timeout=5.0,
+            )
+        except grpc.RpcError:
+            pass  # the dealer forgets idle sessions on its own
+        state.channel.close()
+
+    @property
+    def state(self) -> _PartyState:
+        if self._state is None:
+            raise DealerError("no dealer session is open in this process")
+        return self._state
+
+    def stats(self) -> dict[str, float]:
+        s = self.state
+        return {"requests": s.requests, "bytes": s.bytes, "seconds": s.seconds}
+
+    def _correction(self, kind: str, size0, size1=(), op: str = "", kwargs=None):
+        s = self.state
+        req = dealer_pb2.CorrectionRequest(
+            session=s.session, kind=kind, size0=list(size0), size1=list(size1), op=op,
+            op_kwargs_json=json.dumps(kwargs or {}), seq=s.requests,
+        )
+        tic = time.perf_counter()
+        try:
+            reply = s.stub.Correction(req, timeout=s.spec.timeout)
+        except grpc.RpcError as exc:
+            raise DealerError(f"dealer: {exc.code().name}: {exc.details()}") from exc
+        s.requests += 1
+        s.bytes += len(reply.share.data)
+        s.seconds += time.perf_counter() - tic
+        return _tensor_from(reply.share)
+
+    # -- TupleProvider interface ---------------------------------------------------------
+    def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
+        if args:
+            raise DealerError("positional op arguments are not supported; use keywords")
+        s = self.state
+        a = generate_random_ring_element(size0, generator=s.generator)
+        b = generate_random_ring_element(size1, generator=s.generator)
+        if s.rank == 0:
+            c = self._correction("additive", size0, size1, op, kwargs)
+        else:
+            c_size = _op_result_size(op, size0, size1, kwargs)
+            c = generate_random_ring_element(c_size, generator=s.generator)
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
+
+    def square(self, size, device=None):
+        s = self.state
+        r = generate_random_ring_element(size, generator=s.generator)
+        if s.rank == 0:
+            r2 = self._correction("square", size)
+        else:
+            r2 = generate_random_ring_element(size, generator=s.generator)
+        return (ArithmeticSharedTensor.from_shares(r, precision=0),
+                ArithmeticSharedTensor.from_shares(r2, precision=0))
+
+    def generate_binary_triple(self, size0, size1, device=None):
+        s = self.state
+        a = generate_kbit_random_tensor(size0, generator=s.generator)
+        b = generate_kbit_random_tensor(size1, generator=s.generator)
+        if s.rank == 0:
+            c = self._correction("binary", size0, size1)
+        else:
+            c_size = torch.broadcast_shapes(torch.Size(size0), torch.Size(size1))
+            c = generate_kbit_random_tensor(c_size, generator=s.generator)
+        return tuple(BinarySharedTensor.from_shares(t) for t in (a, b, c))
+
+    def wrap_rng(self, size, device=None):
+        s = self.state
+        r = generate_random_ring_element(size, generator=s.generator)
+        if s.rank == 0:
+            theta = self._correction("wraps", size)
+        else:
+            theta = generate_random_ring_element(size, generator=s.generator)
+        return (ArithmeticSharedTensor.from_shares(r, precision=0),
+                ArithmeticSharedTensor.from_shares(theta, precision=0))
+
+    def B2A_rng(self, size, device=None):  # noqa: N802 (CrypTen's name)
+        s = self.state
+        r_bin = generate_kbit_random_tensor(size, bitlength=1, generator=s.generator)
+        if s.rank == 0:
+            r_arith = self._correction("b2a", size)
+        else:
+            r_arith = generate_random_ring_element(size, generator=s.generator)
+        return (ArithmeticSharedTensor.from_shares(r_arith, precision=0),
+                BinarySharedTensor.from_shares(r_bin))
+
+
+@dataclass
+class _PartyState:
+    session: str
+    rank: int
+    world_size: int
+    spec: ProviderSpec
+    channel: grpc.Channel
+    stub: dealer_pb2_grpc.DealerServiceStub
+    generator: torch.Generator
+    requests: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------
+# Dealer side
+# ----------------------------------------------------------------------------------
+@dataclass
+class _DealerSession:
+    world_size: int
+    seeds: list[bytes]
+    generators: list[torch.Generator]
+    handed_out: set[int] = field(default_factory=set)
+    closed: set[int] = field(default_factory=set)
+    next_seq: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class DealerState:
+    """Plain-Python dealer logic (the gRPC servicer below is a thin shell over it)."""
+
+    def __init__(self, *, max_sessions: int = 1024, idle_ttl: float = 900.0) -> None:
+        self.max_sessions = max_sessions
+        self.idle_ttl = idle_ttl
+        self._sessions: dict[str, _DealerSession] = {}
+        self._lock = threading.Lock()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [k for k, s in self._sessions.items() if now - s.last_used > self.idle_ttl]:
+            del self._sessions[sid]
+
+    def open(self, session: str, rank: int, world_size: int) -> bytes:
+        if not session or len(session) > 128:
+            raise ValueError("session id must be 1..128 characters")
+        if not 2 <= world_size <= 16 or not 0 <= rank < world_size:
+            raise ValueError(f"bad rank {rank} / world size {world_size}")
+        with self._lock:
+            self._expire()
+            s = self._sessions.get(session)
+            if s is None:
+                if len(self._sessions) >= self.max_sessions:
+                    raise OverflowError("too many open dealer sessions")
+                seeds = [os.urandom(8) for _ in range(world_size)]
+                gens = []
+                for seed in seeds:
+                    g = torch.Generator(device="cpu")
+                    g.manual_seed(int.from_bytes(seed, "little"))
+                    gens.append(g)
+                s = _DealerSession(world_size, seeds, gens)
+                self._sessions[session] = s
+            if s.world_size != world_size:
+                raise ValueError("world size differs from the session's")
+            if rank in s.handed_out:
+                # A seed goes to one party once: a second asker could be anyone.
+                raise PermissionError(f"rank {rank}'s seed was already handed out")
+            s.handed_out.add(rank)
+            s.last_used = time.monotonic()
+            return s.seeds[rank]
+
+    def close(self, session: str, rank: int) -> None:
+        with self._lock:
+            s = self._sessions.get(session)
+            if s is None:
+                return
+            s.closed.add(rank)
+            if len(s.closed) == s.world_size:
+                del self._sessions[session]
+
+    def correction(self, req: dealer_pb2.CorrectionRequest) -> torch.Tensor:
+        with self._lock:
+            s = self._sessions.get(req.session)
+        if s is None:
+            raise KeyError(f"unknown dealer session {req.session!r}")
+        if req.kind not in KINDS:
+            raise ValueError(f"unknown correction kind {req.kind!r}")
+        size0, size1 = tuple(req.size0), tuple(req.size1)
+        for size in (size0, size1):
+            if any(d < 0 for d in size) or int(np.prod(size, dtype=np.int64)) > MAX_ELEMENTS:
+                raise ValueError("tensor size out of range")
+        with s.lock:
+            if req.seq != s.next_seq:
+                raise ValueError(f"request {req.seq} out of order (expected {s.next_seq})")
+            s.next_seq += 1
+            s.last_used = time.monotonic()
+            return _compute_correction(s.generators, req, size0, size1)
+
+
+def _ring(size, g):
+    return generate_random_ring_element(size, generator=g)
+
+
+def _kbit(size, g, bitlength=None):
+    return generate_kbit_random_tensor(size, bitlength=bitlength, generator=g)
+
+
+def _sum(ts):
+    out = ts[0].clone()
+    for t in ts[1:]:
+        out.add_(t)
+    return out
+
+
+def _xor(ts):
+    out = ts[0].clone()
+    for t in ts[1:]:
+        out.bitwise_xor_(t)
+    return out
+
+
+def _compute_correction(gens, req, size0, size1) -> torch.Tensor:
+    """Party 0's share of the dependent value; mirrors the draw order of DealerProvider."""
+    others = gens[1:]
+    if req.kind == "additive":
+        if req.op not in OPS:
+            raise ValueError(f"op {req.op!r} not allowed")
+        kwargs = json.loads(req.op_kwargs_json or "{}")
+        if not isinstance(kwargs, dict) or set(kwargs) - _ALLOWED_KWARGS:
+            raise ValueError("op arguments not allowed")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        a_b = [(_ring(size0, g), _ring(size1, g)) for g in gens]
+        a = _sum([ab[0] for ab in a_b])
+        b = _sum([ab[1] for ab in a_b])
+        c = getattr(torch, req.op)(a, b, **kwargs)
+        return c - _sum([_ring(c.shape, g) for g in others]) if others else c
+    if req.kind == "square":
+        r = _sum([_ring(size0, g) for g in gens])
+        return r * r - _sum([_ring(size0, g) for g in others])
+    if req.kind == "binary":
+        ab = [(_kbit(size0, g), _kbit(size1, g)) for g in gens]
+        c = _xor([x[0] for x in ab]) & _xor([x[1] for x in ab])
+        return c ^ _xor([_kbit(c.shape, g) for g in others])
+    if req.kind == "wraps":
+        theta = count_wraps([_ring(size0, g) for g in gens])
+        return theta - _sum([_ring(size0, g) for g in others])
+    # b2a
+    bit = _xor([_kbit(size0, g, bitlength=1) for g in gens])
+    return bit - _sum([_ring(size0, g) for g in others])
+
+
+class DealerService(dealer_pb2_grpc.DealerServiceServicer):
+    """gRPC face of :class:`DealerState`: maps bad requests to clear status codes."""
+
+    def __init__(self, state: DealerState | None = None) -> None:
+        self.state = state or DealerState()
+
+    def OpenSession(self, request, context):  # noqa: N802
+        try:
+            seed = self.state.open(request.session, request.rank, request.world_size)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except PermissionError as exc:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except OverflowError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        log.info("session %s: seed handed to rank %d", request.session[:12], request.rank)
+        return dealer_pb2.OpenSessionReply(seed=seed)
+
+    def _one(self, request, context) -> dealer_pb2.CorrectionReply:
+        try:
+            share = self.state.correction(request)
+        except KeyError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return dealer_pb2.CorrectionReply(share=_tensor_msg(share))
+
+    def Correction(self, request, context):  # noqa: N802
+        return self._one(request, context)
+
+    def CorrectionBatch(self, request, context):  # noqa: N802
+        return dealer_pb2.PrepareReply(replies=[self._one(r, context) for r in request.requests])
+
+    def CloseSession(self, request, context):  # noqa: N802
+        self.state.close(request.session, request.rank)
+        return dealer_pb2.CloseSessionReply()
+
+
+def serve_dealer(
+    listen: str = "127.0.0.1:0", tls: TlsConfig | None = None, *, max_workers: int = 8,
+    state: DealerState | None = None,
+) -> tuple[grpc.Server, int]:
+    """Start a dealer gRPC server; return it and the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=[("grpc.max_send_message_length", 1 << 30),
+                 ("grpc.max_receive_message_length", 16 << 20)],
+    )
+    dealer_pb2_grpc.add_DealerServiceServicer_to_server(DealerService(state), server)
+    if tls is not None:
+        port = server.add_secure_port(listen, tls.server_credentials())
+    else:
+        port = server.add_insecure_port(listen)
+    if port == 0:
+        raise DealerError(f"dealer cannot listen on {listen}")
+    server.start()
+    log.info("dealer listening on %s (port %d, tls=%s)", listen, port, tls is not None)
+    return server, port

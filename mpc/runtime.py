@@ -1,0 +1,150 @@
+"""Run CrypTen sessions over gRPC: install a GrpcCommunicator and a provider.
+
+CrypTen reaches its communicator through four functions of ``crypten.communicator``
+(``get``, ``is_initialized``, ``_init``, ``uninit``) and its tuple provider through
+``crypten.mpc.get_default_provider()`` keyed by ``cfg.mpc.provider``.  We plug in at
+exactly those seams: while a session is open they answer with our communicator; at any
+other time they fall through to CrypTen's originals (so gloo runs keep working).
+
+``crypten.init()`` is still what starts a session, so CrypTen syncs its PRNG seeds over
+our communicator exactly as it would over gloo.  Re-syncing per session means a session
+aborted half-way (peer crash) leaves no stale shared state behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+
+from .compat import import_crypten
+
+crypten = import_crypten()
+import crypten.communicator as _cc  # noqa: E402
+import crypten.mpc as _cmpc  # noqa: E402
+from crypten.config import cfg  # noqa: E402
+
+from .communicator import GrpcCommunicator  # noqa: E402
+from .config import ProviderSpec  # noqa: E402
+from .dealer import DealerProvider  # noqa: E402
+from .errors import MpcRuntimeError  # noqa: E402
+from .transport import PeerTransport  # noqa: E402
+
+log = logging.getLogger("mpcvit.runtime")
+
+DEALER_PROVIDER_NAME = "DEALER"
+
+_session_lock = threading.RLock()
+_pending: GrpcCommunicator | None = None
+_active: GrpcCommunicator | None = None
+_originals = {name: getattr(_cc, name) for name in ("get", "is_initialized", "_init", "uninit")}
+_dealer_provider = DealerProvider()
+_warned_tfp = False
+
+
+def active_communicator() -> GrpcCommunicator:
+    if _active is None:
+        raise RuntimeError("no mpcvit CrypTen session is open")
+    return _active
+
+
+def _get():
+    return _active if _active is not None else _originals["get"]()
+
+
+def _is_initialized() -> bool:
+    if _active is not None:
+        return True
+    if _pending is not None:
+        return False
+    return _originals["is_initialized"]()
+
+
+def _init(use_threads=False, rank=0, world_size=1, init_ttp=False):
+    global _active
+    if _pending is None:
+        return _originals["_init"](use_threads, rank=rank, world_size=world_size,
+                                   init_ttp=init_ttp)
+    if init_ttp:
+        raise MpcRuntimeError("CrypTen's TTP provider is not used over gRPC; use the dealer")
+    _active = _pending
+
+
+def _uninit():
+    global _active
+    if _active is None:
+        return _originals["uninit"]()
+    _active = None
+
+
+def install_hooks() -> None:
+    """Point CrypTen's communicator and provider lookups at mpcvit (idempotent)."""
+    _cc.get, _cc.is_initialized, _cc._init, _cc.uninit = _get, _is_initialized, _init, _uninit
+    providers = vars(_cmpc).get("__SUPPORTED_PROVIDERS")
+    if not isinstance(providers, dict):
+        raise MpcRuntimeError("this CrypTen has no provider registry; mpcvit needs 0.4.1")
+    providers[DEALER_PROVIDER_NAME] = _dealer_provider
+
+
+install_hooks()
+
+
+def select_provider(spec: ProviderSpec) -> None:
+    """Set CrypTen's provider for the next operations (in this process)."""
+    global _warned_tfp
+    if spec.kind == "tfp":
+        if not _warned_tfp:
+            log.warning(
+                "INSECURE provider TFP: party 0 generates all correlated randomness and can "
+                "learn every secret; use it for tests and development only"
+            )
+            _warned_tfp = True
+        cfg.mpc.provider = "TFP"
+    else:
+        cfg.mpc.provider = DEALER_PROVIDER_NAME
+
+
+def dealer_provider() -> DealerProvider:
+    return _dealer_provider
+
+
+@contextlib.contextmanager
+def crypten_session(
+    transport: PeerTransport, session_id: str | None, provider: ProviderSpec
+) -> Iterator[GrpcCommunicator]:
+    """Open one CrypTen session over ``transport``; everything inside runs MPC over gRPC.
+
+    Both (all) parties must open the session with the same id and run the same program.
+    Sessions in a process run one at a time: CrypTen's state is process-global.
+    """
+    global _pending
+    session_id = session_id or uuid.uuid4().hex
+    with _session_lock:
+        if _active is not None:
+            raise MpcRuntimeError("a CrypTen session is already open in this process")
+        transport.ensure_connected()
+        comm = GrpcCommunicator(transport, session_id)
+        cfg.communicator.verbose = True
+        select_provider(provider)
+        _pending = comm
+        try:
+            crypten.init()
+        except BaseException:
+            _pending = None
+            _uninit()
+            transport.end_session(session_id)
+            raise
+        _pending = None
+        dealer_open = False
+        try:
+            if provider.kind == "dealer":
+                _dealer_provider.begin(session_id, comm.rank, comm.world_size, provider)
+                dealer_open = True
+            yield comm
+        finally:
+            if dealer_open:
+                _dealer_provider.end()
+            crypten.uninit()
+            transport.end_session(session_id)
