@@ -1,0 +1,353 @@
+"""Who runs which secure session when: the leader/follower protocol between the parties.
+
+Party 0 (leader) decides the order of sessions; party 1 (follower) does what it is told.
+Control messages (small JSON dicts over the peer link, outside CrypTen):
+
+- ``init``  L->F ``{session, epoch, model: <public architecture>}``: both then run a
+  CrypTen session in which party 0 secret-shares its weights.  The epoch names that set
+  of weight shares; a restarted party has none, which triggers a new ``init``.
+- ``batch`` L->F ``{session, epoch, model, requests: [{id, shape}]}``: the follower
+  takes its halves of those ids (waiting up to ``pairing_timeout`` for late ones) and
+  answers ``ready {session, ok, missing, mismatch, need_weights}``; both then run one
+  CrypTen session on the ``ok`` ids, in the announced order, as one batch.
+
+Plain logic over two small interfaces (:class:`ControlChannel`, :class:`SecureBackend`),
+so it is testable without a network.  Sessions run on the coordinator's own thread, one
+at a time, because CrypTen's state is process-global.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from .pairing import (
+    InferenceQueue,
+    PendingRequest,
+    RequestResult,
+    SessionStats,
+)
+
+log = logging.getLogger("mpcvit.party")
+
+
+class ChannelTimeout(Exception):
+    """No control message arrived in time (idle, or the peer is slow)."""
+
+
+class ChannelDown(Exception):
+    """The peer link is down (peer crashed, not started, or unreachable)."""
+
+
+class ControlChannel(Protocol):
+    """Ordered JSON messages to and from the other party."""
+
+    def send(self, msg: dict[str, Any]) -> None: ...
+
+    def recv(self, timeout: float) -> dict[str, Any]: ...
+
+
+class SecureBackend(Protocol):
+    """The secure model, driven by the coordinator on its thread."""
+
+    precision_bits: int
+
+    def public_model(self) -> dict[str, Any]:
+        """Leader: the public architecture party 1 needs to receive weight shares."""
+
+    def load_public_model(self, meta: dict[str, Any]) -> None:
+        """Follower: prepare to receive weights for this architecture."""
+
+    def share_weights(self, session: str) -> None:
+        """Run the CrypTen session that secret-shares party 0's weights."""
+
+    def infer(self, session: str, inputs: np.ndarray) -> tuple[np.ndarray, SessionStats]:
+        """Run the secure forward on a batch of input shares; return output shares."""
+
+
+class SessionFailed(Exception):
+    """A secure session broke; ``status`` tells the clients why (UNAVAILABLE, ABORTED...)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def classify_failure(exc: BaseException) -> SessionFailed:
+    """Map an exception from a session to the status its clients get."""
+    if isinstance(exc, SessionFailed):
+        return exc
+    if isinstance(exc, ChannelDown):
+        return SessionFailed("UNAVAILABLE", f"peer party unreachable: {exc}")
+    if isinstance(exc, ChannelTimeout):
+        return SessionFailed("UNAVAILABLE", f"peer party did not answer: {exc}")
+    try:
+        from mpcvit.mpc.errors import DealerError, PeerError
+    except ImportError:  # pragma: no cover - the runtime is part of the server install
+        PeerError = DealerError = ()  # type: ignore[assignment]  # noqa: N806
+    if isinstance(exc, PeerError):
+        return SessionFailed("UNAVAILABLE", f"peer party failed during the session: "
+                                            f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, DealerError):
+        return SessionFailed("UNAVAILABLE", f"dealer failed: {exc}")
+    # Unknown errors: report the type only, never a message that could hold data.
+    return SessionFailed("ABORTED", f"secure session aborted ({type(exc).__name__})")
+
+
+class _Base:
+    role = "party"
+
+    def __init__(
+        self, queue: InferenceQueue, channel: ControlChannel, backend: SecureBackend, *,
+        pairing_timeout: float, on_ready_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.channel = channel
+        self.backend = backend
+        self.pairing_timeout = pairing_timeout
+        self._on_ready_change = on_ready_change
+        self._ready = False
+        self.stop_event = threading.Event()
+        self.sessions_run = 0
+
+    @property
+    def ready(self) -> bool:
+        """True when this party holds weight shares agreed with its peer."""
+        return self._ready
+
+    def _set_ready(self, ready: bool) -> None:
+        if ready != self._ready:
+            self._ready = ready
+            log.info("event=ready_change role=%s ready=%s", self.role, ready)
+            if self._on_ready_change is not None:
+                self._on_ready_change(ready)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _run_session(self, session: str, items: list[PendingRequest]) -> None:
+        """Run one inference session on ``items`` and settle their futures."""
+        if not items:
+            return
+        inputs = np.stack([it.share for it in items])
+        started = time.monotonic()
+        try:
+            outputs, stats = self.backend.infer(session, inputs)
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the clients
+            failure = classify_failure(exc)
+            log.warning("event=session_failed role=%s session=%s batch=%d status=%s error=%s",
+                        self.role, session, len(items), failure.status, failure)
+            for it in items:
+                it.fail(failure.status, str(failure))
+            raise
+        self.sessions_run += 1
+        log.info("event=session_done role=%s session=%s batch=%d seconds=%.3f rounds=%d "
+                 "bytes_sent=%d", self.role, session, len(items), stats.seconds, stats.rounds,
+                 stats.bytes_sent)
+        for it, out in zip(items, outputs, strict=True):
+            it.succeed(RequestResult(
+                request_id=it.request_id, share=np.asarray(out, dtype=np.int64),
+                precision_bits=self.backend.precision_bits, stats=stats,
+                queue_seconds=max(0.0, started - it.received),
+            ))
+
+
+class Leader(_Base):
+    """Party 0's loop: take batches from the queue and drive both parties' sessions."""
+
+    role = "leader"
+
+    def __init__(self, *args: Any, max_batch: int = 1, max_wait: float = 0.0,
+                 retry_interval: float = 1.0, poll_interval: float = 0.5,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.retry_interval = retry_interval
+        self.poll_interval = poll_interval
+        self.epoch = uuid.uuid4().hex[:12]
+        self._counter = 0
+
+    def _session_id(self, kind: str) -> str:
+        self._counter += 1
+        return f"{kind}-{self.epoch}-{self._counter}"
+
+    def initialise_peer(self) -> bool:
+        """Share the weights with the peer; False (and queued requests failed) if it can't."""
+        session = self._session_id("init")
+        try:
+            self.channel.send({"type": "init", "session": session, "epoch": self.epoch,
+                               "model": self.backend.public_model()})
+            self.backend.share_weights(session)
+        except Exception as exc:  # noqa: BLE001
+            failure = classify_failure(exc)
+            log.warning("event=init_failed session=%s status=%s error=%s",
+                        session, failure.status, failure)
+            self._set_ready(False)
+            self.queue.fail_all(failure.status, f"peer party not ready: {failure}")
+            return False
+        log.info("event=weights_shared session=%s epoch=%s", session, self.epoch)
+        self._set_ready(True)
+        return True
+
+    def step(self) -> None:
+        """One iteration: make sure the peer holds weights, then run at most one batch."""
+        self.queue.expire()
+        if not self._ready:
+            if not self.initialise_peer():
+                self.stop_event.wait(self.retry_interval)
+            return
+        batch = self.queue.next_batch(self.max_batch, self.max_wait, self.poll_interval)
+        if batch:
+            self.run_batch(batch)
+
+    def run_batch(self, batch: list[PendingRequest]) -> None:
+        session = self._session_id("infer")
+        announce = {
+            "type": "batch", "session": session, "epoch": self.epoch, "model": batch[0].model,
+            "requests": [{"id": it.request_id, "shape": list(it.shape)} for it in batch],
+        }
+        try:
+            self.channel.send(announce)
+            reply = self._await_reply(session, self.pairing_timeout + 30.0)
+        except Exception as exc:  # noqa: BLE001
+            failure = classify_failure(exc)
+            log.warning("event=announce_failed session=%s status=%s", session, failure.status)
+            self._set_ready(False)
+            for it in batch:
+                it.fail(failure.status, str(failure))
+            return
+        if reply.get("need_weights"):
+            log.info("event=peer_needs_weights session=%s", session)
+            self._set_ready(False)
+            self.queue.requeue_front(batch)
+            return
+        ok = set(reply.get("ok", []))
+        mismatch = set(reply.get("mismatch", []))
+        run = []
+        for it in batch:
+            if it.request_id in ok:
+                run.append(it)
+            elif it.request_id in mismatch:
+                it.fail("INVALID_ARGUMENT", f"the parties' halves of request {it.request_id!r} "
+                                            "disagree (model or shape)")
+            else:
+                it.fail("DEADLINE_EXCEEDED", f"the other party did not receive its half of "
+                                             f"request {it.request_id!r} within "
+                                             f"{self.pairing_timeout:g} s")
+        try:
+            self._run_session(session, run)
+        except Exception:  # noqa: BLE001 - already reported to the clients
+            return
+
+    def _await_reply(self, session: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelTimeout(f"no reply to {session} within {timeout:g} s")
+            msg = self.channel.recv(left)
+            if msg.get("type") == "ready" and msg.get("session") == session:
+                return msg
+            log.info("event=stale_control type=%s session=%s", msg.get("type"),
+                     msg.get("session"))
+
+    def run_forever(self) -> None:
+        log.info("event=leader_started epoch=%s", self.epoch)
+        while not self.stop_event.is_set():
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("event=leader_step_error")
+                self.stop_event.wait(self.retry_interval)
+
+
+class Follower(_Base):
+    """Party 1's loop: wait for the leader's messages and follow them."""
+
+    role = "follower"
+
+    def __init__(self, *args: Any, poll_interval: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.poll_interval = poll_interval
+        self.epoch: str | None = None
+
+    def step(self) -> None:
+        self.queue.expire()
+        try:
+            msg = self.channel.recv(self.poll_interval)
+        except ChannelTimeout:
+            return
+        except ChannelDown as exc:
+            if self._ready:
+                log.warning("event=leader_lost error=%s", exc)
+            # Keep the weight shares: the leader may just have restarted its link; a
+            # restarted leader brings a new epoch and re-shares anyway.
+            self.stop_event.wait(self.poll_interval)
+            return
+        kind = msg.get("type")
+        if kind == "init":
+            self.handle_init(msg)
+        elif kind == "batch":
+            self.handle_batch(msg)
+        else:
+            log.warning("event=unknown_control type=%s", kind)
+
+    def handle_init(self, msg: dict[str, Any]) -> None:
+        session = str(msg.get("session"))
+        self._set_ready(False)
+        self.epoch = None
+        try:
+            self.backend.load_public_model(msg.get("model") or {})
+            self.backend.share_weights(session)
+        except Exception as exc:  # noqa: BLE001
+            failure = classify_failure(exc)
+            log.warning("event=init_failed session=%s status=%s error=%s",
+                        session, failure.status, failure)
+            return
+        self.epoch = str(msg.get("epoch"))
+        log.info("event=weights_received session=%s epoch=%s", session, self.epoch)
+        self._set_ready(True)
+
+    def handle_batch(self, msg: dict[str, Any]) -> None:
+        session = str(msg.get("session"))
+        if self.epoch is None or msg.get("epoch") != self.epoch:
+            self.channel.send({"type": "ready", "session": session, "need_weights": True})
+            return
+        announced = [(str(r["id"]), tuple(int(d) for d in r["shape"]))
+                     for r in msg.get("requests", [])]
+        model = msg.get("model")
+        found, missing = self.queue.take([rid for rid, _ in announced], self.pairing_timeout)
+        shapes = dict(announced)
+        run, mismatch = [], []
+        for it in found:
+            if it.model != model or it.shape != shapes[it.request_id]:
+                mismatch.append(it.request_id)
+                it.fail("INVALID_ARGUMENT", f"the parties' halves of request {it.request_id!r} "
+                                            "disagree (model or shape)")
+            else:
+                run.append(it)
+        if missing:
+            log.info("event=halves_missing session=%s count=%d", session, len(missing))
+        self.channel.send({"type": "ready", "session": session,
+                           "ok": [it.request_id for it in run], "missing": missing,
+                           "mismatch": mismatch, "need_weights": False})
+        try:
+            self._run_session(session, run)
+        except Exception:  # noqa: BLE001 - already reported to the clients
+            return
+
+    def run_forever(self) -> None:
+        log.info("event=follower_started")
+        while not self.stop_event.is_set():
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001
+                log.exception("event=follower_step_error")
+                self.stop_event.wait(self.poll_interval)
