@@ -30,6 +30,9 @@ class ViTConfig:
     mlp_ratio: float = 2.0
     block: str = "prenorm"
     ln_eps: float = 1e-5
+    # Denominator guard of ReLU-softmax/2Quad.  The reference uses 1e-5, below one
+    # fixed-point ulp; 2**-8 is safe under MPC (see models.ops.ATTN_EPS).
+    attn_eps: float = 2.0**-8
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -43,6 +46,8 @@ class ViTConfig:
             raise ValueError(f"dim {self.dim} not divisible by heads {self.heads}")
         if self.block not in BLOCK_STYLES:
             raise ValueError(f"block must be one of {BLOCK_STYLES}, got {self.block!r}")
+        if not self.attn_eps > 0 or not self.ln_eps > 0:
+            raise ValueError("attn_eps and ln_eps must be positive")
         if self.mlp_ratio <= 0 or int(self.dim * self.mlp_ratio) <= 0:
             raise ValueError(f"bad mlp_ratio {self.mlp_ratio!r}")
 

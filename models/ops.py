@@ -109,7 +109,7 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     mu = x.mean(-1, keepdim=True)
     xc = x - mu
     var = (xc * xc).mean(-1, keepdim=True)
-    y = xc * inv_sqrt(var + eps)
+    y = div_sqrt(xc, var + eps)
     if weight is not None:
         y = y * weight
     if bias is not None:
@@ -121,32 +121,35 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 # Each takes scores a (..., N_query, N_key) and returns the attention matrix.
 
 
-def softmax(a: Tensor) -> Tensor:
+def softmax(a: Tensor, eps: float = ATTN_EPS) -> Tensor:
+    """Standard softmax (``eps`` unused; uniform signature with the other kinds)."""
     if is_plain(a):
         return a.softmax(-1)
     # exp overflows the fixed-point ring for arguments above ~10, so subtract the row max.
     e = (a - row_max(a)).exp()
-    return e * reciprocal(e.sum(-1, keepdim=True), lo=0, hi=_ceil_log2(a.shape[-1]) + 1)
+    return divide(e, e.sum(-1, keepdim=True), lo=0, hi=_ceil_log2(a.shape[-1]) + 1)
 
 
 def relu_softmax(a: Tensor, eps: float = ATTN_EPS) -> Tensor:
     r = relu(a)
     s = r.sum(-1, keepdim=True) + eps
-    if is_plain(a):
-        return r / s
-    return r * reciprocal(s)
+    return divide(r, s, lo=eps_range_lo(eps))
 
 
 def quad2(a: Tensor, c: float = QUAD2_C, eps: float = ATTN_EPS) -> Tensor:
     """MPCFormer's 2Quad: (a + c)² / sum (a + c)²."""
     r = (a + c) * (a + c) if not is_plain(a) else (a + c).square()
     s = r.sum(-1, keepdim=True) + eps
-    if is_plain(a):
-        return r / s
-    return r * reciprocal(s)
+    return divide(r, s)
 
 
 # --------------------------------------------------------------------------- secure helpers
+
+
+def eps_range_lo(eps: float) -> int:
+    """Lowest power of two a denominator guarded by ``eps`` can reach, clamped at 2**-12
+    (below that the secure reciprocal would give up precision at the top of its range)."""
+    return max(-12, math.floor(math.log2(eps)))
 
 
 def _ceil_log2(n: int) -> int:
@@ -173,41 +176,83 @@ def stacked_ge(x: Tensor, thresholds: Sequence[float]) -> Tensor:
     return _to_fixed(1 - d._ltz())
 
 
-def _dyadic_guess(x: Tensor, lo: int, hi: int, power: float) -> Tensor:
-    """Piecewise-constant x**power for x in [2**lo, 2**hi]: the value at the geometric
-    centre of whichever dyadic interval [2**k, 2**(k+1)) holds x.  Costs one batched
-    comparison and no multiplication; the relative error is at most 2**(|power|/2)."""
+def _dyadic_guess(x: Tensor, lo: int, hi: int, power: float, m: int) -> Tensor:
+    """Piecewise-constant 2**m * x**power for x in [2**lo, 2**hi]: the value at the
+    geometric centre of whichever dyadic interval [2**k, 2**(k+1)) holds x.  One batched
+    comparison, no multiplication; relative error at most 2**(|power|/2) - 1."""
     ks = list(range(lo + 1, hi))
-    centres = [2.0 ** ((k + 0.5) * power) for k in range(lo, hi)]
+    centres = [2.0 ** (m + (k + 0.5) * power) for k in range(lo, hi)]
     steps = torch.tensor([centres[i + 1] - centres[i] for i in range(len(ks))])
     bits = stacked_ge(x, [2.0**k for k in ks])
     steps = steps.reshape(-1, *([1] * x.dim()))
     return (bits * steps).sum(0) + centres[0]
 
 
+# Reciprocals are carried as z = 2**m * f(x), m chosen so that z <= ~2**FIXED_HEADROOM:
+# 1/x for large x is then not a handful of ulps but keeps ~16 significant bits.
+FIXED_HEADROOM = 14
+
+
+def _scaled_recip(x: Tensor, lo: int, hi: int, iters: int) -> tuple[Tensor, int]:
+    """(z, m) with z ~ 2**m / x: dyadic guess (error <= 41%), then Newton
+    z <- z (2 - x z 2**-m), whose relative error squares each step (3 steps: < 1e-4)."""
+    m = FIXED_HEADROOM + lo
+    z = _dyadic_guess(x, lo, hi, -1.0, m)
+    for _ in range(iters):
+        z = z * (2 - (x * z) * 2.0**-m)
+    return z, m
+
+
+def _scaled_inv_sqrt(x: Tensor, lo: int, hi: int, iters: int) -> tuple[Tensor, int]:
+    """(z, m) with z ~ 2**m / sqrt(x): dyadic guess (error <= 19%), then Newton
+    z <- z (3 - (x z) z 2**-2m) / 2 (3 steps: < 1e-4); (x z) z keeps precision where
+    z² alone would underflow."""
+    m = FIXED_HEADROOM + lo // 2
+    z = _dyadic_guess(x, lo, hi, -0.5, m)
+    for _ in range(iters):
+        z = z * (3 - ((x * z) * z) * 2.0 ** (-2 * m)) * 0.5
+    return z, m
+
+
+def divide(num: Tensor, den: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
+           iters: int = 3) -> Tensor:
+    """num / den for positive den in [2**lo, 2**hi] (secret; broadcast over num).
+
+    Under MPC computes (num z) 2**-m with z ~ 2**m / den: multiplying before rescaling
+    keeps precision that a tiny 1/den would lose in 16 fractional bits.
+    """
+    if is_plain(num) and is_plain(den):
+        return num / den
+    z, m = _scaled_recip(den, lo, hi, iters)
+    return (num * z) * 2.0**-m
+
+
 def reciprocal(x: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
                iters: int = 3) -> Tensor:
-    """1/x for secret x in [2**lo, 2**hi]: dyadic initial guess (error <= 29%), then
-    Newton y <- y (2 - x y), whose relative error squares each step (3 steps: < 1e-4)."""
+    """1/x for x in [2**lo, 2**hi]; prefer :func:`divide` (more precise) when possible."""
     if is_plain(x):
         return x.reciprocal()
-    y = _dyadic_guess(x, lo, hi, -1.0)
-    for _ in range(iters):
-        y = y * (2 - x * y)
-    return y
+    z, m = _scaled_recip(x, lo, hi, iters)
+    return z * 2.0**-m
+
+
+def div_sqrt(num: Tensor, x: Tensor, lo: int = INV_SQRT_RANGE[0],
+             hi: int = INV_SQRT_RANGE[1], iters: int = 3) -> Tensor:
+    """num / sqrt(x) for positive x in [2**lo, 2**hi] (CrypTen's own inv_sqrt is off by up
+    to ~79% below 0.01 and above ~200)."""
+    if is_plain(num) and is_plain(x):
+        return num * x.rsqrt()
+    z, m = _scaled_inv_sqrt(x, lo, hi, iters)
+    return (num * z) * 2.0**-m
 
 
 def inv_sqrt(x: Tensor, lo: int = INV_SQRT_RANGE[0], hi: int = INV_SQRT_RANGE[1],
              iters: int = 3) -> Tensor:
-    """1/sqrt(x) for secret x in [2**lo, 2**hi] (CrypTen's own is off by up to ~79% below
-    0.01 and above ~200).  Dyadic initial guess (error <= 19%) then Newton
-    y <- y (3 - x y²) / 2."""
+    """1/sqrt(x) for x in [2**lo, 2**hi]; prefer :func:`div_sqrt` when possible."""
     if is_plain(x):
         return x.rsqrt()
-    y = _dyadic_guess(x, lo, hi, -0.5)
-    for _ in range(iters):
-        y = y * (3 - x * (y * y)) * 0.5
-    return y
+    z, m = _scaled_inv_sqrt(x, lo, hi, iters)
+    return z * 2.0**-m
 
 
 def row_max(a: Tensor) -> Tensor:
@@ -226,14 +271,19 @@ def row_max(a: Tensor) -> Tensor:
 
 @cache
 def gelu_tail_coeffs(cutoff: float = GELU_CUTOFF, degree: int = GELU_DEGREE) -> tuple[float, ...]:
-    """Least-squares polynomial p(t) ~ t·Φ(-t) on t in [0, cutoff], lowest degree first.
+    """Least-squares p with p(u) ~ t·Φ(-t), u = t / (cutoff/2), t in [0, cutoff]; lowest
+    degree first.
 
-    GeLU(x) = relu(x) - |x|·Φ(-|x|), and the second term is even, bounded by 0.17 and
-    below 1.3e-4 beyond |x| = 4, so it is fitted once on [0, cutoff] in |x|.
+    GeLU(x) = relu(x) - |x|·Φ(-|x|), and the second term is even, at most 0.17 and below
+    1.3e-4 beyond |x| = 4, so it is fitted once in |x|.  The variable is scaled to
+    [0, 2] so that coefficients are O(1): in t the degree-7 coefficient is ~7e-4, which
+    16 fractional bits would round by 1% (an error of 0.07 at t = 4).
     """
-    t = np.linspace(0.0, cutoff, 4001)
+    # Chebyshev-distributed samples make least squares close to minimax (max error 2e-4).
+    t = 0.5 * cutoff * (1.0 - np.cos(np.linspace(0.0, math.pi, 4001)))
     g = t * 0.5 * np.array([math.erfc(v / math.sqrt(2.0)) for v in t])
-    return tuple(float(c) for c in np.polynomial.polynomial.polyfit(t, g, degree))
+    u = t / (0.5 * cutoff)
+    return tuple(float(c) for c in np.polynomial.polynomial.polyfit(u, g, degree))
 
 
 def gelu_poly_plain(x: torch.Tensor, cutoff: float = GELU_CUTOFF,
@@ -241,7 +291,8 @@ def gelu_poly_plain(x: torch.Tensor, cutoff: float = GELU_CUTOFF,
     """The secure GeLU's exact-arithmetic counterpart (for error studies)."""
     c = gelu_tail_coeffs(cutoff, degree)
     t = x.abs()
-    p = sum(ci * t**i for i, ci in enumerate(c))
+    u = t / (0.5 * cutoff)
+    p = sum(ci * u**i for i, ci in enumerate(c))
     return F.relu(x) - torch.where(t < cutoff, p, torch.zeros_like(p))
 
 
@@ -258,8 +309,8 @@ def _sec_gelu(x: Tensor, cutoff: float = GELU_CUTOFF, degree: int = GELU_DEGREE)
     pos, above_lo, above_hi = bits[0], bits[1], bits[2]
     inside = above_lo - above_hi
     r = pos * x
-    t = 2 * r - x
-    powers = _powers(t, degree)
+    u = (2 * r - x) * (2.0 / cutoff)
+    powers = _powers(u, degree)
     p = coeffs[0] + sum(c * pw for c, pw in zip(coeffs[1:], powers[1:], strict=True))
     return r - inside * p
 

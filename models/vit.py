@@ -43,9 +43,9 @@ class PatchEmbed(nn.Module):
         return ops.linear(ops.patchify(x, self.patch), w, self.proj.bias)
 
 
-def attend(kind: AttentionKind, q, k, v):
+def attend(kind: AttentionKind, q, k, v, eps: float = ops.ATTN_EPS):
     """One attention kind applied to a group of heads: q, k, v are (B, h, N, d) and q is
-    already multiplied by 1/sqrt(d)."""
+    already multiplied by 1/sqrt(d); ``eps`` guards ReLU-softmax/2Quad denominators."""
     kt = k.transpose(-2, -1)
     if kind is AttentionKind.SCALE:
         n, d = k.shape[-2], k.shape[-1]
@@ -54,7 +54,7 @@ def attend(kind: AttentionKind, q, k, v):
         if d < n:
             return q.matmul(kt.matmul(v) * (1.0 / n))
         return (q.matmul(kt) * (1.0 / n)).matmul(v)
-    return ops.ATTENTION_FNS[kind.value](q.matmul(kt)).matmul(v)
+    return ops.ATTENTION_FNS[kind.value](q.matmul(kt), eps=eps).matmul(v)
 
 
 class Attention(nn.Module):
@@ -70,8 +70,10 @@ class Attention(nn.Module):
         heads: int,
         kinds: tuple[AttentionKind, ...] | None = None,
         qkv_bias: bool = True,
+        eps: float = ops.ATTN_EPS,
     ) -> None:
         super().__init__()
+        self.eps = eps
         kinds = tuple(kinds) if kinds is not None else (AttentionKind.SOFTMAX,) * heads
         if len(kinds) != heads:
             raise ValueError(f"got {len(kinds)} attention kinds for {heads} heads")
@@ -101,7 +103,8 @@ class Attention(nn.Module):
         if self.perm is not None:
             qkv = qkv.index_select(2, torch.tensor(self.perm))
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        outs = [attend(kind, q[:, s:e], k[:, s:e], v[:, s:e]) for kind, s, e in self.groups]
+        outs = [attend(kind, q[:, s:e], k[:, s:e], v[:, s:e], self.eps)
+                for kind, s, e in self.groups]
         o = outs[0] if len(outs) == 1 else ops.cat(outs, dim=1)
         if self.inv_perm is not None:
             o = o.index_select(1, torch.tensor(self.inv_perm))
@@ -125,7 +128,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ViTConfig, layer: LayerSpec, qkv_bias: bool = True) -> None:
         super().__init__()
         self.norm1 = LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.attn = Attention(cfg.dim, cfg.heads, layer.attention, qkv_bias=qkv_bias)
+        self.attn = Attention(cfg.dim, cfg.heads, layer.attention, qkv_bias=qkv_bias,
+                              eps=cfg.attn_eps)
         self.norm2 = LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation)
 
@@ -140,7 +144,8 @@ class CCTBlock(nn.Module):
     def __init__(self, cfg: ViTConfig, layer: LayerSpec, qkv_bias: bool = False) -> None:
         super().__init__()
         self.pre_norm = LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.attn = Attention(cfg.dim, cfg.heads, layer.attention, qkv_bias=qkv_bias)
+        self.attn = Attention(cfg.dim, cfg.heads, layer.attention, qkv_bias=qkv_bias,
+                              eps=cfg.attn_eps)
         self.norm1 = LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation)
 

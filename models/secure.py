@@ -1,0 +1,138 @@
+"""The ViT under CrypTen: the plaintext module tree mirrored with secret-shared weights.
+
+``SecureViT`` does not re-implement any block.  It mirrors the ``nn.Module`` tree of
+``models.vit.ViT``: every parameter becomes an ``MPCTensor`` shared from the model owner,
+every plain attribute (head count, kind groups, eps, ...) is copied, and each mirrored
+node calls its module class's own ``forward``.  Plaintext and secure models therefore
+cannot drift apart; only ``models.ops`` dispatches on the backend.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from .configs import ViTConfig
+from .spec import ArchSpec
+from .vit import ViT
+
+
+def _crypten():
+    from mpcvit.mpc.compat import import_crypten
+
+    return import_crypten()
+
+
+class SecureModule:
+    """Mirror of one ``nn.Module`` whose parameters are ``MPCTensor``s.
+
+    Methods of the original class (``forward`` and helpers) are looked up on that class
+    and bound to the mirror, so ``self.qkv(x)`` inside a forward calls the mirrored child.
+    """
+
+    def __init__(self, module: nn.Module, encrypt) -> None:
+        self._cls = type(module)
+        for name, value in vars(module).items():
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        for name, p in module._parameters.items():
+            setattr(self, name, None if p is None else encrypt(p))
+        for name, b in module._buffers.items():
+            setattr(self, name, b)  # buffers are public structure
+        for name, child in module._modules.items():
+            setattr(self, name, _mirror(child, encrypt))
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names not set on the instance: class methods and properties.
+        attr = getattr(self.__dict__.get("_cls", object), name)
+        if callable(attr):
+            return types.MethodType(attr, self)
+        raise AttributeError(name)
+
+    def __call__(self, *args, **kwargs):
+        return self._cls.forward(self, *args, **kwargs)
+
+    def parameters(self) -> list:
+        """All MPCTensors of this subtree (for counting and re-sharing)."""
+        out = []
+        for v in vars(self).values():
+            if isinstance(v, SecureModule):
+                out += v.parameters()
+            elif isinstance(v, list):
+                for c in v:
+                    out += c.parameters()
+            elif hasattr(v, "_tensor"):
+                out.append(v)
+        return out
+
+
+def _mirror(module: nn.Module, encrypt):
+    if isinstance(module, nn.ModuleList):
+        return [_mirror(m, encrypt) for m in module]
+    return SecureModule(module, encrypt)
+
+
+class SecureViT:
+    """A ViT whose weights are additive shares; forward maps an MPCTensor image batch
+    (B, C, H, W) to MPCTensor logits (B, classes), never revealing anything.
+
+    Build it with :meth:`from_model` inside an active CrypTen session on every party.
+    The shares are plain tensors, so the object stays usable in later sessions.
+    """
+
+    def __init__(self, config: ViTConfig, spec: ArchSpec, root: SecureModule) -> None:
+        self.config = config
+        self.spec = spec
+        self.root = root
+
+    @classmethod
+    def from_model(
+        cls,
+        model: ViT | None,
+        config: ViTConfig | None = None,
+        spec: ArchSpec | None = None,
+        src: int = 0,
+    ) -> SecureViT:
+        """Share the owner's weights.  On rank ``src`` pass the trained ``model``; on the
+        other ranks pass ``None`` plus the public ``config`` and ``spec``: they build the
+        same structure and contribute zeros, so they only ever receive shares."""
+        crypten = _crypten()
+        rank = crypten.communicator.get().get_rank()
+        if rank == src:
+            if model is None:
+                raise ValueError(f"rank {src} owns the model and must pass it")
+            config = config or model.config
+            spec = spec or model.spec
+            if config != model.config or spec != model.spec:
+                raise ValueError("config/spec differ from the model's own")
+            owner = model
+        else:
+            if config is None or spec is None:
+                raise ValueError("non-owner ranks need the public config and spec")
+            with torch.random.fork_rng():
+                owner = ViT(config, spec)  # structure only; its weights are never shared
+
+        def encrypt(p: torch.Tensor):
+            data = p.detach().float() if rank == src else torch.zeros(p.shape)
+            return crypten.cryptensor(data, src=src)
+
+        return cls(config, spec, _mirror(owner, encrypt))
+
+    def __call__(self, x):
+        return self.root(x)
+
+    forward = __call__
+
+    def num_shared_parameters(self) -> int:
+        return sum(p.numel() for p in self.root.parameters())
+
+
+def share_input(image: torch.Tensor | None, shape: tuple[int, ...], src: int = 1):
+    """Encrypt an image batch held by rank ``src`` (others pass None and the shape)."""
+    crypten = _crypten()
+    rank = crypten.communicator.get().get_rank()
+    data = image.float() if rank == src else torch.zeros(shape)
+    return crypten.cryptensor(data, src=src)
