@@ -14,7 +14,7 @@ A dataset is named by a *spec* string (the CLI's ``--data``):
   (``cifar-10-batches-py`` / ``cifar-100-python``) or the binary ``.bin`` batches.
 - ``folder:/dir`` -- an image folder: ``dir/train/<class>/*`` and ``dir/test/<class>/*``,
   or ``dir/<class>/*`` split deterministically.
-- ``synthetic`` or ``synthetic:size=16,channels=1,classes=4,train=512,test=256,seed=0``
+- ``synthetic`` or ``synthetic:size=16,channels=1,classes=4,train=1024,test=256,seed=0,noise=0.5``
   -- deterministic learnable data for tests and benchmarks.
 - a bare directory path -- its layout is detected (IDX, CIFAR or image folder).
 """
@@ -671,10 +671,10 @@ class SyntheticSpec:
     size: int = 16
     channels: int = 1
     classes: int = 4
-    train: int = 512
+    train: int = 1024
     test: int = 256
     seed: int = 0
-    noise: float = 0.8  # noise std relative to the pattern contrast; higher is harder
+    noise: float = 0.5  # noise std relative to the pattern contrast; higher is harder
 
 
 def _synthetic_split(spec: SyntheticSpec, prototypes: np.ndarray, n: int, seed: int):
@@ -710,7 +710,7 @@ def load_synthetic(spec: SyntheticSpec = SyntheticSpec()) -> DataBundle:
 
 
 def parse_synthetic(options: str) -> SyntheticSpec:
-    """``size=16,channels=1,classes=4,train=512,test=256,seed=0,noise=0.8`` -> spec."""
+    """``size=16,channels=1,classes=4,train=1024,test=256,seed=0,noise=0.5`` -> spec."""
     kwargs: dict[str, Any] = {}
     fields = SyntheticSpec.__dataclass_fields__
     for item in filter(None, (s.strip() for s in options.split(","))):

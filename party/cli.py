@@ -14,6 +14,11 @@ import sys
 # subcommand -> module implementing it
 COMMANDS: dict[str, str] = {
     "bench": "mpcvit.bench.cli",
+    "party": "mpcvit.party.party_cmd",
+    "dealer": "mpcvit.party.dealer_cmd",
+    "infer": "mpcvit.party.infer",
+    "demo": "mpcvit.party.demo",
+    "train": "mpcvit.models.cli_train",
 }
 
 

@@ -1,0 +1,157 @@
+"""``mpcvit train``: train a plaintext ViT and write an mpcvit checkpoint.
+
+The optimizer/scheduler state goes to ``OUT.state`` after every epoch, so an interrupted
+run continues with ``--resume``; the checkpoint itself (config + spec + weights) is
+written when training ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "train a plaintext ViT (optionally distilled from a teacher) and save a checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="config name (e.g. demo, vit_7_4_32)")
+    parser.add_argument(
+        "--arch",
+        default="softmax",
+        help="arch spec YAML file, or ATTENTION[+ACTIVATION] applied to every head/layer "
+        "(e.g. relu_softmax+relu); default softmax+gelu",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="fashion-mnist[:DIR], digits, cifar10:DIR, cifar100:DIR, folder:DIR, "
+        "synthetic[:k=v,...] or a dataset directory",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint to write")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up epochs")
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--no-augment", action="store_true", help="no random crop/flip")
+    parser.add_argument("--limit", type=int, default=None, help="use N training images")
+    parser.add_argument("--test-limit", type=int, default=None, help="use N test images")
+    parser.add_argument("--teacher", type=Path, default=None, help="softmax teacher checkpoint")
+    parser.add_argument("--kd-temperature", type=float, default=4.0)
+    parser.add_argument("--kd-weight", type=float, default=1.0, help="soft-logit loss weight")
+    parser.add_argument("--feature-weight", type=float, default=1.0, help="feature MSE weight")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT.state")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def state_path_for(out: Path) -> Path:
+    """Where the resumable training state of checkpoint ``out`` lives."""
+    return out.with_name(out.name + ".state")
+
+
+def parse_arch(arch: str, depth: int, heads: int):
+    """An ArchSpec from a YAML path or the ``ATTENTION[+ACTIVATION]`` shorthand."""
+    from .spec import ArchSpec
+
+    path = Path(arch)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"arch spec not found: {path}")
+        return ArchSpec.from_yaml(path.read_text()).validate(depth, heads)
+    attention, _, activation = arch.partition("+")
+    return ArchSpec.uniform(depth, heads, attention, activation or "gelu")
+
+
+def _fit_config(config, data):
+    """Check the image shape; adopt the dataset's class count if the config differs."""
+    c, h, w = data.image_shape
+    if (c, h, w) != (config.in_chans, config.image_size, config.image_size):
+        raise ValueError(
+            f"config {config.name or '?'} expects {config.in_chans}x{config.image_size}x"
+            f"{config.image_size} images, dataset {data.name} has {c}x{h}x{w}"
+        )
+    if config.num_classes != data.num_classes:
+        print(f"note: {data.num_classes} classes in {data.name}; head resized from "
+              f"{config.num_classes}")  # fmt: skip
+        config = config.replace(num_classes=data.num_classes)
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .configs import get_config
+    from .data import DatasetError, limit_bundle, load_dataset
+    from .train import TrainConfig, train
+    from .vit import build_model
+
+    torch.set_num_threads(args.threads)
+    try:
+        data = limit_bundle(load_dataset(args.data), args.limit, args.test_limit, args.seed)
+        config = _fit_config(get_config(args.model), data)
+        spec = parse_arch(args.arch, config.depth, config.heads)
+    except (DatasetError, KeyError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    model = build_model(config, spec)
+    teacher = None
+    if args.teacher is not None:
+        from .checkpoint import CheckpointError, load_model
+
+        try:
+            teacher = load_model(args.teacher)
+        except CheckpointError as exc:
+            print(f"error: teacher: {exc}", file=sys.stderr)
+            return 2
+        if teacher.config.replace(name="") != config.replace(name=""):
+            print(f"error: teacher shape {teacher.config} differs from {config}", file=sys.stderr)
+            return 2
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup,
+        label_smoothing=args.label_smoothing,
+        augment=not args.no_augment,
+        seed=args.seed,
+        threads=args.threads,
+        kd_temperature=args.kd_temperature,
+        kd_weight=args.kd_weight,
+        feature_weight=args.feature_weight,
+    )
+    print(
+        f"train {config.name} {spec.summary()} on {data.name}: "
+        f"{len(data.train)} train / {len(data.test)} test images, {cfg.epochs} epochs",
+        flush=True,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    state = state_path_for(args.out)
+    if args.resume and state.is_file():
+        print(f"resuming from {state}", flush=True)
+    result = train(model, data, cfg, teacher=teacher, state_path=state, resume=args.resume)
+    final = result.final
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+               if not k.startswith("_")}  # fmt: skip
+    extra = {
+        "dataset": data.name,
+        "normalization": {
+            "mean": list(data.normalization.mean),
+            "std": list(data.normalization.std),
+        },
+        "class_names": list(data.class_names),
+        "test_acc": None if final is None else final.test_acc,
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        "train_options": options,
+    }
+    from .checkpoint import save_checkpoint
+
+    save_checkpoint(model, args.out, extra=extra)
+    acc = "n/a" if final is None else f"{final.test_acc:.4f}"
+    print(f"saved {args.out} (test_acc={acc})")
+    return 0
