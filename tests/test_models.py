@@ -1,0 +1,382 @@
+"""Plaintext model tests: configs, specs, grouped heads, checkpoints, reference import."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpcvit.models import ops
+from mpcvit.models.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+from mpcvit.models.configs import CONFIGS, ViTConfig, get_config
+from mpcvit.models.reference import ReferenceImportError, import_reference
+from mpcvit.models.spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
+from mpcvit.models.vit import Attention, ViT, build_model
+
+TINY = ViTConfig(image_size=8, in_chans=2, patch=2, dim=16, depth=2, heads=4, num_classes=5)
+
+
+def _scaled(model: ViT, gain: float = 8.0, seed: int = 0) -> ViT:
+    """Trained-like weight scales: init std 0.02 leaves attention scores ~1e-3, which
+    would hide errors in every non-linearity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in name and "token" not in name:
+                p.mul_(gain)
+            elif name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_named_configs_have_the_published_shapes():
+    v7, v9, demo = CONFIGS["vit_7_4_32"], CONFIGS["vit_9_12_64"], CONFIGS["demo"]
+    assert (v7.depth, v7.dim, v7.heads, v7.num_tokens, v7.num_classes) == (7, 256, 4, 65, 10)
+    assert (v9.depth, v9.dim, v9.heads, v9.head_dim, v9.num_tokens, v9.num_classes) == (
+        9, 192, 12, 16, 257, 200)
+    assert (demo.in_chans, demo.image_size, demo.num_tokens) == (1, 28, 50)
+    assert v7.mlp_hidden == 512
+    assert ViTConfig.from_dict(v7.to_dict()) == v7
+
+
+def test_config_validation_errors():
+    with pytest.raises(ValueError, match="divisible by patch"):
+        TINY.replace(image_size=9)
+    with pytest.raises(ValueError, match="divisible by heads"):
+        TINY.replace(heads=3)
+    with pytest.raises(ValueError, match="block"):
+        TINY.replace(block="post")
+    with pytest.raises(ValueError, match="unknown ViTConfig fields"):
+        ViTConfig.from_dict({**TINY.to_dict(), "bogus": 1})
+    with pytest.raises(KeyError, match="known"):
+        get_config("vit_nope")
+
+
+def test_vit_7_4_32_matches_reference_parameter_count():
+    # CCT's ViT-Lite 7/4 has ~3.7M parameters; ours adds the qkv bias in prenorm style.
+    m = build_model(CONFIGS["vit_7_4_32"].replace(block="cct"))
+    n = sum(p.numel() for p in m.parameters())
+    assert 3_700_000 < n < 3_730_000
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+def test_spec_yaml_round_trip_and_helpers():
+    spec = ArchSpec.mix(3, 4, kinds=("relu_softmax", "scale"), activation="relu")
+    assert spec.layers[0].attention == (AttentionKind.RELU_SOFTMAX,) * 2 + (AttentionKind.SCALE,) * 2
+    assert spec.summary() == {"relu_softmax": 6, "scale": 6, "relu": 3}
+    text = spec.to_yaml()
+    assert "version: 1" in text
+    assert ArchSpec.from_yaml(text) == spec
+    mixed = ArchSpec((LayerSpec(("scale", "softmax", "quad2", "scale"), "quad"),
+                      LayerSpec(("softmax",) * 4, "identity")))
+    assert ArchSpec.from_yaml(mixed.to_yaml()) == mixed
+    u = ArchSpec.uniform(2, 3, "scale", "gelu")
+    assert all(layer.attention == (AttentionKind.SCALE,) * 3 for layer in u.layers)
+
+
+@pytest.mark.parametrize(
+    "doc, match",
+    [
+        ({"layers": []}, "version"),
+        ({"version": 2, "layers": [{"attention": ["softmax"], "activation": "gelu"}]},
+         "unsupported ArchSpec version"),
+        ({"version": 1, "layers": [{"attention": ["softmaxx"], "activation": "gelu"}]},
+         "unknown AttentionKind 'softmaxx'"),
+        ({"version": 1, "layers": [{"attention": ["softmax"], "activation": "swish"}]},
+         "unknown ActivationKind 'swish'"),
+        ({"version": 1, "layers": [{"attention": "softmax", "activation": "gelu"}]},
+         "list of per-head kinds"),
+        ({"version": 1, "layers": [{"attention": [], "activation": "gelu"}]}, "at least one head"),
+        ({"version": 1, "layers": []}, "at least one layer"),
+        ({"version": 1, "layers": [{"attention": ["scale"]}]}, "exactly"),
+    ],
+)
+def test_spec_validation_errors(doc, match):
+    with pytest.raises(ValueError, match=match):
+        ArchSpec.from_dict(doc)
+
+
+def test_spec_must_fit_the_model():
+    with pytest.raises(ValueError, match="spec has 3 layers, model has 2"):
+        ViT(TINY, ArchSpec.uniform(3, 4))
+    with pytest.raises(ValueError, match="layer 1: spec has 2 heads, model has 4"):
+        ViT(TINY, ArchSpec((LayerSpec(("scale",) * 4, "gelu"), LayerSpec(("scale",) * 2, "gelu"))))
+    with pytest.raises(ValueError, match="fractions"):
+        ArchSpec.mix(2, 4, fractions=(0.7, 0.7))
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _per_head_reference(att: Attention, x: torch.Tensor) -> torch.Tensor:
+    """Straightforward per-head definition of each attention kind."""
+    b, n, c = x.shape
+    qkv = F.linear(x, att.qkv.weight, att.qkv.bias).reshape(b, n, 3, att.heads, att.head_dim)
+    outs = []
+    for h, kind in enumerate(att.kinds):
+        q, k, v = qkv[:, :, 0, h], qkv[:, :, 1, h], qkv[:, :, 2, h]
+        a = q @ k.transpose(-2, -1) / math.sqrt(att.head_dim)
+        if kind is AttentionKind.SOFTMAX:
+            p = torch.softmax(a, -1)
+        elif kind is AttentionKind.RELU_SOFTMAX:
+            p = torch.relu(a) / (torch.relu(a).sum(-1, keepdim=True) + att.eps)
+        elif kind is AttentionKind.SCALE:
+            p = a / n
+        else:
+            p = (a + 5) ** 2 / ((a + 5) ** 2).sum(-1, keepdim=True)
+        outs.append(p @ v)
+    return F.linear(torch.cat(outs, -1), att.proj.weight, att.proj.bias)
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        ("scale", "softmax", "scale", "relu_softmax"),  # needs a permutation
+        ("softmax", "softmax", "quad2", "quad2"),
+        ("relu_softmax",) * 4,
+        ("quad2", "scale", "softmax", "relu_softmax"),
+    ],
+)
+@pytest.mark.parametrize("tokens, dim", [(9, 16), (5, 64)])  # head dim below / above N
+def test_grouped_heads_equal_per_head_definition(kinds, tokens, dim):
+    torch.manual_seed(1)
+    att = Attention(dim, 4, tuple(AttentionKind(k) for k in kinds), eps=1e-9)
+    with torch.no_grad():
+        att.qkv.weight.mul_(20)
+    x = torch.randn(2, tokens, dim)
+    got = att(x)
+    want = _per_head_reference(att, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_heads_run_one_op_per_kind(monkeypatch):
+    calls = []
+    orig = ops.ATTENTION_FNS["softmax"]
+    monkeypatch.setitem(ops.ATTENTION_FNS, "softmax",
+                        lambda a, eps: calls.append(a.shape) or orig(a, eps=eps))
+    att = Attention(16, 4, tuple(AttentionKind(k) for k in
+                                 ("softmax", "scale", "softmax", "softmax")))
+    att(torch.randn(1, 7, 16))
+    assert calls == [torch.Size([1, 3, 7, 7])]
+
+
+# ----------------------------------------------------------------------------- ViT
+
+
+@pytest.mark.parametrize("block", ["prenorm", "cct"])
+def test_patch_embed_equals_conv_and_output_shape(block):
+    torch.manual_seed(0)
+    m = build_model(TINY.replace(block=block))
+    x = torch.randn(3, 2, 8, 8)
+    conv = F.conv2d(x, m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=2)
+    torch.testing.assert_close(m.patch_embed(x), conv.flatten(2).transpose(1, 2))
+    assert m(x).shape == (3, 5)
+
+
+def test_classifier_normalises_only_the_class_token_equivalently():
+    torch.manual_seed(0)
+    m = _scaled(build_model(TINY))
+    x = torch.randn(2, 2, 8, 8)
+    t = m.patch_embed(x)
+    h = torch.cat([m.cls_token.expand(2, -1, -1), t], 1) + m.pos_embed
+    for blk in m.blocks:
+        h = blk(h)
+    full = F.linear(F.layer_norm(h, (16,), m.norm.weight, m.norm.bias, 1e-5)[:, 0],
+                    m.head.weight, m.head.bias)
+    torch.testing.assert_close(m(x), full)
+
+
+def test_set_spec_changes_kinds_not_weights():
+    torch.manual_seed(0)
+    m = _scaled(build_model(TINY))
+    x = torch.randn(1, 2, 8, 8)
+    before = m(x)
+    m.set_spec(ArchSpec.uniform(2, 4, "scale", "relu"))
+    after = m(x)
+    assert not torch.allclose(before, after)
+    assert m.blocks[1].attn.kinds == (AttentionKind.SCALE,) * 4
+    assert m.blocks[0].mlp.activation is ActivationKind.RELU
+
+
+def test_demo_config_forward_and_backward():
+    m = build_model("demo", ArchSpec.mix(4, 4))
+    x = torch.randn(2, 1, 28, 28)
+    loss = m(x).logsumexp(-1).sum()
+    loss.backward()
+    assert m.blocks[0].attn.qkv.weight.grad is not None
+    assert torch.isfinite(m.blocks[0].attn.qkv.weight.grad).all()
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def test_secure_gelu_polynomial_is_accurate_in_exact_arithmetic():
+    x = torch.linspace(-12, 12, 20001, dtype=torch.float64)
+    err = (ops.gelu_poly_plain(x) - F.gelu(x)).abs()
+    assert err.max() < 3e-4
+
+
+def test_quad_and_quad2_definitions():
+    x = torch.tensor([-2.0, 0.0, 2.0])
+    torch.testing.assert_close(ops.quad(x), 0.125 * x**2 + 0.25 * x + 0.5)
+    a = torch.tensor([[1.0, -1.0, 3.0]])
+    r = (a + 5) ** 2
+    torch.testing.assert_close(ops.quad2(a, eps=0.0), r / r.sum(-1, keepdim=True))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    spec = ArchSpec((LayerSpec(("scale", "softmax", "relu_softmax", "scale"), "relu"),
+                     LayerSpec(("quad2",) * 4, "quad")))
+    m = _scaled(build_model(TINY, spec))
+    path = tmp_path / "m.pt"
+    save_checkpoint(m, path, extra={"accuracy": 0.9})
+    m2, extra = load_checkpoint(path)
+    assert extra == {"accuracy": 0.9}
+    assert m2.config == m.config and m2.spec == m.spec
+    x = torch.randn(2, 2, 8, 8)
+    torch.testing.assert_close(m2(x), m(x))
+    assert load_model(str(path)).spec == spec
+    assert load_model("demo").config == CONFIGS["demo"]
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+        load_checkpoint(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(CheckpointError, match="not an mpcvit checkpoint"):
+        load_checkpoint(other)
+    m = build_model(TINY)
+    good = tmp_path / "good.pt"
+    save_checkpoint(m, good)
+    blob = torch.load(good, weights_only=True)
+    blob["format_version"] = 99
+    torch.save(blob, tmp_path / "v99.pt")
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(tmp_path / "v99.pt")
+    blob["format_version"] = 1
+    blob["config"] = {**blob["config"], "dim": 32}
+    torch.save(blob, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "wrong.pt")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _reference_state_dict(depth=2, dim=16, heads=4, hidden=32, patch=2, side=3, chans=3,
+                          classes=7, alphas=None, seed=0):
+    """A state dict in the reference ViTLite layout, with trained-like scales."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=0.3):
+        return torch.randn(*shape, generator=g) * s
+
+    sd = {
+        "tokenizer.conv_layers.0.0.weight": r(dim, chans, patch, patch),
+        "tokenizer.conv_layers.0.0.bias": r(dim, s=0.1),
+        "classifier.class_emb": r(1, 1, dim),
+        "classifier.positional_emb": r(1, side * side + 1, dim, s=0.2),
+        "classifier.norm.weight": 1 + r(dim, s=0.1),
+        "classifier.norm.bias": r(dim, s=0.1),
+        "classifier.fc.weight": r(classes, dim),
+        "classifier.fc.bias": r(classes, s=0.1),
+    }
+    for i in range(depth):
+        p = f"classifier.blocks.{i}."
+        a = alphas[i] if alphas else [1.0, 0.0] * (heads // 2)
+        sd.update({
+            p + "pre_norm.weight": 1 + r(dim, s=0.1), p + "pre_norm.bias": r(dim, s=0.1),
+            p + "self_attn.qkv.weight": r(3 * dim, dim, s=0.5),
+            p + "self_attn.proj.weight": r(dim, dim), p + "self_attn.proj.bias": r(dim, s=0.1),
+            p + "self_attn.alpha": torch.tensor(a).reshape(1, heads, 1, 1),
+            p + "linear1.weight": r(hidden, dim), p + "linear1.bias": r(hidden, s=0.1),
+            p + "norm1.weight": 1 + r(dim, s=0.1), p + "norm1.bias": r(dim, s=0.1),
+            p + "linear2.weight": r(dim, hidden), p + "linear2.bias": r(dim, s=0.1),
+        })
+    return sd
+
+
+def _reference_forward(sd, x, depth, heads, eps=1e-5):
+    """Independent re-implementation of the published reference forward pass."""
+    t = F.conv2d(x, sd["tokenizer.conv_layers.0.0.weight"], sd["tokenizer.conv_layers.0.0.bias"],
+                 stride=sd["tokenizer.conv_layers.0.0.weight"].shape[-1])
+    t = t.flatten(2).transpose(-2, -1)
+    b, _, dim = t.shape
+    h = torch.cat([sd["classifier.class_emb"].expand(b, -1, -1), t], 1)
+    h = h + sd["classifier.positional_emb"]
+    for i in range(depth):
+        p = f"classifier.blocks.{i}."
+        y = F.layer_norm(h, (dim,), sd[p + "pre_norm.weight"], sd[p + "pre_norm.bias"])
+        n = y.shape[1]
+        qkv = (y @ sd[p + "self_attn.qkv.weight"].t()).reshape(b, n, 3, heads, dim // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5
+        rs = torch.relu(a) / (torch.relu(a).sum(-1, keepdim=True) + eps)
+        alpha = sd[p + "self_attn.alpha"]
+        att = alpha * rs + (1 - alpha) * (a / n)
+        o = (att @ v).transpose(1, 2).reshape(b, n, dim)
+        h = h + F.linear(o, sd[p + "self_attn.proj.weight"], sd[p + "self_attn.proj.bias"])
+        h = F.layer_norm(h, (dim,), sd[p + "norm1.weight"], sd[p + "norm1.bias"])
+        m = F.gelu(F.linear(h, sd[p + "linear1.weight"], sd[p + "linear1.bias"]))
+        h = h + F.linear(m, sd[p + "linear2.weight"], sd[p + "linear2.bias"])
+    h = F.layer_norm(h, (dim,), sd["classifier.norm.weight"], sd["classifier.norm.bias"])
+    return F.linear(h[:, 0], sd["classifier.fc.weight"], sd["classifier.fc.bias"])
+
+
+def test_reference_import_reproduces_logits():
+    alphas = [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+    sd = _reference_state_dict(depth=3, alphas=alphas)
+    model = import_reference({"state_dict": {"module." + k: v for k, v in sd.items()}},
+                             attn_eps=1e-5)
+    cfg = model.config
+    assert (cfg.depth, cfg.heads, cfg.dim, cfg.patch, cfg.image_size, cfg.in_chans,
+            cfg.num_classes, cfg.mlp_hidden, cfg.block) == (3, 4, 16, 2, 6, 3, 7, 32, "cct")
+    assert model.spec.layers[1].attention == (AttentionKind.SCALE,) * 2 + (
+        AttentionKind.RELU_SOFTMAX,) * 2
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(model(x), _reference_forward(sd, x, 3, 4), rtol=1e-4, atol=1e-4)
+    # With our default fixed-point-safe eps the logits stay close on trained-like scales.
+    ours = import_reference(sd)
+    assert ours.config.attn_eps == 2.0**-8
+    assert (ours(x) - model(x)).abs().max() < 0.05
+
+
+def test_reference_import_errors():
+    sd = _reference_state_dict(alphas=[[0.3, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]])
+    with pytest.raises(ReferenceImportError, match="not binary"):
+        import_reference(sd)
+    m = import_reference(sd, alpha_threshold=0.5)
+    assert m.spec.layers[0].attention[0] is AttentionKind.SCALE
+    sd = _reference_state_dict()
+    del sd["classifier.blocks.1.linear2.bias"]
+    with pytest.raises(ReferenceImportError, match="lacks 'classifier.blocks.1.linear2.bias'"):
+        import_reference(sd)
+    sd = _reference_state_dict()
+    sd["classifier.blocks.0.beta"] = torch.ones(1, 10, 1)
+    with pytest.raises(ReferenceImportError, match="MPCViT\\+"):
+        import_reference(sd)
+    sd = _reference_state_dict()
+    sd["classifier.extra.weight"] = torch.ones(1)
+    with pytest.raises(ReferenceImportError, match="unexpected"):
+        import_reference(sd)
