@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from mpcvit.models import ops
 from mpcvit.models.checkpoint import (
     CheckpointError,
@@ -74,7 +73,8 @@ def test_vit_7_4_32_matches_reference_parameter_count():
 
 def test_spec_yaml_round_trip_and_helpers():
     spec = ArchSpec.mix(3, 4, kinds=("relu_softmax", "scale"), activation="relu")
-    assert spec.layers[0].attention == (AttentionKind.RELU_SOFTMAX,) * 2 + (AttentionKind.SCALE,) * 2
+    rs, sc = AttentionKind.RELU_SOFTMAX, AttentionKind.SCALE
+    assert spec.layers[0].attention == (rs, rs, sc, sc)
     assert spec.summary() == {"relu_softmax": 6, "scale": 6, "relu": 3}
     text = spec.to_yaml()
     assert "version: 1" in text
