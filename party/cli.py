@@ -18,6 +18,10 @@ COMMANDS: dict[str, str] = {
     "dealer": "mpcvit.party.dealer_cmd",
     "infer": "mpcvit.party.infer",
     "demo": "mpcvit.party.demo",
+    "party": "mpcvit.party.party_cmd",
+    "dealer": "mpcvit.party.dealer_cmd",
+    "infer": "mpcvit.party.infer",
+    "demo": "mpcvit.party.demo",
     "train": "mpcvit.models.cli_train",
 }
 

@@ -141,8 +141,10 @@ class _Base:
             outputs, stats = self.backend.infer(session, inputs)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the clients
             failure = classify_failure(exc)
+            # Tracebacks name code lines and exception types, never tensor values.
             log.warning("event=session_failed role=%s session=%s batch=%d status=%s error=%s",
-                        self.role, session, len(items), failure.status, failure)
+                        self.role, session, len(items), failure.status, failure,
+                        exc_info=failure.status == "ABORTED")
             for it in items:
                 it.fail(failure.status, str(failure))
             raise
@@ -188,7 +190,8 @@ class Leader(_Base):
         except Exception as exc:  # noqa: BLE001
             failure = classify_failure(exc)
             log.warning("event=init_failed session=%s status=%s error=%s",
-                        session, failure.status, failure)
+                        session, failure.status, failure,
+                        exc_info=failure.status == "ABORTED")
             self._set_ready(False)
             self.queue.fail_all(failure.status, f"peer party not ready: {failure}")
             return False
@@ -309,7 +312,8 @@ class Follower(_Base):
         except Exception as exc:  # noqa: BLE001
             failure = classify_failure(exc)
             log.warning("event=init_failed session=%s status=%s error=%s",
-                        session, failure.status, failure)
+                        session, failure.status, failure,
+                        exc_info=failure.status == "ABORTED")
             return
         self.epoch = str(msg.get("epoch"))
         log.info("event=weights_received session=%s epoch=%s", session, self.epoch)

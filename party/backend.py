@@ -1,0 +1,153 @@
+"""The secure model behind a party server: CrypTen sessions over the peer transport.
+
+Implements the coordinator's ``SecureBackend`` with the project's runtime
+(``mpcvit.mpc.runtime.crypten_session``) and ``mpcvit.models.secure.SecureViT``.
+Party 0 holds the plaintext model; party 1 learns only the public architecture and
+receives weight shares in the start-up session.  Input shares arrive from the client
+already split, so they enter CrypTen with ``MPCTensor.from_shares`` (no extra round),
+and output shares are re-randomised with a pseudo-random zero sharing before they
+leave, so each party's output share alone is uniform whatever the model computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from mpcvit.mpc.compat import import_crypten
+
+from .pairing import SessionStats
+
+crypten = import_crypten()
+import torch  # noqa: E402  (after CrypTen's compat shim)
+
+log = logging.getLogger("mpcvit.party")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Public facts of the served model: what ModelInfo reports and party 1 receives."""
+
+    name: str
+    config: dict[str, Any]
+    spec: dict[str, Any]
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        return (int(c["in_chans"]), int(c["image_size"]), int(c["image_size"]))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "config": self.config, "spec": self.spec,
+                "class_names": list(self.class_names), "mean": list(self.mean),
+                "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelFacts:
+        try:
+            return cls(name=str(d["name"]), config=dict(d["config"]), spec=dict(d["spec"]),
+                       class_names=tuple(str(n) for n in d.get("class_names", ())),
+                       mean=tuple(float(v) for v in d.get("mean", ())),
+                       std=tuple(float(v) for v in d.get("std", ())))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed model description from the leader: {exc}") from None
+
+
+def describe_model(model: Any, name: str, dataset: str | None) -> ModelFacts:
+    """Public facts of a plaintext ViT (architecture, class names, normalisation)."""
+    from mpcvit.models import data
+
+    config = model.config
+    class_names: tuple[str, ...] = tuple(getattr(model, "class_names", ()) or ())
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    if dataset:
+        norm = data.normalization_for(dataset, config.in_chans)
+        mean, std = tuple(norm.mean), tuple(norm.std)
+        if not class_names and dataset.split(":", 1)[0].lower() == "fashion-mnist":
+            class_names = data.FASHION_MNIST_CLASSES
+    if not class_names:
+        class_names = tuple(str(i) for i in range(config.num_classes))
+    return ModelFacts(name=name, config=config.to_dict(), spec=model.spec.to_dict(),
+                      class_names=class_names, mean=mean, std=std)
+
+
+class CrypTenBackend:
+    """One party's secure model; every method runs inside its own CrypTen session."""
+
+    def __init__(self, transport: Any, provider: Any, *, rank: int,
+                 model: Any = None, facts: ModelFacts | None = None) -> None:
+        if rank == 0 and (model is None or facts is None):
+            raise ValueError("party 0 needs the plaintext model and its public facts")
+        self.transport = transport
+        self.provider = provider
+        self.rank = rank
+        self._model = model  # party 0 only; never leaves this process in the clear
+        self.facts = facts
+        self._secure = None
+        self.precision_bits = int(crypten.encoder.FixedPointEncoder().scale).bit_length() - 1
+
+    # -- coordinator interface ---------------------------------------------------------
+    def public_model(self) -> dict[str, Any]:
+        assert self.facts is not None
+        return self.facts.to_dict()
+
+    def load_public_model(self, meta: dict[str, Any]) -> None:
+        self.facts = ModelFacts.from_dict(meta)
+        self._secure = None
+
+    def share_weights(self, session: str) -> None:
+        from mpcvit.models.configs import ViTConfig
+        from mpcvit.models.secure import SecureViT
+        from mpcvit.models.spec import ArchSpec
+        from mpcvit.mpc.runtime import crypten_session
+
+        assert self.facts is not None
+        config = ViTConfig.from_dict(self.facts.config)
+        spec = ArchSpec.from_dict(self.facts.spec)
+        self._secure = None
+        start = time.perf_counter()
+        with crypten_session(self.transport, session, self.provider):
+            secure = SecureViT.from_model(self._model if self.rank == 0 else None,
+                                          config, spec, src=0)
+        self._secure = secure
+        log.info("event=weights_session session=%s seconds=%.2f", session,
+                 time.perf_counter() - start)
+
+    def infer(self, session: str, inputs: np.ndarray) -> tuple[np.ndarray, SessionStats]:
+        from crypten.mpc import MPCTensor
+        from crypten.mpc.primitives import ArithmeticSharedTensor
+        from mpcvit.mpc.runtime import crypten_session
+
+        if self._secure is None:
+            raise RuntimeError("no weight shares: the start-up session has not run")
+        start = time.perf_counter()
+        with crypten_session(self.transport, session, self.provider) as comm:
+            x = MPCTensor.from_shares(torch.from_numpy(np.ascontiguousarray(inputs)),
+                                      precision=self.precision_bits)
+            with torch.no_grad():
+                logits = self._secure(x)
+            out = logits._tensor
+            mask = ArithmeticSharedTensor.PRZS(out.share.size())
+            shares = (out.share + mask.share).numpy().astype(np.int64, copy=True)
+            comm_stats = comm.get_communication_stats()
+        stats = SessionStats(
+            session=session, seconds=time.perf_counter() - start,
+            rounds=int(comm_stats.get("rounds", 0)), bytes_sent=int(comm_stats.get("bytes", 0)),
+            batch_size=len(inputs),
+        )
+        scale_bits = int(out.encoder.scale).bit_length() - 1
+        if scale_bits != self.precision_bits:
+            raise RuntimeError("secure model returned an unexpected fixed-point scale")
+        return shares, stats

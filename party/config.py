@@ -1,0 +1,178 @@
+"""Configuration of a party server and of the dealer (YAML, with env/CLI overrides).
+
+One file per process (``deploy/party0.yaml`` ...).  Addresses can be overridden by
+environment variables so the same files serve Docker Compose (service host names) and
+local runs (127.0.0.1 and free ports): ``MPCVIT_LISTEN``, ``MPCVIT_PEER``,
+``MPCVIT_DEALER``, ``MPCVIT_MODEL``, ``MPCVIT_PROVIDER``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mpcvit.mpc.config import ProviderSpec, Timeouts, TlsConfig, load_yaml
+from mpcvit.mpc.errors import ConfigError
+
+ENV_OVERRIDES = {
+    "listen": "MPCVIT_LISTEN",
+    "peer": "MPCVIT_PEER",
+    "dealer": "MPCVIT_DEALER",
+    "model": "MPCVIT_MODEL",
+    "provider": "MPCVIT_PROVIDER",
+}
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one party accepts, and how it batches queued requests into sessions."""
+
+    max_request_bytes: int = 4 << 20
+    max_inputs_per_request: int = 64
+    max_pending: int = 256
+    max_batch: int = 1  # requests per secure session (issue 6 raises this)
+    max_wait: float = 0.0  # seconds the leader waits for a batch to fill
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1024:
+            raise ConfigError("limits.max_request_bytes must be at least 1024")
+        for name in ("max_inputs_per_request", "max_pending", "max_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"limits.{name} must be at least 1")
+        if self.max_wait < 0:
+            raise ConfigError("limits.max_wait must be >= 0")
+
+
+@dataclass(frozen=True)
+class ServiceTimeouts:
+    """Seconds.  ``pairing``: how long party 1 waits for a half party 0 announced;
+    ``request``: the longest a half may wait in a queue before DEADLINE_EXCEEDED;
+    ``peer_connect``: one attempt to reach the peer for a control message."""
+
+    pairing: float = 10.0
+    request: float = 300.0
+    peer_connect: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("pairing", "request", "peer_connect"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"timeouts.{name} must be positive")
+
+
+@dataclass(frozen=True)
+class PartyConfig:
+    rank: int
+    listen: str
+    peer: str
+    provider: ProviderSpec
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    service_timeouts: ServiceTimeouts = field(default_factory=ServiceTimeouts)
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    tls: TlsConfig | None = None
+    model: str = "demo"  # party 0: checkpoint name or path
+    model_name: str = ""  # name clients ask for; defaults to the checkpoint's stem
+    dataset: str | None = "fashion-mnist"  # normalisation and class names
+    log_format: str = "json"
+    log_level: str = "INFO"
+    chunk_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        if self.rank not in (0, 1):
+            raise ConfigError(f"rank must be 0 or 1, got {self.rank!r}")
+        if not self.listen or not self.peer:
+            raise ConfigError("listen and peer addresses are required")
+        if self.log_format not in ("json", "text"):
+            raise ConfigError("log_format must be json or text")
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or Path(self.model).stem
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], env: dict[str, str] | None = None) -> PartyConfig:
+        data = dict(data)
+        env = os.environ if env is None else env
+        for key, var in ENV_OVERRIDES.items():
+            if env.get(var):
+                data[key] = env[var]
+        known = {"rank", "listen", "peer", "dealer", "provider", "timeouts", "limits", "tls",
+                 "model", "model_name", "dataset", "log_format", "log_level", "chunk_bytes"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown party config keys: {sorted(unknown)}")
+        if "rank" not in data:
+            raise ConfigError("party config needs 'rank'")
+        tls = _tls(data.get("tls"))
+        raw_timeouts = dict(data.get("timeouts") or {})
+        service_keys = {"pairing", "request", "peer_connect"}
+        service_timeouts = ServiceTimeouts(
+            **{k: float(v) for k, v in raw_timeouts.items() if k in service_keys})
+        try:
+            timeouts = Timeouts(**{k: float(v) for k, v in raw_timeouts.items()
+                                   if k not in service_keys})
+            limits = ServiceLimits(**(data.get("limits") or {}))
+        except TypeError as exc:
+            raise ConfigError(f"bad timeouts/limits: {exc}") from None
+        kind = str(data.get("provider") or "dealer")
+        provider = ProviderSpec(kind=kind, address=data.get("dealer") if kind == "dealer" else None,
+                                tls=tls, timeout=timeouts.dealer)
+        return cls(
+            rank=int(data["rank"]), listen=str(data.get("listen", "")),
+            peer=str(data.get("peer", "")), provider=provider, timeouts=timeouts,
+            service_timeouts=service_timeouts, limits=limits, tls=tls,
+            model=str(data.get("model", "demo")), model_name=str(data.get("model_name") or ""),
+            dataset=data.get("dataset", "fashion-mnist"),
+            log_format=str(data.get("log_format", "json")),
+            log_level=str(data.get("log_level", "INFO")),
+            chunk_bytes=int(data.get("chunk_bytes", 4 << 20)),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, env: dict[str, str] | None = None) -> PartyConfig:
+        return cls.from_dict(load_yaml(path), env)
+
+    def with_overrides(self, **changes: Any) -> PartyConfig:
+        """Apply CLI overrides (None means keep)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "dealer" in changes or "provider" in changes:
+            kind = changes.pop("provider", self.provider.kind)
+            address = changes.pop("dealer", self.provider.address)
+            changes["provider"] = ProviderSpec(
+                kind=kind, address=address if kind == "dealer" else None, tls=self.tls,
+                timeout=self.timeouts.dealer)
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DealerConfig:
+    listen: str
+    tls: TlsConfig | None = None
+    log_format: str = "json"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], env: dict[str, str] | None = None) -> DealerConfig:
+        data = dict(data)
+        env = os.environ if env is None else env
+        if env.get("MPCVIT_LISTEN"):
+            data["listen"] = env["MPCVIT_LISTEN"]
+        unknown = set(data) - {"listen", "tls", "log_format", "log_level"}
+        if unknown:
+            raise ConfigError(f"unknown dealer config keys: {sorted(unknown)}")
+        return cls(listen=str(data.get("listen", "0.0.0.0:50050")), tls=_tls(data.get("tls")),
+                   log_format=str(data.get("log_format", "json")),
+                   log_level=str(data.get("log_level", "INFO")))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, env: dict[str, str] | None = None) -> DealerConfig:
+        return cls.from_dict(load_yaml(path), env)
+
+
+def _tls(value: Any) -> TlsConfig | None:
+    if not value:
+        return None
+    if not isinstance(value, dict) or not {"ca", "cert", "key"} <= set(value):
+        raise ConfigError("tls needs ca, cert and key paths")
+    return TlsConfig(**value)

@@ -1,0 +1,199 @@
+"""A party server process: one gRPC port for clients (InferenceService, health,
+reflection) and for the peer party (PeerService), plus the session coordinator thread.
+
+Party 0 loads the plaintext model from a checkpoint; party 1 starts empty and receives
+the public architecture and weight shares from party 0 over the peer link.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from mpcvit.mpc.errors import PeerDisconnected, PeerError, PeerTimeout
+from mpcvit.mpc.transport import PeerTransport
+from mpcvit.proto.generated import inference_pb2, inference_pb2_grpc
+
+from .backend import CrypTenBackend, ModelFacts, describe_model
+from .config import PartyConfig
+from .coordinator import ChannelDown, ChannelTimeout, Follower, Leader
+from .pairing import InferenceQueue
+from .service import InferenceServicer, PartyService
+
+log = logging.getLogger("mpcvit.party")
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+class TransportChannel:
+    """The coordinator's control channel over the PeerTransport (maps its errors)."""
+
+    def __init__(self, transport: PeerTransport, peer: int, connect_timeout: float) -> None:
+        self.transport = transport
+        self.peer = peer
+        self.connect_timeout = connect_timeout
+
+    def _ensure(self) -> None:
+        try:
+            self.transport.ensure_connected(self.connect_timeout)
+        except PeerError as exc:
+            raise ChannelDown(str(exc)) from None
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self._ensure()
+        try:
+            self.transport.send_control(self.peer, msg)
+        except PeerError as exc:
+            raise ChannelDown(str(exc)) from None
+
+    def recv(self, timeout: float) -> dict[str, Any]:
+        self._ensure()
+        try:
+            return self.transport.recv_control(self.peer, timeout)
+        except PeerTimeout as exc:
+            raise ChannelTimeout(str(exc)) from None
+        except PeerDisconnected as exc:
+            raise ChannelDown(str(exc)) from None
+
+
+def load_party_model(config: PartyConfig) -> tuple[Any, ModelFacts]:
+    """Party 0: the plaintext model and its public facts.
+
+    ``random:<config>[:seed]`` builds an untrained model of a named shape (tests and
+    benchmarks only: its predictions are meaningless); anything else is a checkpoint.
+    """
+    if config.model.startswith("random:"):
+        import torch
+        from mpcvit.models.vit import build_model
+
+        _, name, *seed = config.model.split(":")
+        torch.manual_seed(int(seed[0]) if seed else 0)
+        model = build_model(name)
+    else:
+        from mpcvit.models.checkpoint import load_model
+
+        model = load_model(config.model)
+    if isinstance(model, tuple):  # tolerate (model, metadata)
+        model = model[0]
+    model.eval()
+    return model, describe_model(model, config.served_name, config.dataset)
+
+
+class PartyServer:
+    """Assembles and runs one party (see module docstring)."""
+
+    def __init__(self, config: PartyConfig, *, model: Any = None,
+                 facts: ModelFacts | None = None) -> None:
+        self.config = config
+        if config.rank == 0 and model is None:
+            model, facts = load_party_model(config)
+        self.transport = PeerTransport(config.rank, 2, tls=config.tls, timeouts=config.timeouts,
+                                       chunk_bytes=config.chunk_bytes)
+        self.backend = CrypTenBackend(self.transport, config.provider, rank=config.rank,
+                                      model=model, facts=facts)
+        st = config.service_timeouts
+        self.queue = InferenceQueue(request_timeout=st.request,
+                                    max_pending=config.limits.max_pending)
+        channel = TransportChannel(self.transport, 1 - config.rank, st.peer_connect)
+        self.health = health.HealthServicer()
+        common = dict(pairing_timeout=st.pairing, on_ready_change=self._on_ready_change)
+        if config.rank == 0:
+            self.coordinator: Leader | Follower = Leader(
+                self.queue, channel, self.backend, max_batch=config.limits.max_batch,
+                max_wait=config.limits.max_wait, **common)
+        else:
+            self.coordinator = Follower(self.queue, channel, self.backend, **common)
+        self.service = PartyService(
+            config.rank, self.queue, config.limits, facts=lambda: self.backend.facts,
+            ready=lambda: self.coordinator.ready, precision_bits=self.backend.precision_bits,
+            request_timeout=st.request)
+        self.server: grpc.Server | None = None
+        self.port: int | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def _on_ready_change(self, ready: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if ready
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def start(self) -> int:
+        """Bind the port, start serving and the coordinator; return the bound port."""
+        cfg = self.config
+        limit = cfg.limits.max_request_bytes + (64 << 10)
+        options = self.transport.server_options()
+        options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length",
+                        max(limit, cfg.chunk_bytes + (1 << 20))))
+        # Client requests are bounded by max_request_bytes in PartyService; the peer's
+        # frames by chunk_bytes.
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
+        self.transport.add_to_server(self.server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.service), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self._on_ready_change(False)
+        if cfg.tls is not None:
+            port = self.server.add_secure_port(cfg.listen, cfg.tls.server_credentials())
+        else:
+            port = self.server.add_insecure_port(cfg.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {cfg.listen}")
+        self.port = port
+        self.server.start()
+        try:
+            self.transport.connect({1 - cfg.rank: cfg.peer},
+                                   timeout=cfg.service_timeouts.peer_connect)
+        except PeerError as exc:
+            log.info("event=peer_not_yet_reachable peer=%s error=%s", cfg.peer, exc)
+        self._thread = threading.Thread(target=self.coordinator.run_forever,
+                                        name="coordinator", daemon=True)
+        self._thread.start()
+        log.info("event=party_started rank=%d listen=%s port=%d peer=%s provider=%s tls=%s "
+                 "model=%s max_batch=%d", cfg.rank, cfg.listen, port, cfg.peer,
+                 cfg.provider.kind, cfg.tls is not None, cfg.served_name if cfg.rank == 0
+                 else "(from party 0)", cfg.limits.max_batch)
+        return port
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Graceful shutdown: stop taking requests, fail queued ones, close links."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("event=party_stopping rank=%d", self.config.rank)
+        self.health.enter_graceful_shutdown()
+        self.coordinator.stop()
+        self.queue.close("party is shutting down")
+        if self._thread is not None:
+            self._thread.join(grace)
+        if self.server is not None:
+            self.server.stop(grace).wait(grace + 1)
+        self.transport.close()
+        log.info("event=party_stopped rank=%d", self.config.rank)
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT, then shut down gracefully."""
+        done = threading.Event()
+
+        def on_signal(signum, _frame):
+            log.info("event=signal signal=%s", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        while not done.wait(1.0):
+            pass
+        self.stop()
