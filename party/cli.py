@@ -18,10 +18,6 @@ COMMANDS: dict[str, str] = {
     "dealer": "mpcvit.party.dealer_cmd",
     "infer": "mpcvit.party.infer",
     "demo": "mpcvit.party.demo",
-    "party": "mpcvit.party.party_cmd",
-    "dealer": "mpcvit.party.dealer_cmd",
-    "infer": "mpcvit.party.infer",
-    "demo": "mpcvit.party.demo",
     "train": "mpcvit.models.cli_train",
 }
 
