@@ -148,6 +148,7 @@ def run_parties(
     backend: str = "grpc",
     timeout: float = 600.0,
     recv_timeout: float = 60.0,
+    connect_timeout: float = 60.0,
     tls: Sequence[TlsConfig] | None = None,
     dealer_tls: TlsConfig | None = None,
     chunk_bytes: int = 4 << 20,
@@ -167,7 +168,7 @@ def run_parties(
     ctx = _context()
     deadline = time.monotonic() + timeout
     session = f"launch-{uuid.uuid4().hex}"
-    timeouts = Timeouts(connect=min(60.0, timeout), recv=recv_timeout, dealer=recv_timeout)
+    timeouts = Timeouts(connect=connect_timeout, recv=recv_timeout, dealer=recv_timeout)
     rendezvous = os.path.join(tempfile.gettempdir(), f"mpcvit-rdv-{uuid.uuid4().hex}")
     procs: dict[Any, mp.Process] = {}
     conns: dict[Any, Any] = {}
@@ -193,6 +194,7 @@ def run_parties(
                                           name="mpcvit-dealer", daemon=True)
             conns["dealer"] = parent
             procs["dealer"].start()
+            child.close()  # so the parent sees EOF when the child dies
             kind, value = wait_msg("dealer", "port")
             if kind != "port":
                 raise PartyFailure({"dealer": value})
@@ -207,6 +209,7 @@ def run_parties(
                                       name=f"mpcvit-party{rank}", daemon=True)
             conns[rank] = parent
             procs[rank].start()
+            child.close()
             parent.send(("dealer", dealer_port))
         if backend == "grpc":
             peers = {}

@@ -1,0 +1,44 @@
+"""``mpcvit bench``: benchmarks (speed is measured here, never asserted in tests)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "run benchmarks (transport: gRPC vs gloo on a ViT block)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    t = sub.add_parser("transport", help="same ViT-block MPC program over gloo and over gRPC")
+    t.add_argument("--provider", choices=["tfp", "dealer"], default="tfp",
+                   help="correlated randomness for both runs (default: tfp)")
+    t.add_argument("--repeats", type=int, default=5, help="blocks timed per run (median)")
+    t.add_argument("--runs", type=int, default=2, help="runs per transport, alternating")
+    t.add_argument("--tokens", type=int, default=65)
+    t.add_argument("--dim", type=int, default=256)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--hidden", type=int, default=512)
+    t.add_argument("--json", action="store_true", help="end with one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench == "transport":
+        from .transport import compare_transports
+
+        print(f"ViT block: {args.tokens} tokens, dim {args.dim}, {args.heads} heads, "
+              f"MLP {args.hidden}, batch 1, provider {args.provider}; "
+              f"{args.runs} runs x {args.repeats} blocks per transport", flush=True)
+        res = compare_transports(
+            args.provider, args.repeats, args.runs, tokens=args.tokens, dim=args.dim,
+            heads=args.heads, hidden=args.hidden,
+        )
+        print(f"{'transport':<10}{'seconds':>10}{'rounds':>9}{'bytes':>14}")
+        for name in ("gloo", "grpc"):
+            print(f"{name:<10}{res[name + '_s']:>10.3f}{res[name + '_rounds']:>9}"
+                  f"{res[name + '_bytes']:>14}")
+        print(f"grpc/gloo wall-time ratio: {res['ratio']:.3f}")
+        if args.json:
+            print(json.dumps(res))
+        return 0
+    raise AssertionError(args.bench)
