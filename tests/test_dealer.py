@@ -1,0 +1,113 @@
+"""Dealer arithmetic and request validation, without a network.
+
+The parties' side (DealerProvider over gRPC) is exercised by tests/test_runtime.py;
+here each party's draws are replayed from its seed to check the dealer's products.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from mpcvit.mpc.compat import import_crypten
+
+import_crypten()
+from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element  # noqa: E402
+from crypten.common.util import count_wraps  # noqa: E402
+from mpcvit.mpc.dealer import DealerState  # noqa: E402
+from mpcvit.proto.generated import dealer_pb2  # noqa: E402
+
+
+def _parties(state: DealerState, session: str, world: int = 2) -> list[torch.Generator]:
+    gens = []
+    for rank in range(world):
+        g = torch.Generator()
+        g.manual_seed(int.from_bytes(state.open(session, rank, world), "little"))
+        gens.append(g)
+    return gens
+
+
+def _req(session, kind, size0, size1=(), op="", seq=0, **kwargs):
+    return dealer_pb2.CorrectionRequest(
+        session=session, kind=kind, size0=list(size0), size1=list(size1), op=op,
+        op_kwargs_json=json.dumps(kwargs), seq=seq,
+    )
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_additive_triples_multiply(world):
+    state = DealerState()
+    gens = _parties(state, "s", world)
+    for seq, (op, s0, s1, kw) in enumerate([
+        ("mul", (3, 4), (3, 4), {}),
+        ("matmul", (2, 5), (5, 3), {}),
+        ("conv2d", (1, 2, 6, 6), (4, 2, 3, 3), {"padding": 1, "stride": 2}),
+    ]):
+        a = [generate_random_ring_element(s0, generator=g) for g in gens]
+        b = [generate_random_ring_element(s1, generator=g) for g in gens]
+        c0 = state.correction(_req("s", "additive", s0, s1, op, seq, **kw))
+        c = [c0] + [generate_random_ring_element(c0.shape, generator=g) for g in gens[1:]]
+        want = getattr(torch, op)(sum(a), sum(b), **kw)
+        assert torch.equal(sum(c), want), op
+
+
+def test_square_wraps_binary_and_b2a():
+    state = DealerState()
+    g0, g1 = _parties(state, "s")
+    size = (4, 3)
+    r = [generate_random_ring_element(size, generator=g) for g in (g0, g1)]
+    r2 = [state.correction(_req("s", "square", size, seq=0)),
+          generate_random_ring_element(size, generator=g1)]
+    assert torch.equal(r2[0] + r2[1], (r[0] + r[1]) ** 2)
+
+    w = [generate_random_ring_element(size, generator=g) for g in (g0, g1)]
+    theta = [state.correction(_req("s", "wraps", size, seq=1)),
+             generate_random_ring_element(size, generator=g1)]
+    assert torch.equal(theta[0] + theta[1], count_wraps(w))
+
+    a = [generate_kbit_random_tensor(size, generator=g) for g in (g0, g1)]
+    b = [generate_kbit_random_tensor(size, generator=g) for g in (g0, g1)]
+    c = [state.correction(_req("s", "binary", size, size, seq=2)),
+         generate_kbit_random_tensor(size, generator=g1)]
+    assert torch.equal(c[0] ^ c[1], (a[0] ^ a[1]) & (b[0] ^ b[1]))
+
+    bits = [generate_kbit_random_tensor(size, bitlength=1, generator=g) for g in (g0, g1)]
+    arith = [state.correction(_req("s", "b2a", size, seq=3)),
+             generate_random_ring_element(size, generator=g1)]
+    assert torch.equal(arith[0] + arith[1], bits[0] ^ bits[1])
+    assert set((bits[0] ^ bits[1]).unique().tolist()) <= {0, 1}
+
+
+def test_seed_is_handed_out_once_per_rank():
+    state = DealerState()
+    state.open("s", 0, 2)
+    with pytest.raises(PermissionError):
+        state.open("s", 0, 2)
+
+
+def test_bad_requests_are_refused():
+    state = DealerState()
+    _parties(state, "s")
+    with pytest.raises(KeyError):
+        state.correction(_req("nope", "square", (2,)))
+    with pytest.raises(ValueError, match="unknown correction kind"):
+        state.correction(_req("s", "bogus", (2,)))
+    with pytest.raises(ValueError, match="not allowed"):
+        state.correction(_req("s", "additive", (2,), (2,), op="__import__"))
+    with pytest.raises(ValueError, match="out of order"):
+        state.correction(_req("s", "square", (2,), seq=5))
+    with pytest.raises(ValueError, match="size out of range"):
+        state.correction(_req("s", "square", (1 << 20, 1 << 20)))
+    with pytest.raises(ValueError, match="world size"):
+        state.open("t", 0, 1)
+
+
+def test_sessions_are_bounded_and_closed():
+    state = DealerState(max_sessions=1)
+    _parties(state, "a")
+    with pytest.raises(OverflowError):
+        state.open("b", 0, 2)
+    state.close("a", 0)
+    state.close("a", 1)
+    state.open("b", 0, 2)  # room again
