@@ -108,8 +108,15 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     mu = x.mean(-1, keepdim=True)
     xc = x - mu
-    var = (xc * xc).mean(-1, keepdim=True)
-    y = div_sqrt(xc, var + eps)
+    # xc / sqrt(var + eps) = xc·sqrt(D) / sqrt(ss + D·eps) with ss the sum of squares:
+    # ss keeps log2(D) more significant bits than var (a variance of 1e-3 is only 65
+    # fixed-point ulps), and as a (1 x D)(D x 1) matmul it is truncated once per row
+    # rather than D times with a bias.
+    d = x.shape[-1]
+    ss = xc.unsqueeze(-2).matmul(xc.unsqueeze(-1)).squeeze(-1)
+    lo = INV_SQRT_RANGE[0] + math.floor(math.log2(d))
+    hi = INV_SQRT_RANGE[1] + math.ceil(math.log2(d))
+    y = div_sqrt(xc * math.sqrt(d), ss + d * eps, lo, hi)
     if weight is not None:
         y = y * weight
     if bias is not None:
@@ -126,8 +133,25 @@ def softmax(a: Tensor, eps: float = ATTN_EPS) -> Tensor:
     if is_plain(a):
         return a.softmax(-1)
     # exp overflows the fixed-point ring for arguments above ~10, so subtract the row max.
-    e = (a - row_max(a)).exp()
+    e = exp_nonpositive(a - row_max(a))
     return divide(e, e.sum(-1, keepdim=True), lo=0, hi=_ceil_log2(a.shape[-1]) + 1)
+
+
+def exp_nonpositive(x: Tensor, iters: int = 8) -> Tensor:
+    """exp(x) for x in [-2**(iters+1), 0] (softmax arguments after max-subtraction).
+
+    Under MPC: (1 + y + y²/2)**(2**iters) with y = x / 2**iters; the base stays in
+    [0.5, 1] on that range, so the repeated squaring cannot overflow.  Relative error
+    ~|x|³/(6·4**iters): 2e-5 at x = -2, where CrypTen's (1 + y)**(2**iters) is off by
+    1.6%; one extra round for the y² term.
+    """
+    if is_plain(x):
+        return x.exp()
+    y = x * 2.0**-iters
+    e = 1 + y + y.square() * 0.5
+    for _ in range(iters):
+        e = e.square()
+    return e
 
 
 def relu_softmax(a: Tensor, eps: float = ATTN_EPS) -> Tensor:
@@ -176,83 +200,116 @@ def stacked_ge(x: Tensor, thresholds: Sequence[float]) -> Tensor:
     return _to_fixed(1 - d._ltz())
 
 
-def _dyadic_guess(x: Tensor, lo: int, hi: int, power: float, m: int) -> Tensor:
-    """Piecewise-constant 2**m * x**power for x in [2**lo, 2**hi]: the value at the
-    geometric centre of whichever dyadic interval [2**k, 2**(k+1)) holds x.  One batched
-    comparison, no multiplication; relative error at most 2**(|power|/2) - 1."""
-    ks = list(range(lo + 1, hi))
-    centres = [2.0 ** (m + (k + 0.5) * power) for k in range(lo, hi)]
-    steps = torch.tensor([centres[i + 1] - centres[i] for i in range(len(ks))])
-    bits = stacked_ge(x, [2.0**k for k in ks])
-    steps = steps.reshape(-1, *([1] * x.dim()))
-    return (bits * steps).sum(0) + centres[0]
+@cache
+def _start_poly(power: float, lo: float, hi: float, degree: int) -> tuple[float, ...]:
+    """Polynomial ~ x**power on [lo, hi], least squares in relative error (Newton start)."""
+    x = np.linspace(lo, hi, 2001)
+    f = x**power
+    a = np.stack([x**i for i in range(degree + 1)], 1) / f[:, None]
+    return tuple(float(c) for c in np.linalg.lstsq(a, np.ones_like(x), rcond=None)[0])
 
 
-# Reciprocals are carried as z = 2**m * f(x), m chosen so that z <= ~2**FIXED_HEADROOM:
-# 1/x for large x is then not a handful of ulps but keeps ~16 significant bits.
-FIXED_HEADROOM = 14
+def _exponent_bits(x: Tensor, base_log2: int, lo: int, hi: int) -> tuple[Tensor, range]:
+    """Integer-scale bits [x >= B**k] for the exponents k that split [2**lo, 2**hi] into
+    intervals [B**k, B**(k+1)), B = 2**base_log2: one batched comparison."""
+    e_lo, e_hi = lo // base_log2, -(-hi // base_log2)  # exponents e_lo .. e_hi - 1
+    ks = range(e_lo + 1, e_hi)
+    t = torch.tensor([2.0 ** (base_log2 * k) for k in ks]).reshape(-1, *([1] * x.dim()))
+    return 1 - (x.unsqueeze(0) - t)._ltz(), range(e_lo, e_hi)
 
 
-def _scaled_recip(x: Tensor, lo: int, hi: int, iters: int) -> tuple[Tensor, int]:
-    """(z, m) with z ~ 2**m / x: dyadic guess (error <= 41%), then Newton
-    z <- z (2 - x z 2**-m), whose relative error squares each step (3 steps: < 1e-4)."""
-    m = FIXED_HEADROOM + lo
-    z = _dyadic_guess(x, lo, hi, -1.0, m)
+def _select(bits: Tensor, exps: range, value, fixed: bool) -> Tensor:
+    """sum over intervals of [x in interval k] * value(k), linear in the bits (no
+    multiplication round).  ``fixed=False`` keeps CrypTen's integer scale, exact for
+    integer values of any size; ``fixed=True`` gives a fixed-point tensor."""
+    vals = [value(k) for k in exps]
+    steps = torch.tensor([vals[i + 1] - vals[i] for i in range(len(vals) - 1)],
+                         dtype=torch.float64 if fixed else torch.long)
+    b = bits.clone()
+    if fixed:
+        b = _to_fixed(b)
+        steps = steps.float()
+    return (b * steps.reshape(-1, *([1] * (bits.dim() - 1)))).sum(0) + vals[0]
+
+
+def _normalise(x: Tensor, base_log2: int, lo: int, hi: int) -> tuple[Tensor, Tensor, range]:
+    """x = B**e · d with d in [1, B): returns (d, bits, exponents).
+
+    d = (x · B**(E-e)) / B**E with an exactly represented integer B**(E-e): scaling by
+    B**-e directly would need fixed-point values down to 2**-(2·16) for large x.
+    """
+    bits, exps = _exponent_bits(x, base_log2, lo, hi)
+    top = exps[-1]
+    up = _select(bits, exps, lambda k: 2 ** (base_log2 * (top - k)), fixed=False)
+    return (x * up).div(2 ** (base_log2 * top)), bits, exps
+
+
+def _recip_unit(d: Tensor, iters: int) -> Tensor:
+    """1/d for d in [1, 2): linear start (error <= 6%), Newton y <- y (2 - d y)."""
+    c0, c1 = _start_poly(-1.0, 1.0, 2.0, 1)
+    y = d * c1 + c0
     for _ in range(iters):
-        z = z * (2 - (x * z) * 2.0**-m)
-    return z, m
+        y = y * (2 - d * y)
+    return y
 
 
-def _scaled_inv_sqrt(x: Tensor, lo: int, hi: int, iters: int) -> tuple[Tensor, int]:
-    """(z, m) with z ~ 2**m / sqrt(x): dyadic guess (error <= 19%), then Newton
-    z <- z (3 - (x z) z 2**-2m) / 2 (3 steps: < 1e-4); (x z) z keeps precision where
-    z² alone would underflow."""
-    m = FIXED_HEADROOM + lo // 2
-    z = _dyadic_guess(x, lo, hi, -0.5, m)
+def _inv_sqrt_unit(d: Tensor, iters: int) -> Tensor:
+    """1/sqrt(d) for d in [1, 4): quadratic start (error <= 5%), Newton
+    y <- y (3 - d y²) / 2 (error e -> 1.5 e²)."""
+    c0, c1, c2 = _start_poly(-0.5, 1.0, 4.0, 2)
+    y = d * (d * c2 + c1) + c0
     for _ in range(iters):
-        z = z * (3 - ((x * z) * z) * 2.0 ** (-2 * m)) * 0.5
-    return z, m
+        y = y * (3 - d * (y * y)) * 0.5
+    return y
 
 
 def divide(num: Tensor, den: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
-           iters: int = 3) -> Tensor:
-    """num / den for positive den in [2**lo, 2**hi] (secret; broadcast over num).
+           iters: int = 2) -> Tensor:
+    """num / den for positive den in [2**lo, 2**hi] (broadcast over num).
 
-    Under MPC computes (num z) 2**-m with z ~ 2**m / den: multiplying before rescaling
-    keeps precision that a tiny 1/den would lose in 16 fractional bits.
+    Under MPC: s = 2**-floor(log2 den) from one batched comparison, d = den·s in [1, 2),
+    Newton for 1/d (2 steps: relative error ~1e-5), result (num·s)·(1/d).  Accurate to
+    ~1e-5 relative over the whole range; CrypTen's own reciprocal needs ~10 Newton steps
+    plus an exp and still fails outside ~[0.01, 100].
     """
     if is_plain(num) and is_plain(den):
         return num / den
-    z, m = _scaled_recip(den, lo, hi, iters)
-    return (num * z) * 2.0**-m
+    d, bits, exps = _normalise(den, 1, lo, hi)
+    s = _select(bits, exps, lambda k: 2.0**-k, fixed=True)
+    return (num * s) * _recip_unit(d, iters)
 
 
 def reciprocal(x: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
-               iters: int = 3) -> Tensor:
-    """1/x for x in [2**lo, 2**hi]; prefer :func:`divide` (more precise) when possible."""
+               iters: int = 2) -> Tensor:
+    """1/x for x in [2**lo, 2**hi]; prefer :func:`divide` (one fewer rescaling)."""
     if is_plain(x):
         return x.reciprocal()
-    z, m = _scaled_recip(x, lo, hi, iters)
-    return z * 2.0**-m
+    d, bits, exps = _normalise(x, 1, lo, hi)
+    return _recip_unit(d, iters) * _select(bits, exps, lambda k: 2.0**-k, fixed=True)
 
 
 def div_sqrt(num: Tensor, x: Tensor, lo: int = INV_SQRT_RANGE[0],
-             hi: int = INV_SQRT_RANGE[1], iters: int = 3) -> Tensor:
-    """num / sqrt(x) for positive x in [2**lo, 2**hi] (CrypTen's own inv_sqrt is off by up
-    to ~79% below 0.01 and above ~200)."""
+             hi: int = INV_SQRT_RANGE[1], iters: int = 2) -> Tensor:
+    """num / sqrt(x) for positive x in [2**lo, 2**hi].
+
+    Under MPC: with x = 4**j · d, d in [1, 4), one batched comparison gives 4**-j and
+    2**-j exactly; then (num·2**-j)·(1/sqrt d).  CrypTen's inv_sqrt is off by up to ~79%
+    below 0.01 and above ~200; this keeps ~1e-5 relative error over [2**-14, 2**16].
+    """
     if is_plain(num) and is_plain(x):
         return num * x.rsqrt()
-    z, m = _scaled_inv_sqrt(x, lo, hi, iters)
-    return (num * z) * 2.0**-m
+    d, bits, exps = _normalise(x, 2, lo, hi)
+    s = _select(bits, exps, lambda k: 2.0**-k, fixed=True)
+    return (num * s) * _inv_sqrt_unit(d, iters)
 
 
 def inv_sqrt(x: Tensor, lo: int = INV_SQRT_RANGE[0], hi: int = INV_SQRT_RANGE[1],
-             iters: int = 3) -> Tensor:
-    """1/sqrt(x) for x in [2**lo, 2**hi]; prefer :func:`div_sqrt` when possible."""
+             iters: int = 2) -> Tensor:
+    """1/sqrt(x) for x in [2**lo, 2**hi]; prefer :func:`div_sqrt`."""
     if is_plain(x):
         return x.rsqrt()
-    z, m = _scaled_inv_sqrt(x, lo, hi, iters)
-    return z * 2.0**-m
+    d, bits, exps = _normalise(x, 2, lo, hi)
+    return _inv_sqrt_unit(d, iters) * _select(bits, exps, lambda k: 2.0**-k, fixed=True)
 
 
 def row_max(a: Tensor) -> Tensor:

@@ -75,6 +75,21 @@ def _mirror(module: nn.Module, encrypt):
     return SecureModule(module, encrypt)
 
 
+def share_module(module: nn.Module, src: int = 0) -> SecureModule:
+    """Mirror any module of ``models.vit`` (a block, an attention layer, ...) with its
+    parameters shared from rank ``src``.  Other ranks pass a module of the same structure
+    (its weights are ignored; they contribute zeros).  Used for per-block checks and cost
+    profiling."""
+    crypten = _crypten()
+    rank = crypten.communicator.get().get_rank()
+
+    def encrypt(p: torch.Tensor):
+        data = p.detach().float() if rank == src else torch.zeros(p.shape)
+        return crypten.cryptensor(data, src=src)
+
+    return _mirror(module, encrypt)
+
+
 class SecureViT:
     """A ViT whose weights are additive shares; forward maps an MPCTensor image batch
     (B, C, H, W) to MPCTensor logits (B, classes), never revealing anything.
@@ -115,11 +130,7 @@ class SecureViT:
             with torch.random.fork_rng():
                 owner = ViT(config, spec)  # structure only; its weights are never shared
 
-        def encrypt(p: torch.Tensor):
-            data = p.detach().float() if rank == src else torch.zeros(p.shape)
-            return crypten.cryptensor(data, src=src)
-
-        return cls(config, spec, _mirror(owner, encrypt))
+        return cls(config, spec, share_module(owner, src))
 
     def __call__(self, x):
         return self.root(x)
@@ -136,3 +147,14 @@ def share_input(image: torch.Tensor | None, shape: tuple[int, ...], src: int = 1
     rank = crypten.communicator.get().get_rank()
     data = image.float() if rank == src else torch.zeros(shape)
     return crypten.cryptensor(data, src=src)
+
+
+def reveal_float(x, dst: int | None = None) -> torch.Tensor:
+    """Reveal an MPCTensor and decode it exactly.
+
+    Use this instead of ``get_plain_text``: CrypTen 0.4.1's ``FixedPointEncoder.decode``
+    divides negative values by ``scale - 1`` before flooring, so a negative value within
+    ~|v| ulps above an integer (e.g. -7.99997) decodes 1.0 too low (-8.99997).
+    """
+    ring = x.reveal() if dst is None else x.reveal(dst=dst)
+    return (ring.double() / x.encoder.scale).float()

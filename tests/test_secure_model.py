@@ -1,0 +1,232 @@
+"""Plaintext and encrypted (2-party CrypTen over gRPC) models must agree.
+
+Each fixture runs the parties once and returns revealed outputs with their plaintext
+references; the tests then check them against stated tolerances.  Inputs and weights use
+trained-like ranges (attention scores up to ~±20, residual streams with std up to ~100,
+LayerNorm variances from 1e-3 to 3e4), not the tiny values of a fresh initialisation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mpcvit.models import ops
+from mpcvit.models.configs import ViTConfig
+from mpcvit.models.secure import SecureViT, reveal_float, share_module
+from mpcvit.models.spec import ArchSpec, LayerSpec
+from mpcvit.models.vit import Block, CCTBlock, ViT
+
+pytestmark = pytest.mark.slow
+
+SMALL = ViTConfig(image_size=16, in_chans=3, patch=4, dim=32, depth=2, heads=4, num_classes=10)
+
+
+def _trained_like(model: torch.nn.Module, gain: float, seed: int) -> torch.nn.Module:
+    """Scale an initialised model's weights to trained-like magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+            elif "norm" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif p.dim() >= 2 and "embed" not in name and "token" not in name:
+                p.mul_(gain)
+    return model
+
+
+def _enc(crypten, x: torch.Tensor):
+    return crypten.cryptensor(x, src=0)
+
+
+# ----------------------------------------------------------------------------- parties
+
+
+def _ops_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from mpcvit.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    g = torch.Generator().manual_seed(0)
+    out = {}
+
+    x = torch.cat([torch.linspace(-8, 8, 1601), torch.linspace(-80, 80, 161)])
+    out["gelu"] = (reveal_float(ops.gelu(_enc(crypten, x))), F.gelu(x))
+    out["relu"] = (reveal_float(ops.relu(_enc(crypten, x))), F.relu(x))
+    out["quad"] = (reveal_float(ops.quad(_enc(crypten, x[:1601]))), ops.quad(x[:1601]))
+
+    # LayerNorm over tokens whose std spans 0.1..170 with offsets up to ±50, and tiny
+    # std 0.03 (variance 1e-3 is only 65 fixed-point ulps: looser tolerance).
+    std = torch.logspace(-1.0, 2.23, 24).reshape(1, 24, 1)
+    h = torch.randn(2, 24, 64, generator=g) * std + 50 * torch.randn(2, 24, 1, generator=g)
+    w, b = 1 + 0.3 * torch.randn(64, generator=g), 0.2 * torch.randn(64, generator=g)
+    ew, eb = _enc(crypten, w), _enc(crypten, b)
+    got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5)
+    out["layer_norm"] = (reveal_float(got), F.layer_norm(h, (64,), w, b, 1e-5))
+    h = torch.randn(2, 4, 64, generator=g) * 0.03 + 3
+    got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5)
+    out["layer_norm_tiny_var"] = (reveal_float(got), F.layer_norm(h, (64,), w, b, 1e-5))
+
+    # Attention scores: 3 scales (std 0.5, 4, 12 -> max ~±40) x 2 heads x 33 tokens.
+    scale = torch.tensor([0.5, 4.0, 12.0]).reshape(3, 1, 1, 1)
+    a = torch.randn(3, 2, 33, 33, generator=g) * scale
+    ea = _enc(crypten, a)
+    out["row_max"] = (reveal_float(ops.row_max(ea)), a.amax(-1, keepdim=True))
+    out["softmax"] = (reveal_float(ops.softmax(ea)), a.softmax(-1))
+    out["relu_softmax"] = (reveal_float(ops.relu_softmax(ea)), ops.relu_softmax(a))
+    out["quad2"] = (reveal_float(ops.quad2(ea * 0.25)), ops.quad2(a * 0.25))
+    # Rows whose scores are all negative: ReLU-softmax must give 0, not divide by ~0.
+    neg = -a.abs()[:1] - 0.01
+    out["relu_softmax_negative"] = (reveal_float(ops.relu_softmax(_enc(crypten, neg))),
+                                    ops.relu_softmax(neg))
+
+    den = torch.logspace(-8 * 0.30103, 14 * 0.30103, 400)
+    num = torch.rand(400, generator=g) * den
+    out["divide"] = (reveal_float(ops.divide(_enc(crypten, num), _enc(crypten, den))),
+                     num / den)
+    return out
+
+
+def _model_party(cases: list[tuple[dict, dict, float]], batch: int = 1) -> list[tuple]:
+    """For each (config, spec, gain): encrypted and plaintext logits of a random model."""
+    from mpcvit.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    rank = crypten.communicator.get().get_rank()
+    results = []
+    for i, (cfg_d, spec_d, gain) in enumerate(cases):
+        cfg, spec = ViTConfig.from_dict(cfg_d), ArchSpec.from_dict(spec_d)
+        torch.manual_seed(100 + i)
+        model = _trained_like(ViT(cfg, spec), gain, seed=i).eval()
+        x = torch.randn(batch, cfg.in_chans, cfg.image_size, cfg.image_size)
+        # Party 1 builds only the structure: it passes no model and gets only shares.
+        secure = SecureViT.from_model(model if rank == 0 else None, cfg, spec)
+        logits = secure(_enc(crypten, x if rank == 0 else torch.zeros_like(x)))
+        with torch.no_grad():
+            results.append((reveal_float(logits), model(x)))
+    return results
+
+
+def _block_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Single blocks on residual streams with realistic (large, uneven) ranges."""
+    from mpcvit.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    g = torch.Generator().manual_seed(7)
+    cfg = SMALL.replace(dim=64, heads=4)
+    out = {}
+    specs = {
+        "softmax_gelu": LayerSpec(("softmax",) * 4, "gelu"),
+        "mixed_relu": LayerSpec(("relu_softmax", "scale", "softmax", "quad2"), "relu"),
+        "scale_quad": LayerSpec(("scale",) * 4, "quad"),
+    }
+    for style, block_cls in (("prenorm", Block), ("cct", CCTBlock)):
+        for name, layer in specs.items():
+            torch.manual_seed(3)
+            blk = _trained_like(block_cls(cfg.replace(block=style), layer), 6.0, seed=3).eval()
+            # Residual stream: per-channel scales 0.1..30, a few outlier channels ~100.
+            chan = torch.logspace(-1, 1.5, 64)
+            chan[::16] = 100.0
+            x = torch.randn(1, 17, 64, generator=g) * chan
+            secure = share_module(blk)
+            got = reveal_float(secure(_enc(crypten, x)))
+            with torch.no_grad():
+                out[f"{style}_{name}"] = (got, blk(x))
+    return out
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def ops_results():
+    from mpcvit.mpc.launcher import run_parties
+
+    return run_parties(_ops_party)[0]
+
+
+@pytest.fixture(scope="module")
+def block_results():
+    from mpcvit.mpc.launcher import run_parties
+
+    return run_parties(_block_party)[0]
+
+
+MODEL_CASES = {
+    "softmax_gelu": (SMALL, ArchSpec.uniform(2, 4, "softmax", "gelu")),
+    "relu_softmax_relu": (SMALL, ArchSpec.uniform(2, 4, "relu_softmax", "relu")),
+    "scale_gelu": (SMALL, ArchSpec.uniform(2, 4, "scale", "gelu")),
+    "quad2_quad": (SMALL, ArchSpec.uniform(2, 4, "quad2", "quad")),
+    "identity": (SMALL, ArchSpec.uniform(2, 4, "scale", "identity")),
+    "mpcvit_mix": (SMALL, ArchSpec.mix(2, 4, activation="gelu")),
+    "all_kinds_cct": (
+        SMALL.replace(block="cct"),
+        ArchSpec((LayerSpec(("scale", "softmax", "relu_softmax", "quad2"), "gelu"),
+                  LayerSpec(("relu_softmax", "scale", "scale", "softmax"), "relu"))),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def model_results():
+    from mpcvit.mpc.launcher import run_parties
+
+    cases = [(c.to_dict(), s.to_dict(), 4.0) for c, s in MODEL_CASES.values()]
+    res = run_parties(_model_party, cases, batch=2)
+    assert len(res) == 2
+    # Both parties revealed the same logits.
+    for (a, _), (b, _) in zip(res[0], res[1], strict=True):
+        torch.testing.assert_close(a, b)
+    return dict(zip(MODEL_CASES, res[0], strict=True))
+
+
+# ----------------------------------------------------------------------------- tests
+
+OP_TOLERANCE = {  # max absolute error on the ranges above (measured: about 1/3 of these)
+    "gelu": 2e-3,  # polynomial fit 2e-4 + fixed-point rounding of the powers
+    "relu": 1e-4,
+    "quad": 5e-4,
+    "layer_norm": 1e-3,
+    "layer_norm_tiny_var": 3e-3,
+    "row_max": 1e-4,
+    "softmax": 3e-3,
+    "relu_softmax": 2e-4,
+    "quad2": 2e-4,
+    "relu_softmax_negative": 1e-4,
+    "divide": 8e-3,  # dominated by the input's own quantisation at den ~ 2**-8
+}
+
+
+@pytest.mark.parametrize("name", sorted(OP_TOLERANCE))
+def test_secure_op_matches_plaintext(ops_results, name):
+    got, want = ops_results[name]
+    assert got.shape == want.shape
+    err = (got - want).abs().max().item()
+    assert err <= OP_TOLERANCE[name], f"{name}: max abs error {err:.2e}"
+
+
+def test_secure_attention_rows_sum_to_one(ops_results):
+    for name in ("softmax", "relu_softmax", "quad2"):
+        sums = ops_results[name][0].sum(-1)
+        assert (sums - 1).abs().max() < 5e-3, name
+
+
+@pytest.mark.parametrize("name", ["prenorm_softmax_gelu", "prenorm_mixed_relu",
+                                  "prenorm_scale_quad", "cct_softmax_gelu", "cct_mixed_relu",
+                                  "cct_scale_quad"])
+def test_secure_block_matches_plaintext(block_results, name):
+    got, want = block_results[name]
+    err = (got - want).abs().max().item()
+    # Relative to the block output's range (residual channels reach ~100s); measured
+    # errors are ~1e-4 of the range.
+    assert err <= 5e-4 * want.abs().max().item() + 5e-3, f"{name}: {err:.3e}"
+
+
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_secure_model_logits_match_plaintext(model_results, name):
+    got, want = model_results[name]
+    assert got.shape == want.shape == (2, 10)
+    err = (got - want).abs().max().item()
+    # Measured: ~5e-4 on logits of magnitude ~1.
+    assert err <= 2e-3 + 2e-3 * want.abs().max().item(), f"{name}: max abs error {err:.3e}"
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
