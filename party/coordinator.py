@@ -137,6 +137,8 @@ class _Base:
             return
         inputs = np.stack([it.share for it in items])
         started = time.monotonic()
+        log.info("event=session_start role=%s session=%s batch=%d", self.role, session,
+                 len(items))
         try:
             outputs, stats = self.backend.infer(session, inputs)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the clients
@@ -196,6 +198,13 @@ class Leader(_Base):
             self.queue.fail_all(failure.status, f"peer party not ready: {failure}")
             return False
         log.info("event=weights_shared session=%s epoch=%s", session, self.epoch)
+        # Hellos the follower sent before it got our init are answered by this session
+        # (the link is ordered, so they arrived before its last session message).
+        while True:
+            try:
+                self.channel.recv(0.001)
+            except (ChannelTimeout, ChannelDown):
+                break
         self._set_ready(True)
         return True
 
@@ -209,6 +218,8 @@ class Leader(_Base):
         batch = self.queue.next_batch(self.max_batch, self.max_wait, self.poll_interval)
         if batch:
             self.run_batch(batch)
+        else:
+            self._check_peer_hello()
 
     def run_batch(self, batch: list[PendingRequest]) -> None:
         session = self._session_id("infer")
@@ -246,8 +257,25 @@ class Leader(_Base):
                                              f"{self.pairing_timeout:g} s")
         try:
             self._run_session(session, run)
-        except Exception:  # noqa: BLE001 - already reported to the clients
+        except Exception as exc:  # noqa: BLE001 - already reported to the clients
+            if classify_failure(exc).status == "UNAVAILABLE":
+                # The peer (or dealer) went away: re-share before the next session, so a
+                # restarted peer gets weights without waiting for a client request.
+                self._set_ready(False)
+
+    def _check_peer_hello(self) -> None:
+        """While idle: a follower without weights says hello; re-share with it."""
+        try:
+            msg = self.channel.recv(0.01)
+        except (ChannelTimeout, ChannelDown):
             return
+        if msg.get("type") == "hello":
+            log.info("event=peer_hello need_weights=%s", msg.get("need_weights"))
+            if msg.get("need_weights") or msg.get("epoch") != self.epoch:
+                self._set_ready(False)
+        else:
+            log.info("event=stale_control type=%s session=%s", msg.get("type"),
+                     msg.get("session"))
 
     def _await_reply(self, session: str, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -276,13 +304,28 @@ class Follower(_Base):
 
     role = "follower"
 
-    def __init__(self, *args: Any, poll_interval: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, poll_interval: float = 0.5, hello_interval: float = 2.0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.poll_interval = poll_interval
+        self.hello_interval = hello_interval
         self.epoch: str | None = None
+        self._last_hello = -float("inf")
+
+    def _say_hello(self) -> None:
+        """Without weights, remind the leader now and then (it may not know we restarted)."""
+        now = time.monotonic()
+        if self.epoch is not None or now - self._last_hello < self.hello_interval:
+            return
+        self._last_hello = now
+        try:
+            self.channel.send({"type": "hello", "need_weights": True, "epoch": None})
+        except ChannelDown:
+            pass
 
     def step(self) -> None:
         self.queue.expire()
+        self._say_hello()
         try:
             msg = self.channel.recv(self.poll_interval)
         except ChannelTimeout:

@@ -132,6 +132,10 @@ class PartyServer:
         options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
         options.append(("grpc.max_receive_message_length",
                         max(limit, cfg.chunk_bytes + (1 << 20))))
+        # Accept the peer link's keepalive pings (every 10 s) without a GOAWAY
+        # "too_many_pings", which would drop the link between sessions.
+        options += [("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                    ("grpc.http2.max_ping_strikes", 0)]
         # Client requests are bounded by max_request_bytes in PartyService; the peer's
         # frames by chunk_bytes.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)

@@ -175,7 +175,7 @@ def make_pair(max_batch=4, pairing_timeout=0.5):
     leader = Leader(q0, Channel(a, b), b0, pairing_timeout=pairing_timeout,
                     max_batch=max_batch, poll_interval=0.05, retry_interval=0.05)
     follower = Follower(q1, Channel(b, a), b1, pairing_timeout=pairing_timeout,
-                        poll_interval=0.05)
+                        poll_interval=0.05, hello_interval=0.05)
     threads = [threading.Thread(target=x.run_forever, daemon=True) for x in (leader, follower)]
     for t in threads:
         t.start()
@@ -269,10 +269,16 @@ def test_restarted_follower_gets_weights_again() -> None:
         threads[1].join(5)
         a, b = pipes
         fresh = Follower(InferenceQueue(request_timeout=30), Channel(b, a), OffsetBackend(1),
-                         pairing_timeout=0.5, poll_interval=0.05)
+                         pairing_timeout=0.5, poll_interval=0.05, hello_interval=0.05)
         t = threading.Thread(target=fresh.run_forever, daemon=True)
         t.start()
         threads[1] = t
+        # The fresh follower says hello; the idle leader re-shares without any request.
+        for _ in range(500):
+            if fresh.ready:
+                break
+            threading.Event().wait(0.01)
+        assert fresh.ready and len(fresh.backend.weights_sessions) == 1
         g0, g1 = half("b", 5), half("b", 6)
         fresh.queue.submit([g1])
         leader.queue.submit([g0])
