@@ -104,7 +104,7 @@ class RuntimeConfig:
     provider: ProviderSpec = field(default_factory=lambda: ProviderSpec(kind="tfp"))
     timeouts: Timeouts = field(default_factory=Timeouts)
     tls: TlsConfig | None = None
-    chunk_bytes: int = 4 << 20
+    chunk_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if not (0 <= self.rank < self.world_size):

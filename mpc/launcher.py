@@ -151,7 +151,7 @@ def run_parties(
     connect_timeout: float = 60.0,
     tls: Sequence[TlsConfig] | None = None,
     dealer_tls: TlsConfig | None = None,
-    chunk_bytes: int = 4 << 20,
+    chunk_bytes: int = 1 << 20,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` in every party; return the per-rank results.

@@ -309,7 +309,7 @@ class PeerTransport:
         *,
         tls: TlsConfig | None = None,
         timeouts: Timeouts | None = None,
-        chunk_bytes: int = 4 << 20,
+        chunk_bytes: int = 1 << 20,
         cluster: str = "mpcvit",
     ) -> None:
         if not 0 <= rank < world_size:
