@@ -14,6 +14,7 @@ The dealer never sees inputs, weights or outputs; it must not collude with a par
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -70,17 +71,71 @@ def _op_result_size(op: str, size0, size1, kwargs: dict) -> torch.Size:
 # ----------------------------------------------------------------------------------
 # Party side
 # ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TupleRequest:
+    """One tuple request as CrypTen makes it; a model's sequence of them is its trace."""
+
+    kind: str
+    size0: tuple[int, ...]
+    size1: tuple[int, ...] = ()
+    op: str = ""
+    kwargs_json: str = "{}"
+
+    def message(self, session: str, seq: int) -> dealer_pb2.CorrectionRequest:
+        return dealer_pb2.CorrectionRequest(
+            session=session, kind=self.kind, size0=list(self.size0), size1=list(self.size1),
+            op=self.op, op_kwargs_json=self.kwargs_json, seq=seq,
+        )
+
+    def result_elements(self) -> int:
+        size = self.size0
+        if self.kind == "binary" or (self.kind == "additive" and self.op == "mul"):
+            size = tuple(torch.broadcast_shapes(torch.Size(self.size0), torch.Size(self.size1)))
+        elif self.kind == "additive":
+            size = tuple(_op_result_size(self.op, self.size0, self.size1,
+                                         json.loads(self.kwargs_json)))
+        return int(np.prod(size, dtype=np.int64))
+
+
+@dataclass
+class _PartyState:
+    session: str
+    rank: int
+    world_size: int
+    spec: ProviderSpec
+    channel: grpc.Channel
+    stub: dealer_pb2_grpc.DealerServiceStub
+    generator: torch.Generator
+    prepared: collections.deque = field(default_factory=collections.deque)
+    trace: list[TupleRequest] = field(default_factory=list)
+    requests: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    offline_seconds: float = 0.0
+
+
 class DealerProvider(TupleProvider):
-    """CrypTen TupleProvider that draws tuples from the dealer's streams (see module doc)."""
+    """CrypTen TupleProvider that draws tuples from the dealer's streams (see module doc).
+
+    Online, party 0 makes one dealer round trip per tuple.  :meth:`prepare` moves all of
+    that off the critical path: given a model's trace (recorded by an earlier run), it
+    opens a future session, fetches party 0's corrections in a few batched calls and
+    pre-draws every party's shares, so the session's online phase never waits on the
+    dealer.
+    """
 
     NAME = "DEALER"
+    BATCH_ELEMENTS = 8 << 20  # int64 elements per CorrectionBatch reply (64 MiB)
 
     def __init__(self) -> None:
         super().__init__()
         self._state: _PartyState | None = None
+        self._prepared: dict[str, _PartyState] = {}
+        self.last_trace: list[TupleRequest] = []
+        self.last_stats: dict[str, float] = {}
 
     # -- session lifecycle (called by mpc.runtime / the launcher) -----------------------
-    def begin(self, session: str, rank: int, world_size: int, spec: ProviderSpec) -> None:
+    def _open(self, session: str, rank: int, world_size: int, spec: ProviderSpec) -> _PartyState:
         if spec.address is None:
             raise DealerError("dealer provider needs an address")
         options = [("grpc.max_receive_message_length", 1 << 30),
@@ -103,12 +158,51 @@ class DealerProvider(TupleProvider):
             ) from exc
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int.from_bytes(reply.seed, "little"))
-        self._state = _PartyState(session, rank, world_size, spec, channel, stub, gen)
+        return _PartyState(session, rank, world_size, spec, channel, stub, gen)
+
+    def begin(self, session: str, rank: int, world_size: int, spec: ProviderSpec) -> None:
+        """Start using the dealer for ``session`` (prepared offline if :meth:`prepare` ran)."""
+        state = self._prepared.pop(session, None)
+        self._state = state or self._open(session, rank, world_size, spec)
+
+    def prepare(
+        self, session: str, rank: int, world_size: int, spec: ProviderSpec,
+        trace: list[TupleRequest],
+    ) -> float:
+        """Offline phase for a future ``session`` that will make exactly ``trace``'s requests.
+
+        Every party calls it with the same session id and trace.  Returns seconds spent.
+        """
+        tic = time.perf_counter()
+        state = self._open(session, rank, world_size, spec)
+        corrections: collections.deque = collections.deque()
+        if rank == 0:
+            batch: list[dealer_pb2.CorrectionRequest] = []
+            elements = 0
+            for seq, req in enumerate(trace):
+                batch.append(req.message(session, seq))
+                elements += req.result_elements()
+                if elements >= self.BATCH_ELEMENTS or seq == len(trace) - 1:
+                    corrections.extend(self._fetch_batch(state, batch))
+                    batch, elements = [], 0
+        for req in trace:
+            fetch = corrections.popleft if rank == 0 else None
+            state.prepared.append((req, self._draw(state, req, fetch)))
+        state.offline_seconds = time.perf_counter() - tic
+        self._prepared[session] = state
+        return state.offline_seconds
+
+    def discard_prepared(self) -> None:
+        for state in self._prepared.values():
+            state.channel.close()
+        self._prepared.clear()
 
     def end(self) -> None:
         state, self._state = self._state, None
         if state is None:
             return
+        self.last_trace = state.trace
+        self.last_stats = self._stats(state)
         try:
             state.stub.CloseSession(
                 dealer_pb2.CloseSessionRequest(session=state.session, rank=state.rank),
@@ -124,94 +218,110 @@ class DealerProvider(TupleProvider):
             raise DealerError("no dealer session is open in this process")
         return self._state
 
-    def stats(self) -> dict[str, float]:
-        s = self.state
-        return {"requests": s.requests, "bytes": s.bytes, "seconds": s.seconds}
+    @staticmethod
+    def _stats(s: _PartyState) -> dict[str, float]:
+        return {"requests": s.requests, "bytes": s.bytes, "seconds": s.seconds,
+                "offline_seconds": s.offline_seconds, "tuples": len(s.trace)}
 
-    def _correction(self, kind: str, size0, size1=(), op: str = "", kwargs=None):
-        s = self.state
-        req = dealer_pb2.CorrectionRequest(
-            session=s.session, kind=kind, size0=list(size0), size1=list(size1), op=op,
-            op_kwargs_json=json.dumps(kwargs or {}), seq=s.requests,
-        )
+    def stats(self) -> dict[str, float]:
+        """Dealer traffic of the open session (party 0 does all of it)."""
+        return self._stats(self.state)
+
+    # -- talking to the dealer ------------------------------------------------------------
+    def _rpc(self, s: _PartyState, method: str, request):
         tic = time.perf_counter()
         try:
-            reply = s.stub.Correction(req, timeout=s.spec.timeout)
+            reply = getattr(s.stub, method)(request, timeout=s.spec.timeout)
         except grpc.RpcError as exc:
             raise DealerError(f"dealer: {exc.code().name}: {exc.details()}") from exc
         s.requests += 1
-        s.bytes += len(reply.share.data)
         s.seconds += time.perf_counter() - tic
+        return reply
+
+    def _fetch_batch(self, s: _PartyState, batch) -> list[torch.Tensor]:
+        reply = self._rpc(s, "CorrectionBatch",
+                          dealer_pb2.PrepareRequest(session=s.session, requests=batch))
+        if len(reply.replies) != len(batch):
+            raise DealerError("dealer answered a batch with the wrong number of tuples")
+        s.bytes += sum(len(r.share.data) for r in reply.replies)
+        return [_tensor_from(r.share) for r in reply.replies]
+
+    def _fetch_one(self, s: _PartyState, req: TupleRequest) -> torch.Tensor:
+        reply = self._rpc(s, "Correction", req.message(s.session, len(s.trace) - 1))
+        s.bytes += len(reply.share.data)
         return _tensor_from(reply.share)
+
+    # -- drawing tuples ---------------------------------------------------------------------
+    @staticmethod
+    def _draw(s: _PartyState, req: TupleRequest, correction) -> tuple[torch.Tensor, ...]:
+        """This party's raw shares of one tuple, in the dealer's draw order.
+
+        ``correction`` (party 0 only) returns party 0's share of the dependent value.
+        """
+        g = s.generator
+        if req.kind == "additive":
+            a = generate_random_ring_element(req.size0, generator=g)
+            b = generate_random_ring_element(req.size1, generator=g)
+            if correction is not None:
+                return a, b, correction()
+            size = _op_result_size(req.op, req.size0, req.size1, json.loads(req.kwargs_json))
+            return a, b, generate_random_ring_element(size, generator=g)
+        if req.kind == "binary":
+            a = generate_kbit_random_tensor(req.size0, generator=g)
+            b = generate_kbit_random_tensor(req.size1, generator=g)
+            if correction is not None:
+                return a, b, correction()
+            size = torch.broadcast_shapes(torch.Size(req.size0), torch.Size(req.size1))
+            return a, b, generate_kbit_random_tensor(size, generator=g)
+        if req.kind == "b2a":
+            first = generate_kbit_random_tensor(req.size0, bitlength=1, generator=g)
+        else:  # square, wraps
+            first = generate_random_ring_element(req.size0, generator=g)
+        if correction is not None:
+            return first, correction()
+        return first, generate_random_ring_element(req.size0, generator=g)
+
+    def _tuple(self, req: TupleRequest) -> tuple[torch.Tensor, ...]:
+        s = self.state
+        s.trace.append(req)
+        if s.prepared:
+            expected, tensors = s.prepared.popleft()
+            if expected != req:
+                raise DealerError(
+                    f"tuple request {len(s.trace) - 1} ({req.kind} {req.size0}) differs from "
+                    f"the prepared trace ({expected.kind} {expected.size0}); the model run "
+                    "is not the one prepared for"
+                )
+            return tensors
+        fetch = (lambda: self._fetch_one(s, req)) if s.rank == 0 else None
+        return self._draw(s, req, fetch)
 
     # -- TupleProvider interface ---------------------------------------------------------
     def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
         if args:
             raise DealerError("positional op arguments are not supported; use keywords")
-        s = self.state
-        a = generate_random_ring_element(size0, generator=s.generator)
-        b = generate_random_ring_element(size1, generator=s.generator)
-        if s.rank == 0:
-            c = self._correction("additive", size0, size1, op, kwargs)
-        else:
-            c_size = _op_result_size(op, size0, size1, kwargs)
-            c = generate_random_ring_element(c_size, generator=s.generator)
-        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
+        req = TupleRequest("additive", tuple(size0), tuple(size1), op,
+                           json.dumps(kwargs, sort_keys=True))
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in self._tuple(req))
 
     def square(self, size, device=None):
-        s = self.state
-        r = generate_random_ring_element(size, generator=s.generator)
-        if s.rank == 0:
-            r2 = self._correction("square", size)
-        else:
-            r2 = generate_random_ring_element(size, generator=s.generator)
+        r, r2 = self._tuple(TupleRequest("square", tuple(size)))
         return (ArithmeticSharedTensor.from_shares(r, precision=0),
                 ArithmeticSharedTensor.from_shares(r2, precision=0))
 
     def generate_binary_triple(self, size0, size1, device=None):
-        s = self.state
-        a = generate_kbit_random_tensor(size0, generator=s.generator)
-        b = generate_kbit_random_tensor(size1, generator=s.generator)
-        if s.rank == 0:
-            c = self._correction("binary", size0, size1)
-        else:
-            c_size = torch.broadcast_shapes(torch.Size(size0), torch.Size(size1))
-            c = generate_kbit_random_tensor(c_size, generator=s.generator)
-        return tuple(BinarySharedTensor.from_shares(t) for t in (a, b, c))
+        req = TupleRequest("binary", tuple(size0), tuple(size1))
+        return tuple(BinarySharedTensor.from_shares(t) for t in self._tuple(req))
 
     def wrap_rng(self, size, device=None):
-        s = self.state
-        r = generate_random_ring_element(size, generator=s.generator)
-        if s.rank == 0:
-            theta = self._correction("wraps", size)
-        else:
-            theta = generate_random_ring_element(size, generator=s.generator)
+        r, theta = self._tuple(TupleRequest("wraps", tuple(size)))
         return (ArithmeticSharedTensor.from_shares(r, precision=0),
                 ArithmeticSharedTensor.from_shares(theta, precision=0))
 
     def B2A_rng(self, size, device=None):  # noqa: N802 (CrypTen's name)
-        s = self.state
-        r_bin = generate_kbit_random_tensor(size, bitlength=1, generator=s.generator)
-        if s.rank == 0:
-            r_arith = self._correction("b2a", size)
-        else:
-            r_arith = generate_random_ring_element(size, generator=s.generator)
+        r_bin, r_arith = self._tuple(TupleRequest("b2a", tuple(size)))
         return (ArithmeticSharedTensor.from_shares(r_arith, precision=0),
                 BinarySharedTensor.from_shares(r_bin))
-
-
-@dataclass
-class _PartyState:
-    session: str
-    rank: int
-    world_size: int
-    spec: ProviderSpec
-    channel: grpc.Channel
-    stub: dealer_pb2_grpc.DealerServiceStub
-    generator: torch.Generator
-    requests: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
 
 
 # ----------------------------------------------------------------------------------

@@ -84,3 +84,16 @@ def test_mutual_tls(tmp_path):
         run_parties(progs.small_mul, tls=[good["party0"], rogue["party1"]],
                     connect_timeout=5.0, timeout=60)
     assert "PeerTimeout" in str(info.value) or "cannot reach" in str(info.value)
+
+
+def test_offline_dealer_phase_removes_online_dealer_calls():
+    r0, r1 = run_parties(progs.offline_phase, provider="dealer")
+    want = progs.plain_mixed_work()
+    for r in (r0, r1):
+        assert torch.allclose(r["first"], want, atol=2e-2)
+        assert torch.allclose(r["second"], want, atol=2e-2)
+        assert r["online_calls"] == 0
+    assert r0["tuples"] > 10
+    # party 0 fetched every correction in a few batched calls; party 1 made none
+    assert 1 <= r0["offline_calls"] < r0["tuples"]
+    assert r1["offline_calls"] == 0
