@@ -189,17 +189,6 @@ def _to_fixed(bits: Tensor) -> Tensor:
     return bits
 
 
-def stacked_ge(x: Tensor, thresholds: Sequence[float]) -> Tensor:
-    """[x >= t] for every threshold t, as one batched comparison: shape (T, *x.shape).
-
-    One comparison costs the same number of rounds whatever the number of elements, so
-    all thresholds are compared at once.
-    """
-    t = torch.tensor(list(thresholds), dtype=torch.float32).reshape(-1, *([1] * x.dim()))
-    d = x.unsqueeze(0) - t  # broadcasts to (T, *x.shape)
-    return _to_fixed(1 - d._ltz())
-
-
 @cache
 def _start_poly(power: float, lo: float, hi: float, degree: int) -> tuple[float, ...]:
     """Polynomial ~ x**power on [lo, hi], least squares in relative error (Newton start)."""
@@ -215,7 +204,9 @@ def _exponent_bits(x: Tensor, base_log2: int, lo: int, hi: int) -> tuple[Tensor,
     e_lo, e_hi = lo // base_log2, -(-hi // base_log2)  # exponents e_lo .. e_hi - 1
     ks = range(e_lo + 1, e_hi)
     t = torch.tensor([2.0 ** (base_log2 * k) for k in ks]).reshape(-1, *([1] * x.dim()))
-    return 1 - (x.unsqueeze(0) - t)._ltz(), range(e_lo, e_hi)
+    # A real stack, not a broadcast: CrypTen keeps broadcast shares as stride-0 views,
+    # which made the comparison circuit several times slower.
+    return 1 - (_crypten().stack([x] * len(ks)) - t)._ltz(), range(e_lo, e_hi)
 
 
 def _select(bits: Tensor, exps: range, value, fixed: bool) -> Tensor:
@@ -356,26 +347,33 @@ def gelu_poly_plain(x: torch.Tensor, cutoff: float = GELU_CUTOFF,
 def _sec_gelu(x: Tensor, cutoff: float = GELU_CUTOFF, degree: int = GELU_DEGREE) -> Tensor:
     """GeLU(x) = relu(x) - [|x| < cutoff]·p(|x|).
 
-    Rounds: one batched comparison for [x >= 0], [x >= -cutoff], [x >= cutoff]; one
-    multiplication for c·x (giving relu and |x| = 2cx - x); ceil(log2 degree)
-    multiplications for the powers of |x|; one for the mask.  Outside the mask the
-    powers may wrap the ring, which the exact 0 of the mask cancels.
+    Rounds (13): x² (1); one batched comparison for [x < 0] and [x² < cutoff²] (8);
+    r = [x >= 0]·x, which gives relu and |x| = 2r - x (1); the remaining powers of
+    |x| (2, x² is reused); the mask (1).  Bits stay at CrypTen's integer scale, so bit
+    products are exact: outside the mask the high powers may wrap the ring, and the
+    exact 0 cancels them.  Two comparisons per element (the comparison is the
+    expensive part: ~350 bytes each), where a three-threshold test would need three.
     """
+    crypten = _crypten()
     coeffs = gelu_tail_coeffs(cutoff, degree)
-    bits = stacked_ge(x, [0.0, -cutoff, cutoff])
-    pos, above_lo, above_hi = bits[0], bits[1], bits[2]
-    inside = above_lo - above_hi
-    r = pos * x
-    u = (2 * r - x) * (2.0 / cutoff)
-    powers = _powers(u, degree)
+    x2 = x.square()
+    bits = crypten.stack([x, x2 - cutoff * cutoff])._ltz()
+    neg, inside = bits[0], bits[1]
+    r = (1 - neg) * x
+    k = 2.0 / cutoff
+    u = (2 * r - x) * k
+    powers = _powers(u, degree, square=x2 * (k * k))
     p = coeffs[0] + sum(c * pw for c, pw in zip(coeffs[1:], powers[1:], strict=True))
     return r - inside * p
 
 
-def _powers(t: Tensor, degree: int) -> list[Tensor]:
-    """[1, t, t², ..., t^degree] in ceil(log2 degree) multiplication rounds: each round
-    multiplies every known power by the highest one (batched into one stacked product)."""
+def _powers(t: Tensor, degree: int, square: Tensor | None = None) -> list[Tensor]:
+    """[1, t, t², ..., t^degree] in ceil(log2 degree) multiplication rounds (one fewer
+    if t² is given): each round multiplies every known power by the highest one, as
+    one stacked product."""
     pw: list[Tensor | None] = [None, t]
+    if square is not None and degree >= 2:
+        pw.append(square)
     crypten = _crypten()
     while len(pw) - 1 < degree:
         top = len(pw) - 1
