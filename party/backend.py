@@ -64,19 +64,26 @@ class ModelFacts:
             raise ValueError(f"malformed model description from the leader: {exc}") from None
 
 
-def describe_model(model: Any, name: str, dataset: str | None) -> ModelFacts:
-    """Public facts of a plaintext ViT (architecture, class names, normalisation)."""
+def describe_model(model: Any, name: str, dataset: str | None,
+                   extra: dict[str, Any] | None = None) -> ModelFacts:
+    """Public facts of a plaintext ViT (architecture, class names, normalisation).
+
+    The checkpoint's own metadata (``extra``) wins over the configured ``dataset``.
+    """
     from mpcvit.models import data
 
+    extra = extra or {}
     config = model.config
-    class_names: tuple[str, ...] = tuple(getattr(model, "class_names", ()) or ())
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
-    if dataset:
-        norm = data.normalization_for(dataset, config.in_chans)
-        mean, std = tuple(norm.mean), tuple(norm.std)
-        if not class_names and dataset.split(":", 1)[0].lower() == "fashion-mnist":
-            class_names = data.FASHION_MNIST_CLASSES
+    class_names: tuple[str, ...] = tuple(str(n) for n in extra.get("class_names") or ())
+    norm = extra.get("normalization") or {}
+    mean: tuple[float, ...] = tuple(float(v) for v in norm.get("mean") or ())
+    std: tuple[float, ...] = tuple(float(v) for v in norm.get("std") or ())
+    dataset = extra.get("dataset") or dataset
+    if dataset and not mean:
+        known = data.normalization_for(dataset, config.in_chans)
+        mean, std = tuple(known.mean), tuple(known.std)
+    if dataset and not class_names and dataset.split(":", 1)[0].lower() == "fashion-mnist":
+        class_names = data.FASHION_MNIST_CLASSES
     if not class_names:
         class_names = tuple(str(i) for i in range(config.num_classes))
     return ModelFacts(name=name, config=config.to_dict(), spec=model.spec.to_dict(),
