@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ProviderSpec, Timeouts, TlsConfig
+from .netem import EmulatedNetwork
 
 log = logging.getLogger("mpcvit.launcher")
 
@@ -50,6 +51,8 @@ class _PartySettings:
     dealer_tls: TlsConfig | None
     chunk_bytes: int
     rendezvous: str
+    netns: str | None = None
+    listen: str = "127.0.0.1:0"
 
 
 def _context():
@@ -58,11 +61,15 @@ def _context():
     return ctx
 
 
-def _dealer_main(conn, tls: TlsConfig | None) -> None:
-    from .dealer import serve_dealer
-
+def _dealer_main(conn, tls: TlsConfig | None, netns: str | None, listen: str) -> None:
     try:
-        server, port = serve_dealer("127.0.0.1:0", tls)
+        if netns:
+            from .netem import enter_netns
+
+            enter_netns(netns)
+        from .dealer import serve_dealer
+
+        server, port = serve_dealer(listen, tls)
         conn.send(("port", port))
         conn.recv()  # any message (or EOF) means stop
     except EOFError:
@@ -75,6 +82,10 @@ def _dealer_main(conn, tls: TlsConfig | None) -> None:
 
 def _party_main(settings: _PartySettings, fn, args, kwargs, conn) -> None:
     try:
+        if settings.netns:  # before any thread starts: threads inherit the namespace
+            from .netem import enter_netns
+
+            enter_netns(settings.netns)
         result = _run_party(settings, fn, args, kwargs, conn)
         # Plain pickle: torch's multiprocessing pickler would pass tensors by shared
         # memory handles that die with this process.
@@ -89,10 +100,10 @@ def _run_party(s: _PartySettings, fn, args, kwargs, conn):
     from . import runtime
     from .transport import PeerTransport
 
-    kind, dealer_port = conn.recv()  # ("dealer", port or None)
+    kind, dealer_address = conn.recv()  # ("dealer", address or None)
     provider = ProviderSpec(
         kind=s.provider,
-        address=f"127.0.0.1:{dealer_port}" if dealer_port else None,
+        address=dealer_address,
         tls=s.dealer_tls,
         timeout=s.timeouts.dealer,
     )
@@ -125,9 +136,11 @@ def _run_party(s: _PartySettings, fn, args, kwargs, conn):
     )
     transport.add_to_server(server)
     if s.tls is not None:
-        port = server.add_secure_port("127.0.0.1:0", s.tls.server_credentials())
+        port = server.add_secure_port(s.listen, s.tls.server_credentials())
     else:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(s.listen)
+    if port == 0:
+        raise OSError(f"party {s.rank} cannot listen on {s.listen}")
     server.start()
     try:
         conn.send(("port", port))
@@ -152,13 +165,18 @@ def run_parties(
     tls: Sequence[TlsConfig] | None = None,
     dealer_tls: TlsConfig | None = None,
     chunk_bytes: int = 1 << 20,
+    network: EmulatedNetwork | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` in every party; return the per-rank results.
 
-    ``fn`` must be picklable (module-level).  Raises :class:`PartyFailure` with each
+    ``fn`` must be picklable (module-level).  With ``network`` (an entered
+    :class:`~mpcvit.mpc.netem.EmulatedNetwork`) the parties and the dealer run inside its
+    namespaces and talk across its shaped, delayed link.  Raises :class:`PartyFailure` with each
     party's traceback (or exit code) if any party fails, and after ``timeout`` seconds.
     """
+    if network is not None and (backend != "grpc" or world_size != 2):
+        raise ValueError("an emulated network runs 2 parties over gRPC")
     if backend not in ("grpc", "gloo"):
         raise ValueError("backend must be 'grpc' or 'gloo'")
     if provider not in ("tfp", "dealer"):
@@ -190,7 +208,11 @@ def run_parties(
         dealer_port = None
         if provider == "dealer":
             parent, child = ctx.Pipe()
-            procs["dealer"] = ctx.Process(target=_dealer_main, args=(child, dealer_tls),
+            dview = network.dealer() if network else None
+            procs["dealer"] = ctx.Process(target=_dealer_main,
+                                          args=(child, dealer_tls,
+                                                dview.netns if dview else None,
+                                                dview.listen if dview else "127.0.0.1:0"),
                                           name="mpcvit-dealer", daemon=True)
             conns["dealer"] = parent
             procs["dealer"].start()
@@ -199,10 +221,14 @@ def run_parties(
             if kind != "port":
                 raise PartyFailure({"dealer": value})
             dealer_port = value
+        views = {r: network.party(r) for r in range(world_size)} if network else {}
         for rank in range(world_size):
+            view = views.get(rank)
             settings = _PartySettings(
                 rank, world_size, backend, provider, session, timeouts,
                 tls[rank] if tls else None, dealer_tls, chunk_bytes, rendezvous,
+                netns=view.netns if view else None,
+                listen=view.listen if view else "127.0.0.1:0",
             )
             parent, child = ctx.Pipe()
             procs[rank] = ctx.Process(target=_party_main, args=(settings, fn, args, kwargs, child),
@@ -210,7 +236,13 @@ def run_parties(
             conns[rank] = parent
             procs[rank].start()
             child.close()
-            parent.send(("dealer", dealer_port))
+            if dealer_port is None:
+                dealer_address = None
+            elif view is not None:
+                dealer_address = view.dealer
+            else:
+                dealer_address = f"127.0.0.1:{dealer_port}"
+            parent.send(("dealer", dealer_address))
         if backend == "grpc":
             peers = {}
             for rank in range(world_size):
@@ -219,7 +251,7 @@ def run_parties(
                     raise PartyFailure({rank: value})
                 peers[rank] = f"127.0.0.1:{value}"
             for rank in range(world_size):
-                conns[rank].send(("peers", peers))
+                conns[rank].send(("peers", views[rank].peers if network else peers))
         results: dict[int, Any] = {}
         pending = set(range(world_size))
         while pending:
