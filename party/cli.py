@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "dealer": "mpcvit.party.dealer_cmd",
     "infer": "mpcvit.party.infer",
     "demo": "mpcvit.party.demo",
+    "certs": "mpcvit.party.certs_cmd",
     "train": "mpcvit.models.cli_train",
 }
 

@@ -3,7 +3,9 @@
 One file per process (``deploy/party0.yaml`` ...).  Addresses can be overridden by
 environment variables so the same files serve Docker Compose (service host names) and
 local runs (127.0.0.1 and free ports): ``MPCVIT_LISTEN``, ``MPCVIT_PEER``,
-``MPCVIT_DEALER``, ``MPCVIT_MODEL``, ``MPCVIT_PROVIDER``.
+``MPCVIT_DEALER``, ``MPCVIT_MODEL``, ``MPCVIT_PROVIDER``; ``MPCVIT_TLS_DIR`` turns on
+mutual TLS with ``ca.pem`` and ``<role>.pem``/``<role>.key`` from that directory (the
+layout ``mpcvit certs`` writes; roles dealer, party0, party1, client).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 from mpcvit.mpc.config import ProviderSpec, Timeouts, TlsConfig, load_yaml
 from mpcvit.mpc.errors import ConfigError
+
+ENV_TLS_DIR = "MPCVIT_TLS_DIR"  # directory with ca.pem and <role>.pem/.key: turns on mTLS
 
 ENV_OVERRIDES = {
     "listen": "MPCVIT_LISTEN",
@@ -104,7 +108,7 @@ class PartyConfig:
             raise ConfigError(f"unknown party config keys: {sorted(unknown)}")
         if "rank" not in data:
             raise ConfigError("party config needs 'rank'")
-        tls = _tls(data.get("tls"))
+        tls = _tls(data.get("tls")) or tls_from_dir(env, f"party{int(data['rank'])}")
         raw_timeouts = dict(data.get("timeouts") or {})
         service_keys = {"pairing", "request", "peer_connect"}
         service_timeouts = ServiceTimeouts(
@@ -161,7 +165,8 @@ class DealerConfig:
         unknown = set(data) - {"listen", "tls", "log_format", "log_level"}
         if unknown:
             raise ConfigError(f"unknown dealer config keys: {sorted(unknown)}")
-        return cls(listen=str(data.get("listen", "0.0.0.0:50050")), tls=_tls(data.get("tls")),
+        return cls(listen=str(data.get("listen", "0.0.0.0:50050")),
+                   tls=_tls(data.get("tls")) or tls_from_dir(env, "dealer"),
                    log_format=str(data.get("log_format", "json")),
                    log_level=str(data.get("log_level", "INFO")))
 
@@ -176,3 +181,12 @@ def _tls(value: Any) -> TlsConfig | None:
     if not isinstance(value, dict) or not {"ca", "cert", "key"} <= set(value):
         raise ConfigError("tls needs ca, cert and key paths")
     return TlsConfig(**value)
+
+
+def tls_from_dir(env: dict[str, str] | os._Environ, role: str) -> TlsConfig | None:
+    """mTLS files of ``role`` from ``$MPCVIT_TLS_DIR`` (None when the variable is unset)."""
+    directory = env.get(ENV_TLS_DIR)
+    if not directory:
+        return None
+    d = Path(directory)
+    return TlsConfig(ca=str(d / "ca.pem"), cert=str(d / f"{role}.pem"), key=str(d / f"{role}.key"))

@@ -21,6 +21,7 @@ import numpy as np
 HELP = "classify images privately with the two party servers (client)"
 
 ENV_PARTIES = "MPCVIT_PARTIES"  # "host0:port0,host1:port1" overrides the config
+# MPCVIT_TLS_DIR=/certs turns on mutual TLS with ca.pem, client.pem and client.key there.
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class ClientConfig:
         unknown = set(data) - {"parties", "model", "timeout", "top_k", "wait_ready", "tls"}
         if unknown:
             raise ValueError(f"unknown client config keys: {sorted(unknown)}")
+        if env.get("MPCVIT_TLS_DIR") and not data.get("tls"):
+            d = Path(env["MPCVIT_TLS_DIR"])
+            data["tls"] = {"ca": str(d / "ca.pem"), "cert": str(d / "client.pem"),
+                           "key": str(d / "client.key")}
         parties = data.get("parties") or []
         if len(parties) != 2:
             raise ValueError("client config needs 'parties': [party0 address, party1 address]")
