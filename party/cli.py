@@ -20,6 +20,9 @@ COMMANDS: dict[str, str] = {
     "demo": "mpcvit.party.demo",
     "certs": "mpcvit.party.certs_cmd",
     "train": "mpcvit.models.cli_train",
+    "eval": "mpcvit.models.cli_eval",
+    "profile": "mpcvit.models.cli_profile",
+    "search": "mpcvit.models.cli_search",
 }
 
 
