@@ -312,6 +312,21 @@ class PrivateInferenceClient:
         if len(images) == 0:
             return []
         xs = [self._prepare(img, info, preprocessed) for img in images]
+        # Stay within the parties' advertised limits: split into several calls if needed.
+        per_image = int(np.prod(info.input_shape)) * shares.RING_BYTES
+        chunk = len(xs)
+        if info.max_batch:
+            chunk = min(chunk, info.max_batch)
+        if info.max_request_bytes:
+            chunk = min(chunk, max(1, info.max_request_bytes // per_image))
+        if chunk < len(xs):
+            out: list[Prediction] = []
+            for i in range(0, len(xs), chunk):
+                out += self._infer_prepared(xs[i:i + chunk], info)
+            return out
+        return self._infer_prepared(xs, info)
+
+    def _infer_prepared(self, xs: list[np.ndarray], info: ModelInfo) -> list[Prediction]:
         ids = [uuid.uuid4().hex for _ in xs]
         halves: list[list[inference_pb2.InputShare]] = [[], []]
         for rid, x in zip(ids, xs, strict=True):

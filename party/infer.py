@@ -81,34 +81,31 @@ class LabelledImage:
 
 
 def load_images(specs: list[str]) -> list[LabelledImage]:
-    """Resolve IMAGE arguments (files or fashion-mnist:test:INDEX) to uint8 arrays."""
-    from mpcvit.models import data
+    """Resolve IMAGE arguments (files or fashion-mnist:SPLIT:INDEX[-END]) to uint8 arrays."""
+    from . import images as readers
 
     out: list[LabelledImage] = []
-    test_set: tuple[np.ndarray, np.ndarray] | None = None
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for spec in specs:
         if spec.startswith("fashion-mnist:"):
             parts = spec.split(":")
             if len(parts) != 3 or parts[1] not in ("test", "train"):
                 raise ValueError(f"expected fashion-mnist:test:INDEX, got {spec!r}")
-            if test_set is None or parts[1] == "train":
-                directory = data.fashion_mnist_dir()
-                prefix = "t10k" if parts[1] == "test" else "train"
-                images = data.read_idx(data._find_idx(directory, f"{prefix}-images-idx3-ubyte"))
-                labels = data.read_idx(data._find_idx(directory, f"{prefix}-labels-idx1-ubyte"))
-                if parts[1] == "test":
-                    test_set = (images, labels)
-            else:
-                images, labels = test_set
+            if parts[1] not in splits:
+                splits[parts[1]] = readers.fashion_mnist_split(parts[1])
+            images, labels = splits[parts[1]]
             lo, _, hi = parts[2].partition("-")
-            start, stop = int(lo), int(hi) + 1 if hi else int(lo) + 1
+            try:
+                start, stop = int(lo), int(hi or lo) + 1
+            except ValueError:
+                raise ValueError(f"bad index in {spec!r}") from None
             if not 0 <= start < stop <= len(images):
                 raise ValueError(f"index out of range 0..{len(images) - 1}: {spec!r}")
             for i in range(start, stop):
                 out.append(LabelledImage(f"fashion-mnist:{parts[1]}:{i}", images[i],
                                          int(labels[i])))
         else:
-            out.append(LabelledImage(spec, data.read_image(spec)))
+            out.append(LabelledImage(spec, readers.read_image(spec)))
     return out
 
 

@@ -25,7 +25,9 @@ from mpcvit.party.client import (
 
 def test_client_sdk_never_imports_torch_or_crypten() -> None:
     code = (
-        "import sys, mpcvit.party.client, mpcvit.party.infer; "
+        "import sys, mpcvit.party.client, mpcvit.party.infer as infer; "
+        "infer.load_images(['fashion-mnist:test:0']); "
+        "infer.ClientConfig.from_dict({'parties': ['a:1', 'b:2']}).client().close(); "
         "bad = [m for m in ('torch', 'crypten') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -125,3 +127,22 @@ def test_preprocess_and_topk() -> None:
     assert [t[1] for t in top] == ["b", "c"] and p.label == 1
     assert abs(sum(p.probabilities()) - 1) < 1e-12
     assert p.megabytes == 4.0 and p.rounds == 5
+
+
+def test_image_files_and_fashion_mnist_specs(tmp_path) -> None:
+    from mpcvit.party.images import read_image
+    from mpcvit.party.infer import load_images
+
+    img = (np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)
+    (tmp_path / "a.pgm").write_bytes(b"P5\n# comment\n28 28\n255\n" + img.tobytes())
+    np.save(tmp_path / "a.npy", img)
+    assert np.array_equal(read_image(tmp_path / "a.pgm"), img)
+    assert np.array_equal(read_image(tmp_path / "a.npy"), img)
+    with pytest.raises(ValueError):
+        read_image(tmp_path / "a.txt")
+    ims = load_images(["fashion-mnist:test:0-2", str(tmp_path / "a.pgm")])
+    assert [im.label for im in ims] == [9, 2, 1, None]  # Ankle boot, Pullover, Trouser
+    assert ims[0].pixels.shape == (28, 28) and ims[0].pixels.dtype == np.uint8
+    for bad in ("fashion-mnist:test:10000", "fashion-mnist:val:1", "fashion-mnist:test:x"):
+        with pytest.raises(ValueError):
+            load_images([bad])

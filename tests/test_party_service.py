@@ -9,6 +9,7 @@ and leave both parties serving.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -142,10 +143,16 @@ def test_bad_request_id_unknown_model_and_too_many_inputs(cluster) -> None:
         with pytest.raises(ModelNotFound):
             client.model_info()
     with PrivateInferenceClient(cluster.party_addresses) as client:
-        with pytest.raises(RequestTooLarge):
-            client.infer_batch([np.zeros((28, 28), np.uint8)] * 3)
+        # The SDK splits a batch larger than the advertised request limit into calls.
+        preds = client.infer_batch([np.zeros((28, 28), np.uint8)] * 3)
+        assert [p.stats[0].batch_size for p in preds] == [2, 2, 1]
         with pytest.raises(ValueError):
             client.infer(np.zeros((27, 28), np.uint8))
+    with PrivateInferenceClient(cluster.party_addresses) as client:
+        client.model_info()
+        client._info[""] = replace(client._info[""], max_request_bytes=0, max_batch=0)
+        with pytest.raises(RequestTooLarge):  # a client ignoring the limits is refused
+            client.infer_batch([np.zeros((28, 28), np.uint8)] * 3)
 
 
 def test_half_sent_to_one_party_times_out_and_service_continues(cluster, plain_model) -> None:
