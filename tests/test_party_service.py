@@ -1,8 +1,8 @@
 """End-to-end tests of the two-party service: real processes, real gRPC, real CrypTen.
 
 One cluster (dealer + party 0 + party 1, each its own process) serves most tests; it
-runs an untrained ``random:demo`` ViT so the expected logits can be recomputed here in
-plaintext.  Bad input and a request sent to only one party must produce clear statuses
+runs an untrained demo ViT (saved as a checkpoint here) so the expected logits can be
+recomputed in plaintext.  Bad input and a request sent to only one party must produce clear statuses
 and leave both parties serving.
 """
 
@@ -27,11 +27,37 @@ pytestmark = pytest.mark.slow
 IMAGE_BYTES = 28 * 28 * 8
 
 
+HEAD_GAIN = 40.0  # spreads an untrained model's logits so that images are told apart
+ATOL = 0.1
+
+
+def make_model():
+    """An untrained demo ViT whose logits differ clearly between images."""
+    import torch
+    from mpcvit.models.vit import build_model
+
+    torch.manual_seed(0)
+    model = build_model("demo").eval()
+    with torch.no_grad():
+        model.head.weight.mul_(HEAD_GAIN)
+    return model
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def plain_model():
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, plain_model):
+    from mpcvit.models.checkpoint import save_checkpoint
+
+    work = tmp_path_factory.mktemp("cluster")
+    save_checkpoint(plain_model, work / "model.pt", extra={"dataset": "fashion-mnist"})
     c = LocalCluster(
-        tmp_path_factory.mktemp("cluster"), model="random:demo:0",
+        work, model=str(work / "model.pt"),
         party_overrides={
+            "model_name": "demo",
             "timeouts": {"pairing": 2, "request": 20},
             "limits": {"max_request_bytes": 2 * IMAGE_BYTES + 100, "max_batch": 2},
         },
@@ -44,15 +70,6 @@ def cluster(tmp_path_factory):
         codes = c.stop()
         # Graceful shutdown on SIGTERM: every process exits cleanly.
         assert codes == {"dealer": 0, 0: 0, 1: 0}, codes
-
-
-@pytest.fixture(scope="module")
-def plain_model():
-    import torch
-    from mpcvit.models.vit import build_model
-
-    torch.manual_seed(0)
-    return build_model("demo").eval()
 
 
 def fashion_images(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +128,7 @@ def test_private_inference_matches_plaintext(cluster, plain_model) -> None:
     expected = plaintext_logits(plain_model, info, pixels)
     got = np.stack([single.logits] + [p.logits for p in batch])
     assert got.shape == (3, 10)
-    np.testing.assert_allclose(got, expected, atol=0.05)
+    np.testing.assert_allclose(got, expected, atol=ATOL)
     assert single.rounds > 0 and single.megabytes > 0
     assert {s.batch_size for p in batch for s in p.stats} == {2}  # one session, two images
     assert single.stats[0].session == single.stats[1].session
@@ -185,7 +202,7 @@ def test_half_sent_to_one_party_times_out_and_service_continues(cluster, plain_m
     with PrivateInferenceClient(cluster.party_addresses) as client:
         got = client.infer(pixels[0]).logits
         expected = plaintext_logits(plain_model, client.model_info(), pixels)[0]
-    np.testing.assert_allclose(got, expected, atol=0.05)
+    np.testing.assert_allclose(got, expected, atol=ATOL)
 
 
 def test_duplicate_pending_id_is_rejected(cluster) -> None:
@@ -213,3 +230,30 @@ def test_logs_never_contain_share_or_output_values(cluster) -> None:
     assert not re.search(r"\d{15,}", text)
     for v in pred.logits:
         assert f"{v:.5f}" not in text
+
+
+def test_concurrent_clients_are_queued_and_never_mixed(cluster, plain_model) -> None:
+    pixels, _ = fashion_images(4)
+    results: dict[int, np.ndarray] = {}
+    errors: list[Exception] = []
+
+    def one(i: int) -> None:
+        try:
+            with PrivateInferenceClient(cluster.party_addresses, timeout=120) as client:
+                results[i] = client.infer(pixels[i]).logits
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    with PrivateInferenceClient(cluster.party_addresses) as client:
+        expected = plaintext_logits(plain_model, client.model_info(), pixels)
+    # The images' logits differ by far more than the tolerance, so a mix-up would show.
+    assert min(np.abs(expected[i] - expected[j]).max()
+               for i in range(4) for j in range(i + 1, 4)) > 2 * ATOL
+    for i in range(4):
+        np.testing.assert_allclose(results[i], expected[i], atol=ATOL)
