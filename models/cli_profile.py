@@ -1,0 +1,101 @@
+"""``mpcvit profile``: measure every building block's MPC cost at a model's real shapes
+and write the cost file the search reads.
+
+Runs one 2-party CrypTen session over gRPC with the dealer.  Figures are party 0's:
+rounds and bytes as CrypTen counts them, compute as median loopback wall seconds; the
+``seconds`` column adds the chosen network (bytes / bandwidth + rounds × RTT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "profile per-block MPC costs (rounds, bytes, seconds) and write a cost file"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="config name (e.g. demo, vit_7_4_32)")
+    parser.add_argument("--arch", default=None,
+                        help="arch spec YAML or ATTENTION[+ACTIVATION]: also print its "
+                        "predicted whole-model cost")
+    parser.add_argument("--network", default="lan",
+                        help="lan (3 Gbps, 0.8 ms RTT), wan (100 Mbps, 40 ms RTT), loopback "
+                        "(no added cost) or BANDWIDTH,RTT such as 1gbit,5ms (default lan)")
+    parser.add_argument("--out", type=Path, default=None, help="cost file (YAML) to write")
+    parser.add_argument("--costs", type=Path, default=None,
+                        help="read this cost file instead of profiling (re-price/print only)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per block (median)")
+    parser.add_argument("--verify", action="store_true",
+                        help="also run the whole secure model (--arch) and compare")
+    parser.add_argument("--provider", choices=["dealer", "tfp"], default="dealer")
+    parser.add_argument("--json", action="store_true", help="end with one JSON object")
+
+
+def print_table(blocks: dict[str, dict[str, float]], network_desc: str) -> None:
+    print(f"whole-model cost per block, batch 1, party 0's counts; network {network_desc}")
+    print(f"{'block':<24}{'rounds':>8}{'MB':>10}{'compute s':>11}{'seconds':>10}")
+    for name, b in blocks.items():
+        print(f"{name:<24}{b['rounds']:>8}{b['bytes'] / 1e6:>10.2f}{b['compute_s']:>11.3f}"
+              f"{b['seconds']:>10.3f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli_train import parse_arch
+    from .configs import get_config
+    from .costs import CostModel, measure_secure_model, parse_network, profile
+
+    try:
+        network = parse_network(args.network)
+        config = get_config(args.model)
+        spec = (parse_arch(args.arch, config.depth, config.heads)
+                if args.arch is not None else None)
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.verify and spec is None:
+        print("error: --verify needs --arch", file=sys.stderr)
+        return 2
+    if args.costs is not None:
+        try:
+            costs = CostModel.load(args.costs)
+        except (OSError, ValueError) as exc:
+            print(f"error: {args.costs}: {exc}", file=sys.stderr)
+            return 2
+        if costs.config.replace(name="") != config.replace(name=""):
+            print(f"error: {args.costs} is for {costs.config.name or costs.config}",
+                  file=sys.stderr)
+            return 2
+    else:
+        print(f"profiling {config.name}: {config.depth} layers, {config.heads} heads, "
+              f"{config.num_tokens} tokens, dim {config.dim} (2 parties over gRPC, "
+              f"provider {args.provider})", flush=True)
+        costs = profile(config, repeats=args.repeats, provider=args.provider)
+    blocks = costs.blocks_table(network)
+    print_table(blocks, network.describe())
+    report: dict = {"model": config.name, "network": network.to_dict(), "blocks": blocks}
+    if spec is not None:
+        pred = costs.predict(spec)
+        report["predicted"] = {"rounds": pred.rounds, "bytes": pred.bytes,
+                               "compute_s": pred.compute_s, "seconds": network.seconds(pred)}
+        print(f"predicted {spec.summary()}: {pred.rounds:.0f} rounds, "
+              f"{pred.bytes / 1e6:.2f} MB, {network.seconds(pred):.3f} s")
+    if args.verify and spec is not None:
+        import torch
+
+        images = torch.randn(2, config.in_chans, config.image_size, config.image_size)
+        run_ = measure_secure_model(config, spec, images, provider=args.provider)
+        m = run_.cost
+        report["measured"] = {"rounds": m.rounds, "bytes": m.bytes, "compute_s": m.compute_s,
+                              "seconds": network.seconds(m)}
+        print(f"measured  whole model: {m.rounds:.0f} rounds, {m.bytes / 1e6:.2f} MB, "
+              f"{m.compute_s:.3f} s loopback, {network.seconds(m):.3f} s on {network.name}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        costs.save(args.out, network)
+        print(f"wrote {args.out}")
+    if args.json:
+        print(json.dumps(report))
+    return 0

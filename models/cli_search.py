@@ -1,0 +1,134 @@
+"""``mpcvit search``: latency-aware search of per-head attention kinds (and, with
+``--activations``, per-layer MLP activations), then binarisation by μ or by a latency
+budget.  Writes the arch spec YAML and a Pareto CSV (μ sweep: predicted latency vs held
+out accuracy of the supernet's weights)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "MPC-latency-aware architecture search; writes an arch spec YAML"
+
+
+def _kinds(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="config name (e.g. demo)")
+    parser.add_argument("--data", required=True, help="dataset (as for `mpcvit train`)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--mu", type=float, help="fraction of heads kept non-cheapest (top-k)")
+    mode.add_argument("--latency-budget", type=float, metavar="S",
+                      help="seconds per image under --network; greedy cheapest-first fit")
+    parser.add_argument("--network", default="lan", help="lan, wan, loopback or BW,RTT")
+    parser.add_argument("--costs", type=Path, default=None,
+                        help="cost file from `mpcvit profile` (default: profile now)")
+    parser.add_argument("--out", required=True, type=Path, help="arch spec YAML to write")
+    parser.add_argument("--pareto", type=Path, default=None,
+                        help="Pareto CSV (default OUT with .pareto.csv)")
+    parser.add_argument("--attention-kinds", default="relu_softmax,scale",
+                        help="candidate attention kinds (comma-separated)")
+    parser.add_argument("--activations", default=None, metavar="KINDS",
+                        help="search MLP activations among these (e.g. gelu,relu,quad,identity)"
+                        "; default: keep --activation everywhere")
+    parser.add_argument("--activation", default="gelu", help="fixed activation (no search)")
+    parser.add_argument("--lam", type=float, default=0.5,
+                        help="weight of expected latency / most expensive candidate's latency")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=None, help="use N training images")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--arch-lr", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="end with one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .cli_train import _fit_config
+    from .configs import get_config
+    from .costs import CostModel, parse_network, profile
+    from .data import DatasetError, limit_bundle, load_dataset
+    from .search import (
+        SearchConfig,
+        SuperNet,
+        binarize_budget,
+        binarize_mu,
+        cheapest,
+        mu_sweep,
+        search,
+        write_pareto_csv,
+    )
+
+    torch.set_num_threads(args.threads)
+    try:
+        network = parse_network(args.network)
+        data = limit_bundle(load_dataset(args.data), args.limit, None, args.seed)
+        config = _fit_config(get_config(args.model), data)
+        cfg = SearchConfig(lam=args.lam, epochs=args.epochs, batch_size=args.batch_size,
+                           lr=args.lr, arch_lr=args.arch_lr, seed=args.seed,
+                           threads=args.threads)
+        torch.manual_seed(args.seed)
+        net = SuperNet(config, _kinds(args.attention_kinds),
+                       _kinds(args.activations) if args.activations else None,
+                       args.activation)
+        if args.mu is not None and not 0.0 <= args.mu <= 1.0:
+            raise ValueError(f"--mu must be in [0, 1], got {args.mu}")
+    except (DatasetError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.costs is not None:
+        try:
+            costs = CostModel.load(args.costs)
+        except (OSError, ValueError) as exc:
+            print(f"error: {args.costs}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        print(f"no --costs: profiling {config.name} first", flush=True)
+        costs = profile(config)
+    print(f"search {config.name} on {data.name} ({len(data.train)} images), attention "
+          f"{args.attention_kinds}, activations {args.activations or args.activation}, "
+          f"lambda {args.lam}, network {network.describe()}", flush=True)
+    try:
+        result = search(net, data, costs, network, cfg, progress=lambda s: print(s.line(),
+                                                                                 flush=True))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    att, act = result.attention_probs, result.activation_probs
+    try:
+        if args.mu is not None:
+            cheap = cheapest(net.attention_kinds, costs, network)
+            spec = binarize_mu(att, net.attention_kinds, args.mu, cheap, act,
+                               net.activation_kinds, net.activation)
+        else:
+            spec = binarize_budget(att, net.attention_kinds, costs, network,
+                                   args.latency_budget, act, net.activation_kinds,
+                                   net.activation)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(spec.to_yaml())
+    points = mu_sweep(result, costs, network)
+    pareto = args.pareto or args.out.with_suffix(".pareto.csv")
+    write_pareto_csv(points, pareto)
+    pred = costs.predict(spec)
+    print(f"spec {spec.summary()}: predicted {network.seconds(pred):.4f} s "
+          f"({pred.rounds:.0f} rounds, {pred.bytes / 1e6:.2f} MB) on {network.name}")
+    print(f"wrote {args.out} and {pareto}")
+    if args.json:
+        print(json.dumps({
+            "spec": spec.to_dict(), "predicted_s": network.seconds(pred),
+            "attention_probs": att.tolist(),
+            "activation_probs": None if act is None else act.tolist(),
+            "history": [vars(h) for h in result.history],
+            "pareto": [p.row() for p in points],
+        }))
+    return 0

@@ -1,0 +1,579 @@
+"""Measured MPC costs per building block, a network model, and the cost file.
+
+"Costs are data": the profiler runs every building block of a ViT (each attention kind,
+each MLP activation kind, LayerNorm, the linear layers) at the model's real shapes in a
+2-party CrypTen run over gRPC with the dealer, records what CrypTen counts, and writes a
+YAML cost file.  The search and the benchmarks only ever read that file.
+
+What is recorded (all from party 0, as the rest of the project reports):
+
+- ``rounds``: CrypTen's communication rounds (one per exchange call);
+- ``bytes``: bytes party 0 sends (CrypTen counts 8 bytes per ring element it exchanges;
+  the protocols are symmetric, so party 1 sends the same amount the other way and, on a
+  full-duplex link, the two directions overlap);
+- ``compute_s``: median wall seconds of the block on loopback (local compute plus the
+  loopback transport's own overhead; the network model adds the real link on top);
+- ``dealer_requests``: party 0's dealer round trips (recorded, not priced: the network
+  model assumes the dealer is near party 0 or preprocessed offline).
+
+The blocks are profiled one layer at a time with batch 1: attention kinds at one head and
+at all heads of a layer (rounds do not depend on the head count, bytes and compute grow
+with it, so a kind used by ``n`` heads of a layer costs the affine interpolation), the
+activation on one layer's hidden tensor, one LayerNorm on all tokens, the final
+LayerNorm on the class token, the four linear layers of a block, and the stem (patch
+embedding) plus head.  A whole model is then the sum over its layers.  CrypTen runs every
+op eagerly and in program order, so rounds of independent blocks never merge: the sum is
+exact for rounds and bytes, not an upper bound.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .configs import ViTConfig
+from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
+
+COST_FILE_VERSION = 1
+
+ATTENTION_KINDS = tuple(k.value for k in AttentionKind)
+ACTIVATION_KINDS = tuple(k.value for k in ActivationKind)
+BLOCK_NAMES = (
+    *(f"attention.{k}" for k in ATTENTION_KINDS),
+    *(f"activation.{k}" for k in ACTIVATION_KINDS),
+    "layernorm",
+    "linear",
+)
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one block costs (party 0's counts; see the module docstring)."""
+
+    rounds: float = 0.0
+    bytes: float = 0.0
+    compute_s: float = 0.0
+    dealer_requests: float = 0.0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.rounds + other.rounds, self.bytes + other.bytes,
+                    self.compute_s + other.compute_s,
+                    self.dealer_requests + other.dealer_requests)
+
+    def scale(self, k: float) -> Cost:
+        return Cost(self.rounds * k, self.bytes * k, self.compute_s * k,
+                    self.dealer_requests * k)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"rounds": _num(self.rounds), "bytes": _num(self.bytes),
+                "compute_s": float(self.compute_s),
+                "dealer_requests": _num(self.dealer_requests)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Cost:
+        try:
+            return cls(float(d["rounds"]), float(d["bytes"]), float(d["compute_s"]),
+                       float(d.get("dealer_requests", 0.0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"bad cost entry {d!r}: need rounds, bytes, compute_s") from e
+
+
+def _num(v: float) -> float | int:
+    """Integral counts as ints (readable YAML); interpolated ones stay floats."""
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def total(costs: Iterable[Cost]) -> Cost:
+    out = Cost()
+    for c in costs:
+        out = out + c
+    return out
+
+
+# ----------------------------------------------------------------------------- network
+
+
+@dataclass(frozen=True)
+class NetworkModel:
+    """seconds = compute + bytes / bandwidth + rounds × RTT.
+
+    ``bandwidth_bps`` is bits per second (``inf`` adds nothing); ``bytes`` is one party's
+    send volume, which on a full-duplex link is what each direction carries.
+    """
+
+    name: str
+    bandwidth_bps: float
+    rtt_s: float
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_bps > 0 or self.rtt_s < 0:
+            raise ValueError("bandwidth must be positive and RTT non-negative")
+
+    def seconds(self, cost: Cost) -> float:
+        return self.network_seconds(cost) + cost.compute_s
+
+    def network_seconds(self, cost: Cost) -> float:
+        """The part of :meth:`seconds` the link adds on top of loopback compute."""
+        return cost.bytes * 8.0 / self.bandwidth_bps + cost.rounds * self.rtt_s
+
+    def describe(self) -> str:
+        if math.isinf(self.bandwidth_bps) and self.rtt_s == 0:
+            return f"{self.name} (no added network cost)"
+        return f"{self.name} ({_fmt_bw(self.bandwidth_bps)}, {self.rtt_s * 1e3:g} ms RTT)"
+
+    def to_dict(self) -> dict[str, Any]:
+        bw = "inf" if math.isinf(self.bandwidth_bps) else self.bandwidth_bps
+        return {"name": self.name, "bandwidth_bps": bw, "rtt_s": self.rtt_s}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NetworkModel:
+        return cls(str(d["name"]), float(d["bandwidth_bps"]), float(d["rtt_s"]))
+
+
+# LAN: a 3 Gbps / 0.8 ms data-centre link (the MPC literature's usual LAN setting).
+# WAN: 100 Mbps / 40 ms RTT, a cross-region link (SecretFlow/MPCViT-style WAN figures).
+NETWORKS: dict[str, NetworkModel] = {
+    "lan": NetworkModel("lan", 3e9, 0.8e-3),
+    "wan": NetworkModel("wan", 100e6, 40e-3),
+    "loopback": NetworkModel("loopback", math.inf, 0.0),
+}
+
+_BW_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 1.0, "kbps": 1e3,
+             "mbps": 1e6, "gbps": 1e9}
+_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def _fmt_bw(bps: float) -> str:
+    for unit, k in (("Gbps", 1e9), ("Mbps", 1e6), ("kbps", 1e3)):
+        if bps >= k:
+            return f"{bps / k:g} {unit}"
+    return f"{bps:g} bps"
+
+
+def _parse_quantity(text: str, units: Mapping[str, float], what: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not m or m.group(2) not in units:
+        raise ValueError(f"bad {what} {text!r}: use a number with one of {sorted(units)}")
+    return float(m.group(1)) * units[m.group(2)]
+
+
+def parse_network(text: str) -> NetworkModel:
+    """``lan``, ``wan``, ``loopback`` or ``BANDWIDTH,RTT`` such as ``1gbit,5ms``."""
+    key = text.strip().lower()
+    if key in NETWORKS:
+        return NETWORKS[key]
+    parts = key.split(",")
+    if len(parts) != 2:
+        raise ValueError(
+            f"unknown network {text!r}: use {', '.join(NETWORKS)} or BANDWIDTH,RTT "
+            "(e.g. 1gbit,5ms)"
+        )
+    bw = _parse_quantity(parts[0], _BW_UNITS, "bandwidth")
+    rtt = _parse_quantity(parts[1], _TIME_UNITS, "RTT")
+    if bw <= 0:
+        raise ValueError(f"bandwidth must be positive, got {parts[0]!r}")
+    return NetworkModel(f"{parts[0].strip()},{parts[1].strip()}", bw, rtt)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class CostModel:
+    """Per-layer block costs of one ViT config; predicts any :class:`ArchSpec`.
+
+    ``attention[kind] = (one head, all heads)`` of one layer; ``activation[kind]`` is one
+    layer's MLP activation; ``layernorm`` one LayerNorm over all tokens (two per layer);
+    ``layernorm_final`` the final LayerNorm on the class token; ``linear`` the four linear
+    layers of one block; ``stem`` the patch embedding plus the head.
+    """
+
+    config: ViTConfig
+    attention: dict[str, tuple[Cost, Cost]]
+    activation: dict[str, Cost]
+    layernorm: Cost
+    layernorm_final: Cost
+    linear: Cost
+    stem: Cost
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- prediction ----------------------------------------------------------------------
+    def attention_cost(self, kind: AttentionKind | str, heads: int) -> Cost:
+        """One layer's attention for ``heads`` heads of ``kind`` (0 heads cost nothing)."""
+        kind = AttentionKind(kind).value
+        if heads <= 0:
+            return Cost()
+        if kind not in self.attention:
+            raise KeyError(f"cost file has no attention kind {kind!r}")
+        one, full = self.attention[kind]
+        h = self.config.heads
+        if h == 1:
+            return full.scale(heads)
+        t = (heads - 1) / (h - 1)
+        return one + (full + one.scale(-1.0)).scale(t)
+
+    def activation_cost(self, kind: ActivationKind | str) -> Cost:
+        kind = ActivationKind(kind).value
+        if kind not in self.activation:
+            raise KeyError(f"cost file has no activation kind {kind!r}")
+        return self.activation[kind]
+
+    def layer_cost(self, layer: LayerSpec) -> Cost:
+        """One block: its attention groups (run one after another), activation, two
+        LayerNorms and four linear layers."""
+        att = total(self.attention_cost(k, len(hs)) for k, hs in layer.groups())
+        return att + self.activation_cost(layer.activation) + self.layernorm.scale(2) + self.linear
+
+    def fixed_cost(self) -> Cost:
+        """What every spec pays: LayerNorms, linear layers, stem, head, final norm."""
+        d = self.config.depth
+        return (self.layernorm.scale(2 * d) + self.layernorm_final + self.linear.scale(d)
+                + self.stem)
+
+    def predict(self, spec: ArchSpec) -> Cost:
+        """Whole-model cost of one batch-1 secure forward with ``spec``."""
+        spec.validate(self.config.depth, self.config.heads)
+        att = total(self.attention_cost(k, len(hs)) for layer in spec.layers
+                    for k, hs in layer.groups())
+        act = total(self.activation_cost(layer.activation) for layer in spec.layers)
+        return att + act + self.fixed_cost()
+
+    def seconds(self, spec: ArchSpec, network: NetworkModel) -> float:
+        return network.seconds(self.predict(spec))
+
+    def blocks(self) -> dict[str, Cost]:
+        """Whole-model cost of each block name (all layers, all heads of that kind)."""
+        d, h = self.config.depth, self.config.heads
+        out = {f"attention.{k}": self.attention_cost(k, h).scale(d) for k in self.attention}
+        out |= {f"activation.{k}": c.scale(d) for k, c in self.activation.items()}
+        out["layernorm"] = self.layernorm.scale(2 * d) + self.layernorm_final
+        out["linear"] = self.linear.scale(d) + self.stem
+        return out
+
+    def blocks_table(self, network: NetworkModel) -> dict[str, dict[str, float]]:
+        """``blocks`` as the JSON/YAML report shape, with ``seconds`` under ``network``."""
+        return {name: {"rounds": int(round(c.rounds)), "bytes": int(round(c.bytes)),
+                       "compute_s": c.compute_s, "seconds": network.seconds(c)}
+                for name, c in self.blocks().items()}
+
+    # -- per-head / per-layer prices for the search ---------------------------------------
+    def head_seconds(self, kind: AttentionKind | str, network: NetworkModel) -> float:
+        """One head's share of a layer whose heads all use ``kind``."""
+        return network.seconds(self.attention_cost(kind, self.config.heads)) / self.config.heads
+
+    def activation_seconds(self, kind: ActivationKind | str, network: NetworkModel) -> float:
+        return network.seconds(self.activation_cost(kind))
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self, network: NetworkModel | None = None) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "version": COST_FILE_VERSION,
+            "config": self.config.to_dict(),
+            "meta": dict(self.meta),
+            "per_layer": {
+                **{f"attention.{k}": {"one_head": one.to_dict(), "all_heads": full.to_dict()}
+                   for k, (one, full) in self.attention.items()},
+                **{f"activation.{k}": c.to_dict() for k, c in self.activation.items()},
+                "layernorm": self.layernorm.to_dict(),
+                "linear": self.linear.to_dict(),
+            },
+            "once": {"layernorm.final": self.layernorm_final.to_dict(),
+                     "linear.stem_head": self.stem.to_dict()},
+        }
+        if network is not None:
+            d["network"] = network.to_dict()
+            d["blocks"] = self.blocks_table(network)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> CostModel:
+        if not isinstance(d, dict) or d.get("version") != COST_FILE_VERSION:
+            raise ValueError(f"not a version-{COST_FILE_VERSION} cost file")
+        try:
+            per, once = d["per_layer"], d["once"]
+            attention = {k.split(".", 1)[1]: (Cost.from_dict(v["one_head"]),
+                                               Cost.from_dict(v["all_heads"]))
+                         for k, v in per.items() if k.startswith("attention.")}
+            activation = {k.split(".", 1)[1]: Cost.from_dict(v)
+                          for k, v in per.items() if k.startswith("activation.")}
+            for k in attention:
+                AttentionKind(k)
+            for k in activation:
+                ActivationKind(k)
+            return cls(
+                config=ViTConfig.from_dict(d["config"]),
+                attention=attention,
+                activation=activation,
+                layernorm=Cost.from_dict(per["layernorm"]),
+                layernorm_final=Cost.from_dict(once["layernorm.final"]),
+                linear=Cost.from_dict(per["linear"]),
+                stem=Cost.from_dict(once["linear.stem_head"]),
+                meta=dict(d.get("meta") or {}),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"cost file lacks a field: {e}") from e
+
+    def save(self, path: str | Path, network: NetworkModel | None = None) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(network), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+# ----------------------------------------------------------------------------- profiling
+# The functions below run inside party processes (mpcvit.mpc.launcher.run_parties).
+
+
+def _crypten():
+    from mpcvit.mpc.compat import import_crypten
+
+    return import_crypten()
+
+
+def _dealer_requests() -> float:
+    from mpcvit.mpc import runtime
+
+    try:
+        return float(runtime.dealer_provider().stats()["requests"])
+    except Exception:  # no dealer session (TFP provider)
+        return 0.0
+
+
+def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
+    """Run ``fn`` once to warm up, then ``repeats`` times: this party's rounds and bytes
+    (identical every time) and the median wall seconds.  Parties start each repeat
+    together (a barrier outside the counted region)."""
+    comm = _crypten().communicator.get()
+    fn()
+    times, stats, dealer = [], None, 0.0
+    for _ in range(max(1, repeats)):
+        comm.barrier()
+        comm.reset_communication_stats()
+        d0 = _dealer_requests()
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+        stats = comm.get_communication_stats()
+        dealer = _dealer_requests() - d0
+    assert stats is not None
+    return Cost(float(stats["rounds"]), float(stats["bytes"]), statistics.median(times), dealer)
+
+
+def _model_for(config: ViTConfig, seed: int):
+    from .vit import ViT
+
+    torch.manual_seed(seed)
+    return ViT(config).eval()
+
+
+def profile_blocks_party(
+    config_dict: dict[str, Any],
+    attention_kinds: tuple[str, ...] = ATTENTION_KINDS,
+    activation_kinds: tuple[str, ...] = ACTIVATION_KINDS,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Party program: every block of one layer at the config's real shapes (batch 1),
+    evaluated by the model's own modules and ``models.ops``/``models.vit.attend``."""
+    from . import ops
+    from .secure import share_module
+    from .vit import attend
+
+    crypten = _crypten()
+    cfg = ViTConfig.from_dict(config_dict)
+    model = _model_for(cfg, seed)
+    blk = model.blocks[0]
+    n, d, h, hd = cfg.num_tokens, cfg.dim, cfg.heads, cfg.head_dim
+    g = torch.Generator().manual_seed(seed)
+
+    def enc(*shape: int, std: float = 1.0):
+        return crypten.cryptensor(torch.randn(*shape, generator=g) * std, src=0)
+
+    out: dict[str, dict[str, float]] = {}
+    # Attention cores: q is already scaled by 1/sqrt(d) in the model; scores ~ N(0, 1..4).
+    for kind in attention_kinds:
+        k = AttentionKind(kind)
+        for label, heads in (("one_head", 1), ("all_heads", h)):
+            q, kk, v = enc(1, heads, n, hd, std=0.5), enc(1, heads, n, hd), enc(1, heads, n, hd)
+            cost = measure(lambda k=k, q=q, kk=kk, v=v: attend(k, q, kk, v, cfg.attn_eps),
+                           repeats)
+            out[f"attention.{kind}.{label}"] = cost.to_dict()
+    hidden = enc(1, n, cfg.mlp_hidden, std=1.5)
+    for kind in activation_kinds:
+        fn = ops.ACTIVATION_FNS[ActivationKind(kind).value]
+        out[f"activation.{kind}"] = measure(lambda fn=fn: fn(hidden), repeats).to_dict()
+
+    ln = share_module(blk.norm1 if hasattr(blk, "norm1") else blk.pre_norm)
+    x = enc(1, n, d, std=2.0)
+    out["layernorm"] = measure(lambda: ln(x), repeats).to_dict()
+    final = share_module(model.norm)
+    xc = enc(1, d, std=2.0)
+    out["layernorm.final"] = measure(lambda: final(xc), repeats).to_dict()
+
+    qkv, proj = share_module(blk.attn.qkv), share_module(blk.attn.proj)
+    fc1, fc2 = share_module(blk.mlp.fc1), share_module(blk.mlp.fc2)
+    xh = enc(1, n, cfg.mlp_hidden)
+
+    def linears() -> None:
+        qkv(x)
+        proj(x)
+        fc1(x)
+        fc2(xh)
+
+    out["linear"] = measure(linears, repeats).to_dict()
+    embed, head = share_module(model.patch_embed), share_module(model.head)
+    img = enc(1, cfg.in_chans, cfg.image_size, cfg.image_size)
+
+    def stem() -> None:
+        embed(img)
+        head(xc)
+
+    out["linear.stem_head"] = measure(stem, repeats).to_dict()
+    return out
+
+
+def cost_model_from_measurements(
+    config: ViTConfig, m: Mapping[str, Mapping[str, float]], meta: dict[str, Any] | None = None
+) -> CostModel:
+    """Assemble a :class:`CostModel` from :func:`profile_blocks_party`'s output."""
+    attention = {}
+    for key in m:
+        if key.startswith("attention.") and key.endswith(".all_heads"):
+            kind = key[len("attention."):-len(".all_heads")]
+            attention[kind] = (Cost.from_dict(m[f"attention.{kind}.one_head"]),
+                               Cost.from_dict(m[key]))
+    activation = {key.split(".", 1)[1]: Cost.from_dict(v) for key, v in m.items()
+                  if key.startswith("activation.")}
+    return CostModel(
+        config=config, attention=attention, activation=activation,
+        layernorm=Cost.from_dict(m["layernorm"]),
+        layernorm_final=Cost.from_dict(m["layernorm.final"]),
+        linear=Cost.from_dict(m["linear"]), stem=Cost.from_dict(m["linear.stem_head"]),
+        meta=dict(meta or {}),
+    )
+
+
+def profile(
+    config: ViTConfig,
+    attention_kinds: Iterable[str] = ATTENTION_KINDS,
+    activation_kinds: Iterable[str] = ACTIVATION_KINDS,
+    repeats: int = 3,
+    seed: int = 0,
+    provider: str = "dealer",
+    timeout: float = 1800.0,
+) -> CostModel:
+    """Profile every block in a real 2-party run over gRPC; party 0's counts."""
+    from mpcvit.mpc.launcher import run_parties
+
+    res = run_parties(profile_blocks_party, config.to_dict(), tuple(attention_kinds),
+                      tuple(activation_kinds), repeats, seed, provider=provider,
+                      timeout=timeout)
+    meta = {"provider": provider, "backend": "grpc", "batch": 1, "repeats": repeats,
+            "counts": "party 0", "compute": "median loopback wall seconds",
+            "profiled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return cost_model_from_measurements(config, res[0], meta)
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+def secure_forward_party(
+    config_dict: dict[str, Any],
+    spec_dict: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None,
+    images: torch.Tensor,
+    warmup: bool = True,
+) -> dict[str, Any]:
+    """Party program: the whole secure model on each image (batch 1); per-image rounds,
+    bytes and wall seconds as this party counted them, plus the revealed logits.
+
+    Party 0 owns the weights (``state_dict``, or a seeded random init when None); the
+    images are shared by party 1, as a client's would be.
+    """
+    from .secure import SecureViT, reveal_float, share_input
+    from .vit import ViT
+
+    crypten = _crypten()
+    comm = crypten.communicator.get()
+    cfg, spec = ViTConfig.from_dict(config_dict), ArchSpec.from_dict(spec_dict)
+    rank = comm.get_rank()
+    if rank == 0:
+        torch.manual_seed(0)
+        model = ViT(cfg, spec).eval()
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        secure = SecureViT.from_model(model)
+    else:
+        secure = SecureViT.from_model(None, cfg, spec)
+    shape = (1, *images.shape[1:])
+    if warmup:
+        secure(share_input(images[:1], shape))
+    rows = []
+    for i in range(len(images)):
+        x = share_input(images[i : i + 1], shape)
+        comm.barrier()
+        comm.reset_communication_stats()
+        d0 = _dealer_requests()
+        tic = time.perf_counter()
+        y = secure(x)
+        seconds = time.perf_counter() - tic
+        stats = comm.get_communication_stats()
+        dealer = _dealer_requests() - d0
+        logits = reveal_float(y)
+        rows.append({"rounds": stats["rounds"], "bytes": stats["bytes"], "compute_s": seconds,
+                     "dealer_requests": dealer, "logits": logits[0]})
+    return {"rows": rows}
+
+
+@dataclass(frozen=True)
+class SecureRun:
+    """Party 0's figures of a measured whole-model secure run."""
+
+    rounds: float
+    bytes: float
+    seconds: list[float]
+    dealer_requests: float
+    logits: torch.Tensor
+
+    @property
+    def cost(self) -> Cost:
+        """Per image: exact rounds/bytes, median wall seconds."""
+        return Cost(self.rounds, self.bytes, statistics.median(self.seconds),
+                    self.dealer_requests)
+
+
+def measure_secure_model(
+    config: ViTConfig,
+    spec: ArchSpec,
+    images: torch.Tensor,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    provider: str = "dealer",
+    timeout: float = 1800.0,
+) -> SecureRun:
+    """Run the whole secure model on ``images`` (one at a time) in 2 real parties."""
+    from mpcvit.mpc.launcher import run_parties
+
+    res = run_parties(secure_forward_party, config.to_dict(), spec.to_dict(), state_dict,
+                      images, provider=provider, timeout=timeout)
+    rows = res[0]["rows"]
+    rounds = {r["rounds"] for r in rows}
+    nbytes = {r["bytes"] for r in rows}
+    if len(rounds) != 1 or len(nbytes) != 1:
+        raise RuntimeError(f"rounds/bytes differ between images: {rounds} {nbytes}")
+    return SecureRun(float(rounds.pop()), float(nbytes.pop()),
+                     [float(r["compute_s"]) for r in rows],
+                     float(statistics.median(r["dealer_requests"] for r in rows)),
+                     torch.stack([r["logits"] for r in rows]))

@@ -1,0 +1,193 @@
+"""Cost model: network presets and parsing, the cost file, prediction arithmetic, and (slow)
+profiled blocks against a whole-model secure run on the demo config."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from mpcvit.models.configs import get_config
+from mpcvit.models.costs import (
+    BLOCK_NAMES,
+    NETWORKS,
+    Cost,
+    CostModel,
+    NetworkModel,
+    cost_model_from_measurements,
+    measure_secure_model,
+    parse_network,
+)
+from mpcvit.models.spec import ArchSpec, LayerSpec
+
+DEMO = get_config("demo")
+
+
+def _measurements() -> dict[str, dict[str, float]]:
+    """Profiler-shaped figures (distinct per block so mix-ups show)."""
+    m: dict[str, dict[str, float]] = {}
+    for i, kind in enumerate(("softmax", "relu_softmax", "scale", "quad2")):
+        m[f"attention.{kind}.one_head"] = {"rounds": 80 - 10 * i, "bytes": 1000 * (i + 1),
+                                           "compute_s": 0.1 * (i + 1)}
+        m[f"attention.{kind}.all_heads"] = {"rounds": 80 - 10 * i, "bytes": 3400 * (i + 1),
+                                            "compute_s": 0.25 * (i + 1)}
+    for i, kind in enumerate(("gelu", "relu", "quad", "identity")):
+        m[f"activation.{kind}"] = {"rounds": 13 - 3 * i, "bytes": 500 - 100 * i,
+                                   "compute_s": 0.05 * (4 - i)}
+    m["layernorm"] = {"rounds": 20, "bytes": 300, "compute_s": 0.02}
+    m["layernorm.final"] = {"rounds": 20, "bytes": 7, "compute_s": 0.01}
+    m["linear"] = {"rounds": 4, "bytes": 900, "compute_s": 0.03}
+    m["linear.stem_head"] = {"rounds": 2, "bytes": 100, "compute_s": 0.004}
+    return m
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def test_network_presets_are_the_documented_ones():
+    assert NETWORKS["lan"].bandwidth_bps == 3e9 and NETWORKS["lan"].rtt_s == 0.8e-3
+    assert NETWORKS["wan"].bandwidth_bps == 100e6 and NETWORKS["wan"].rtt_s == 40e-3
+    lo = NETWORKS["loopback"]
+    c = Cost(rounds=100, bytes=1e9, compute_s=1.5)
+    assert lo.seconds(c) == 1.5  # loopback adds nothing to the measured compute
+    # 1 GB at 100 Mbps = 80 s, plus 100 rounds x 40 ms = 4 s, plus compute
+    assert NETWORKS["wan"].seconds(c) == pytest.approx(1.5 + 80 + 4)
+
+
+@pytest.mark.parametrize(
+    "text,bps,rtt",
+    [("1gbit,5ms", 1e9, 5e-3), ("100Mbps, 40ms", 100e6, 40e-3), ("2.5gbit,250us", 2.5e9, 250e-6),
+     ("WAN", 100e6, 40e-3), ("10mbit,0.1s", 10e6, 0.1)],
+)
+def test_parse_network(text, bps, rtt):
+    net = parse_network(text)
+    assert net.bandwidth_bps == pytest.approx(bps) and net.rtt_s == pytest.approx(rtt)
+
+
+@pytest.mark.parametrize("text", ["moon", "1gbit", "1gbit,5ms,3", "fast,5ms", "1gbit,5min",
+                                  "0gbit,5ms", "1gbit,"])
+def test_parse_network_errors(text):
+    with pytest.raises(ValueError):
+        parse_network(text)
+
+
+def test_network_rejects_bad_values():
+    with pytest.raises(ValueError):
+        NetworkModel("x", 0.0, 1e-3)
+    with pytest.raises(ValueError):
+        NetworkModel("x", 1e9, -1.0)
+
+
+# ----------------------------------------------------------------------------- model/file
+
+
+def test_cost_file_round_trip(tmp_path):
+    cm = cost_model_from_measurements(DEMO, _measurements(), {"provider": "dealer"})
+    path = tmp_path / "costs.yaml"
+    cm.save(path, NETWORKS["wan"])
+    back = CostModel.load(path)
+    assert back == cm
+    text = path.read_text()
+    assert "blocks:" in text and "network:" in text
+    assert set(cm.blocks()) == set(BLOCK_NAMES)
+    table = cm.blocks_table(NETWORKS["wan"])
+    b = table["attention.softmax"]
+    assert b["seconds"] == pytest.approx(NETWORKS["wan"].seconds(cm.blocks()["attention.softmax"]))
+
+
+def test_cost_file_errors(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("version: 99\n")
+    with pytest.raises(ValueError):
+        CostModel.load(path)
+    d = cost_model_from_measurements(DEMO, _measurements()).to_dict()
+    del d["per_layer"]["layernorm"]
+    with pytest.raises(ValueError, match="lacks"):
+        CostModel.from_dict(d)
+    d = cost_model_from_measurements(DEMO, _measurements()).to_dict()
+    d["per_layer"]["attention.bogus"] = d["per_layer"]["attention.scale"]
+    with pytest.raises(ValueError):
+        CostModel.from_dict(d)
+
+
+def test_prediction_sums_layers_and_interpolates_heads():
+    m = _measurements()
+    cm = cost_model_from_measurements(DEMO, m)
+    d, h = DEMO.depth, DEMO.heads
+    # one and all heads reproduce the measurements; bytes grow linearly in between
+    assert cm.attention_cost("relu_softmax", 1).bytes == 2000
+    assert cm.attention_cost("relu_softmax", h).bytes == 6800
+    assert cm.attention_cost("relu_softmax", 2).bytes == pytest.approx(2000 + 4800 / 3)
+    assert cm.attention_cost("relu_softmax", 0) == Cost()
+    uniform = ArchSpec.uniform(d, h, "softmax", "gelu")
+    want_rounds = d * (80 + 13 + 2 * 20 + 4) + 20 + 2
+    assert cm.predict(uniform).rounds == want_rounds
+    # blocks of a uniform spec add up to its prediction
+    blocks = cm.blocks()
+    parts = ["attention.softmax", "activation.gelu", "layernorm", "linear"]
+    assert sum(blocks[p].bytes for p in parts) == pytest.approx(cm.predict(uniform).bytes)
+    # a layer mixing two kinds pays both kinds' rounds (groups run one after another)
+    mixed = ArchSpec(tuple(LayerSpec(("relu_softmax", "scale", "scale", "scale"), "relu")
+                           for _ in range(d)))
+    per_layer = (70 + 60) + 10 + 40 + 4
+    assert cm.predict(mixed).rounds == d * per_layer + 22
+    lan = NETWORKS["lan"]
+    assert cm.seconds(mixed, lan) == pytest.approx(lan.seconds(cm.predict(mixed)))
+
+
+# ----------------------------------------------------------------------------- slow
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    """`mpcvit profile --model demo --json --out FILE` (one real 2-party gRPC run)."""
+    import contextlib
+    import io
+
+    from mpcvit.party.cli import main
+
+    out = tmp_path_factory.mktemp("profile") / "costs.yaml"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["profile", "--model", "demo", "--repeats", "1", "--network", "wan",
+                   "--json", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(buf.getvalue().strip().splitlines()[-1])
+    return report, CostModel.load(out)
+
+
+@pytest.mark.slow
+def test_profile_cli_reports_every_block(profiled):
+    report, costs = profiled
+    assert set(report["blocks"]) == set(BLOCK_NAMES)
+    for name, b in report["blocks"].items():
+        assert set(b) == {"rounds", "bytes", "compute_s", "seconds"}
+        assert b["seconds"] >= b["compute_s"] >= 0.0, name
+    for name in BLOCK_NAMES:
+        if name != "activation.identity":
+            assert report["blocks"][name]["rounds"] > 0, name
+    assert report["blocks"]["activation.identity"]["bytes"] == 0
+    # MPC cost ordering the search relies on
+    b = report["blocks"]
+    assert b["attention.softmax"]["rounds"] > b["attention.relu_softmax"]["rounds"] \
+        > b["attention.scale"]["rounds"]
+    assert b["activation.gelu"]["bytes"] > b["activation.quad"]["bytes"]
+    assert costs.config == DEMO
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [
+    ArchSpec.uniform(DEMO.depth, DEMO.heads, "softmax", "gelu"),
+    ArchSpec(tuple(LayerSpec(("relu_softmax", "scale", "quad2", "scale"), act)
+                   for act in ("relu", "quad", "identity", "gelu"))),
+], ids=["softmax", "mixed"])
+def test_blocks_predict_whole_model_run(profiled, spec):
+    import torch
+
+    _, costs = profiled
+    run = measure_secure_model(DEMO, spec, torch.randn(1, 1, 28, 28), provider="dealer")
+    pred = costs.predict(spec)
+    assert math.isclose(pred.rounds, run.rounds, rel_tol=0.15), (pred.rounds, run.rounds)
+    assert math.isclose(pred.bytes, run.bytes, rel_tol=0.15), (pred.bytes, run.bytes)
+    assert run.logits.shape == (1, DEMO.num_classes)
+    assert torch.isfinite(run.logits).all()

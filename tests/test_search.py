@@ -1,0 +1,224 @@
+"""Latency-aware search: supernet weight sharing, the latency penalty moving α, μ top-k,
+budget binarisation, and the searched spec through `mpcvit search` and `mpcvit train`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+from mpcvit.models.configs import ViTConfig, get_config
+from mpcvit.models.costs import NETWORKS, CostModel, cost_model_from_measurements
+from mpcvit.models.data import limit_bundle, load_synthetic
+from mpcvit.models.search import (
+    LatencyPrices,
+    SearchConfig,
+    SuperNet,
+    binarize_budget,
+    binarize_mu,
+    cheapest,
+    mu_sweep,
+    search,
+)
+from mpcvit.models.spec import ArchSpec, AttentionKind
+
+TINY = ViTConfig(image_size=16, in_chans=1, patch=4, dim=16, depth=2, heads=2, num_classes=4)
+LAN = NETWORKS["lan"]
+
+
+def _costs(config: ViTConfig) -> CostModel:
+    """A cost file's contents with the demo profile's ordering: softmax > relu_softmax >
+    quad2 > scale per head; gelu > relu > quad > identity per layer (test data, not a
+    latency table anything ships with)."""
+    m: dict[str, dict[str, float]] = {}
+    for kind, rounds, nbytes in (("softmax", 80, 7e6), ("relu_softmax", 26, 7e6),
+                                 ("quad2", 18, 2.8e6), ("scale", 2, 1.7e5)):
+        m[f"attention.{kind}.one_head"] = {"rounds": rounds, "bytes": nbytes / 4,
+                                           "compute_s": 0.01}
+        m[f"attention.{kind}.all_heads"] = {"rounds": rounds, "bytes": nbytes,
+                                            "compute_s": 0.04}
+    for kind, rounds, nbytes in (("gelu", 13, 6.7e6), ("relu", 9, 3e6), ("quad", 1, 2e5),
+                                 ("identity", 0, 0)):
+        m[f"activation.{kind}"] = {"rounds": rounds, "bytes": nbytes, "compute_s": 0.01}
+    m["layernorm"] = {"rounds": 20, "bytes": 5e5, "compute_s": 0.01}
+    m["layernorm.final"] = {"rounds": 20, "bytes": 1e4, "compute_s": 0.001}
+    m["linear"] = {"rounds": 4, "bytes": 8e5, "compute_s": 0.01}
+    m["linear.stem_head"] = {"rounds": 2, "bytes": 1e5, "compute_s": 0.001}
+    return cost_model_from_measurements(config, m)
+
+
+def _data(n: int = 384):
+    return limit_bundle(load_synthetic(), n, 128)
+
+
+# ----------------------------------------------------------------------------- supernet
+
+
+def test_one_hot_supernet_equals_derived_vit():
+    torch.manual_seed(0)
+    net = SuperNet(TINY, ["softmax", "relu_softmax", "scale"], ["gelu", "relu", "identity"])
+    spec = ArchSpec.from_dict({"version": 1, "layers": [
+        {"attention": ["scale", "softmax"], "activation": "relu"},
+        {"attention": ["relu_softmax", "relu_softmax"], "activation": "identity"}]})
+    with torch.no_grad():
+        for blk, layer in zip(net.vit.blocks, spec.layers, strict=True):
+            blk.attn.alpha.fill_(-60.0)
+            for h, kind in enumerate(layer.attention):
+                blk.attn.alpha[h, net.attention_kinds.index(kind)] = 60.0
+            blk.mlp.beta.fill_(-60.0)
+            blk.mlp.beta[net.activation_kinds.index(layer.activation)] = 60.0
+    x = torch.randn(3, 1, 16, 16)
+    model = net.derive(spec).eval()
+    net.eval()
+    torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(net.arch_parameters()) == 2 * TINY.depth
+
+
+def test_expected_latency_prices_match_cost_model():
+    net = SuperNet(TINY, ["softmax", "scale"], ["gelu", "quad"])
+    costs = _costs(TINY)
+    prices = LatencyPrices.from_costs(costs, LAN, net)
+    # one-hot mixtures reproduce the cost model's prediction of the uniform spec
+    for a, act in ((0, 0), (1, 1)):
+        att = torch.zeros(TINY.depth, TINY.heads, 2)
+        att[..., a] = 1
+        acts = torch.zeros(TINY.depth, 2)
+        acts[:, act] = 1
+        spec = ArchSpec.uniform(TINY.depth, TINY.heads, net.attention_kinds[a],
+                                net.activation_kinds[act])
+        assert float(prices.expected(att, acts)) == pytest.approx(costs.seconds(spec, LAN))
+    assert prices.reference == pytest.approx(costs.seconds(
+        ArchSpec.uniform(TINY.depth, TINY.heads, "softmax", "gelu"), LAN))
+    with pytest.raises(ValueError):
+        LatencyPrices.from_costs(_costs(get_config("demo")), LAN, net)
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def _cheap_weight(lam: float) -> float:
+    torch.manual_seed(0)
+    net = SuperNet(TINY, ["relu_softmax", "scale"], ["gelu", "quad"])
+    cfg = SearchConfig(lam=lam, epochs=2, batch_size=64, lr=5e-3, arch_lr=5e-2, threads=1)
+    seen = []
+    res = search(net, _data(), _costs(TINY), LAN, cfg, progress=seen.append)
+    assert [s.epoch for s in seen] == [1, 2]
+    assert all(s.expected_s > 0 and 0.0 <= s.val_acc <= 1.0 for s in seen)
+    att = res.attention_probs[..., 1].mean().item()  # scale
+    act = res.activation_probs[..., 1].mean().item()  # quad
+    return att + act
+
+
+def test_latency_penalty_moves_weight_to_cheap_kinds():
+    base = _cheap_weight(0.0)
+    heavy = _cheap_weight(20.0)
+    # Adam's normalised steps cap how far 12 steps can move α; λ = 0 stays near uniform.
+    assert heavy > base + 0.5
+    assert heavy > 1.3  # scale and quad each hold > 0.65 on average
+
+
+def test_mu_top_k_keeps_the_right_heads():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(3, 4, 2, generator=g)
+    probs = probs / probs.sum(-1, keepdim=True)
+    kinds = [AttentionKind.RELU_SOFTMAX, AttentionKind.SCALE]
+    for mu, want in ((0.0, 0), (0.25, 3), (0.5, 6), (0.7, 8), (1.0, 12)):
+        spec = binarize_mu(probs, kinds, mu, cheap_index=1)
+        kept = [(i, h) for i, layer in enumerate(spec.layers)
+                for h, k in enumerate(layer.attention) if k is AttentionKind.RELU_SOFTMAX]
+        assert len(kept) == want
+        top = sorted((-float(probs[i, h, 0]), i, h) for i in range(3) for h in range(4))
+        assert sorted(kept) == sorted((i, h) for _, i, h in top[:want])
+    with pytest.raises(ValueError):
+        binarize_mu(probs, kinds, 1.5, cheap_index=1)
+
+
+def test_budget_mode_meets_budget():
+    costs = _costs(TINY)
+    kinds = [AttentionKind.SOFTMAX, AttentionKind.RELU_SOFTMAX, AttentionKind.SCALE]
+    g = torch.Generator().manual_seed(1)
+    att = torch.rand(TINY.depth, TINY.heads, 3, generator=g).softmax(-1)
+    acts = torch.rand(TINY.depth, 3, generator=g).softmax(-1)
+    act_kinds = ["gelu", "relu", "identity"]
+    top = costs.seconds(ArchSpec.uniform(TINY.depth, TINY.heads, "softmax", "gelu"), LAN)
+    floor = costs.seconds(ArchSpec.uniform(TINY.depth, TINY.heads, "scale", "identity"), LAN)
+    for frac in (0.9, 0.6, 0.3, 0.05):
+        budget = floor + frac * (top - floor)
+        spec = binarize_budget(att, kinds, costs, LAN, budget, acts, act_kinds)
+        assert costs.seconds(spec, LAN) <= budget
+    # a generous budget keeps every argmax; an impossible one is an error
+    loose = binarize_budget(att, kinds, costs, LAN, 10 * top, acts, act_kinds)
+    assert [kinds.index(k) for k in loose.layers[0].attention] == att[0].argmax(-1).tolist()
+    with pytest.raises(ValueError, match="budget"):
+        binarize_budget(att, kinds, costs, LAN, 0.5 * floor, acts, act_kinds)
+    assert cheapest(kinds, costs, LAN) == 2
+
+
+def test_mu_sweep_is_monotone_in_kept_heads():
+    torch.manual_seed(0)
+    net = SuperNet(TINY, ["relu_softmax", "scale"])
+    cfg = SearchConfig(lam=1.0, epochs=1, batch_size=64, threads=1)
+    res = search(net, _data(256), _costs(TINY), LAN, cfg)
+    pts = mu_sweep(res, _costs(TINY), LAN, mus=(0.0, 0.5, 1.0))
+    kept = [p.spec.summary().get("relu_softmax", 0) for p in pts]
+    assert kept == [0, 2, 4]
+    assert pts[0].predicted_s < pts[-1].predicted_s
+    assert all(0.0 <= p.val_acc <= 1.0 for p in pts)
+
+
+# ----------------------------------------------------------------------------- CLIs
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    from mpcvit.party.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(list(argv))
+    return rc, buf.getvalue()
+
+
+def test_search_cli_then_distilled_train_of_searched_arch(tmp_path):
+    from mpcvit.models.checkpoint import load_checkpoint
+
+    demo = get_config("demo")
+    costs = tmp_path / "costs.yaml"
+    _costs(demo).save(costs, LAN)
+    data = "synthetic:size=28,classes=4,train=256,test=128"
+    rc, out = _cli("train", "--model", "demo", "--data", data, "--epochs", "1",
+                   "--out", str(tmp_path / "teacher.pt"), "--threads", "1")
+    assert rc == 0, out
+    arch = tmp_path / "arch.yaml"
+    rc, out = _cli("search", "--model", "demo", "--data", data, "--costs", str(costs),
+                   "--mu", "0.25", "--epochs", "1", "--out", str(arch), "--threads", "1",
+                   "--batch-size", "64")
+    assert rc == 0, out
+    assert "epoch 1/1" in out and "expected_latency" in out
+    spec = ArchSpec.from_yaml(arch.read_text())
+    assert spec.summary()["relu_softmax"] == 4 and spec.summary()["scale"] == 12
+    rows = (tmp_path / "arch.pareto.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("mu,predicted_s") and len(rows) == 12
+    rc, out = _cli("train", "--model", "demo", "--data", data, "--epochs", "1",
+                   "--arch", str(arch), "--teacher", str(tmp_path / "teacher.pt"),
+                   "--out", str(tmp_path / "student.pt"), "--threads", "1")
+    assert rc == 0, out
+    assert "soft=" in out  # the distillation terms were used
+    student, extra = load_checkpoint(tmp_path / "student.pt")
+    assert student.spec == spec
+    assert 0.0 <= extra["test_acc"] <= 1.0
+
+
+def test_search_cli_errors(tmp_path):
+    rc, _ = _cli("search", "--model", "demo", "--data", "synthetic:size=28", "--mu", "2",
+                 "--costs", str(tmp_path / "x.yaml"), "--out", str(tmp_path / "a.yaml"))
+    assert rc == 2
+    rc, _ = _cli("search", "--model", "demo", "--data", "synthetic:size=28", "--mu", "0.5",
+                 "--network", "moon", "--out", str(tmp_path / "a.yaml"))
+    assert rc == 2
+    costs = tmp_path / "costs.yaml"
+    _costs(get_config("demo")).save(costs)
+    rc, _ = _cli("search", "--model", "demo", "--data",
+                 "synthetic:size=28,classes=4,train=64,test=32", "--costs", str(costs),
+                 "--latency-budget", "1e-6", "--epochs", "0", "--out", str(tmp_path / "a.yaml"))
+    assert rc == 2
