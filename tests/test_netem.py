@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
+import mpc_programs as progs
 import pytest
 import torch
-
 from mpcvit.mpc.errors import ConfigError
 from mpcvit.mpc.launcher import run_parties
 from mpcvit.mpc.netem import PRESETS, EmulatedNetwork, namespaces_available, parse_network
-
-import mpc_programs as progs
 
 
 def test_presets_and_custom_links_parse():
