@@ -50,6 +50,13 @@ def _ops_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     out = {}
 
+    # Packed comparison: exact sign of the shared ring value, edge values included
+    # (odd length exercises the padding).
+    v = torch.cat([torch.randn(3001, generator=g) * 5, torch.randn(300, generator=g) * 3e4,
+                   torch.tensor([0.0, 2.0**-16, -(2.0**-16), 2.0**-15, -(2.0**-15)])])
+    ev = _enc(crypten, v.reshape(1, -1))
+    out["ltz"] = (ops.ltz(ev).reveal(), (ev.reveal() < 0).long())
+
     x = torch.cat([torch.linspace(-8, 8, 1601), torch.linspace(-80, 80, 161)])
     out["gelu"] = (reveal_float(ops.gelu(_enc(crypten, x))), F.gelu(x))
     out["relu"] = (reveal_float(ops.relu(_enc(crypten, x))), F.relu(x))
@@ -203,6 +210,13 @@ def test_secure_op_matches_plaintext(ops_results, name):
     assert got.shape == want.shape
     err = (got - want).abs().max().item()
     assert err <= OP_TOLERANCE[name], f"{name}: max abs error {err:.2e}"
+
+
+def test_packed_comparison_is_exact(ops_results):
+    got, want = ops_results["ltz"]
+    assert got.shape == want.shape == (1, 3306)
+    assert torch.equal(got, want)
+    assert 0 < int(want.sum()) < want.numel()
 
 
 def test_secure_attention_rows_sum_to_one(ops_results):
