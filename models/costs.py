@@ -466,6 +466,19 @@ def cost_model_from_measurements(
     )
 
 
+def ops_fingerprint() -> str:
+    """Hash of the secure op definitions a profile measured (a changed ops.py means the
+    cost file is stale)."""
+    import hashlib
+
+    from . import ops, vit
+
+    h = hashlib.sha1()
+    for mod in (ops, vit):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def profile(
     config: ViTConfig,
     attention_kinds: Iterable[str] = ATTENTION_KINDS,
@@ -483,6 +496,7 @@ def profile(
                       timeout=timeout)
     meta = {"provider": provider, "backend": "grpc", "batch": 1, "repeats": repeats,
             "counts": "party 0", "compute": "median loopback wall seconds",
+            "ops_sha1": ops_fingerprint(),
             "profiled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return cost_model_from_measurements(config, res[0], meta)
 

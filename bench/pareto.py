@@ -1,0 +1,409 @@
+"""The Pareto experiment of docs/search.md, in one command:
+
+    nice -n 10 .venv/bin/python -m mpcvit.bench.pareto --out runs/pareto
+
+On Fashion-MNIST with the ``demo`` config: profile the blocks (cost file), train softmax /
+ReLU-softmax / scale ViTs, search (attention kinds; and attention + activations for an
+MPCViT+ point under a latency budget of a third of the softmax ViT's), binarise at
+μ ∈ {0.1, 0.3, 0.5, 0.7}, retrain every searched spec with and without distillation from
+the softmax ViT, run each architecture in a real 2-party secure run (gRPC + dealer) for
+measured per-image latency, and write docs/search.md's results section and
+docs/pareto.png.
+
+Every step's output is a file under ``--out``; a finished step is skipped when the command
+is run again, so an interrupted experiment resumes.  Training and search run as
+``mpcvit train`` / ``mpcvit search`` subprocesses, up to ``--jobs`` at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models.configs import get_config
+from ..models.costs import NETWORKS, CostModel, measure_secure_model, ops_fingerprint
+from ..models.spec import ArchSpec
+
+MUS = (0.1, 0.3, 0.5, 0.7)
+BASELINES = ("softmax", "relu_softmax", "scale")
+BEGIN, END = "<!-- pareto:begin -->", "<!-- pareto:end -->"
+
+
+@dataclass
+class Job:
+    """One step: a subprocess (``argv``) or an in-process function; done when ``output``
+    exists."""
+
+    name: str
+    output: Path
+    deps: list[str] = field(default_factory=list)
+    argv: list[str] | Callable[[], list[str]] | None = None  # callable: built when started
+    fn: Callable[[], None] | None = None
+    after: list[str] = field(default_factory=list)  # wait for these, whatever their outcome
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mpcvit.party.cli", *args]
+
+
+def run_jobs(jobs: list[Job], parallel: int, log_dir: Path) -> dict[str, str]:
+    """Run jobs in list order as their dependencies finish; returns name -> status."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    status = {j.name: "done" for j in jobs if j.output.exists()}
+    running: dict[str, subprocess.Popen] = {}
+    while True:
+        for name, proc in list(running.items()):
+            rc = proc.poll()
+            if rc is not None:
+                del running[name]
+                job = next(j for j in jobs if j.name == name)
+                status[name] = "done" if rc == 0 and job.output.exists() else f"failed rc={rc}"
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: {status[name]}", flush=True)
+        pending = [j for j in jobs if j.name not in status and j.name not in running]
+        for job in pending:
+            if any(status.get(d, "").startswith("failed") or status.get(d) == "skipped"
+                   for d in job.deps):
+                status[job.name] = "skipped"
+                continue
+            if not all(status.get(d) == "done" for d in job.deps):
+                continue
+            if any(a not in status for a in job.after):
+                continue
+            if job.fn is not None:
+                print(f"[{time.strftime('%H:%M:%S')}] {job.name}: running", flush=True)
+                try:
+                    job.fn()
+                    status[job.name] = "done"
+                except Exception as exc:  # report and carry on with the other steps
+                    status[job.name] = f"failed {type(exc).__name__}: {exc}"
+                print(f"[{time.strftime('%H:%M:%S')}] {job.name}: {status[job.name]}",
+                      flush=True)
+                break  # re-poll the subprocesses
+            if len(running) < parallel and job.argv is not None:
+                log = open(log_dir / f"{job.name}.log", "w")  # noqa: SIM115 (lives with proc)
+                argv = job.argv() if callable(job.argv) else job.argv
+                running[job.name] = subprocess.Popen(argv, stdout=log,
+                                                     stderr=subprocess.STDOUT)
+                print(f"[{time.strftime('%H:%M:%S')}] {job.name}: started", flush=True)
+        if not running and all(j.name in status for j in jobs):
+            return status
+        if not running and not any(
+            all(status.get(d) == "done" for d in j.deps) and all(a in status for a in j.after)
+            for j in jobs if j.name not in status
+        ):
+            for j in jobs:
+                status.setdefault(j.name, "skipped")
+            return status
+        time.sleep(2.0)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _test_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..models.data import load_dataset
+
+    data = load_dataset("fashion-mnist")
+    x, y = data.test.tensors()
+    return x[:n].clone(), y[:n].clone()
+
+
+def measure_step(spec_path: Path, ckpt: Path, out: Path, images: int) -> Callable[[], None]:
+    """Measured secure latency of one architecture (the trained weights of ``ckpt``)."""
+
+    def step() -> None:
+        from ..models.checkpoint import load_model
+
+        model = load_model(str(ckpt))
+        spec = ArchSpec.from_yaml(spec_path.read_text())
+        if model.spec != spec:
+            raise ValueError(f"{ckpt} has another spec than {spec_path}")
+        x, y = _test_images(images)
+        run = measure_secure_model(model.config, spec, x, model.state_dict())
+        with torch.no_grad():
+            plain = model(x)
+        out.write_text(json.dumps({
+            "rounds": run.rounds, "bytes": run.bytes, "seconds": run.seconds,
+            "median_s": run.cost.compute_s, "dealer_requests": run.dealer_requests,
+            "max_logit_error": float((run.logits - plain).abs().max()),
+            "argmax_agree": int((run.logits.argmax(-1) == plain.argmax(-1)).sum()),
+            "secure_correct": int((run.logits.argmax(-1) == y).sum()), "images": len(y),
+            "ops_sha1": ops_fingerprint(),
+        }))
+
+    return step
+
+
+def binarise_step(search_json: Path, costs_path: Path, network: str, out_dir: Path,
+                  mus=MUS) -> Callable[[], None]:
+    """Binarise the attention search's α at every μ (one YAML per μ)."""
+
+    def step() -> None:
+        from ..models.costs import NETWORKS as nets
+        from ..models.search import binarize_mu, cheapest
+        from ..models.spec import AttentionKind
+
+        res = _last_json(search_json)
+        probs = torch.tensor(res["attention_probs"])
+        kinds = [AttentionKind(k) for k in ("relu_softmax", "scale")]
+        cheap = cheapest(kinds, CostModel.load(costs_path), nets[network])
+        for mu in mus:
+            spec = binarize_mu(probs, kinds, mu, cheap)
+            (out_dir / f"mu{mu:g}.yaml").write_text(spec.to_yaml())
+
+    return step
+
+
+def _last_json(log: Path) -> dict:
+    for line in reversed(log.read_text().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError(f"{log} has no JSON line")
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
+    """All steps, most important first, and the models they produce."""
+    out: Path = args.out
+    for sub in ("specs", "ckpt", "measure", "logs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    costs = out / "costs.yaml"
+    data = ["--data", "fashion-mnist", "--limit", str(args.limit)]
+    train_common = ["--model", "demo", *data, "--test-limit", str(args.test_limit),
+                    "--epochs", str(args.epochs), "--threads", str(args.threads)]
+    search_common = ["--model", "demo", *data, "--costs", str(costs), "--network",
+                     args.network, "--epochs", str(args.search_epochs), "--threads",
+                     str(args.threads), "--json"]
+    cfg = get_config("demo")
+    jobs = [Job("profile", costs, argv=_cli("profile", "--model", "demo", "--network",
+                                            args.network, "--repeats", "3", "--out",
+                                            str(costs)))]
+    models: dict[str, dict] = {}
+    for kind in BASELINES:
+        spec = out / "specs" / f"{kind}.yaml"
+        if not spec.exists():
+            spec.write_text(ArchSpec.uniform(cfg.depth, cfg.heads, kind, "gelu").to_yaml())
+        models[kind] = {"spec": spec, "group": "baseline"}
+    # searches: attention only (mu sweep) and MPCViT+ (attention + activations, budget)
+    jobs.append(Job("search_attn", out / "specs" / "search_attn.yaml", ["profile"],
+                    argv=_cli("search", *search_common, "--mu", "0.5", "--out",
+                              str(out / "specs" / "search_attn.yaml"), "--pareto",
+                              str(out / "search_attn_pareto.csv"))))
+    jobs.append(Job("binarise", out / "specs" / f"mu{MUS[-1]:g}.yaml", ["search_attn"],
+                    fn=binarise_step(out / "logs" / "search_attn.log", costs, args.network,
+                                     out / "specs")))
+    for mu in MUS:
+        models[f"mu{mu:g}"] = {"spec": out / "specs" / f"mu{mu:g}.yaml", "group": "searched",
+                               "dep": "binarise"}
+    plus_spec = out / "specs" / "plus.yaml"
+    jobs.append(Job("search_plus", plus_spec, ["profile"], argv=lambda: _cli(
+        "search", *search_common, "--network", args.plus_network, "--latency-budget",
+        f"{_plus_budget(costs, args.plus_network):.6f}",
+        "--activations", "gelu,relu,quad,identity", "--out", str(plus_spec), "--pareto",
+        str(out / "search_plus_pareto.csv"))))
+    models["plus"] = {"spec": plus_spec, "group": "mpcvit+", "dep": "search_plus"}
+
+    teacher = out / "ckpt" / "softmax.pt"
+    order = ["softmax", "mu0.5", "plus", "mu0.1", "relu_softmax", "scale", "mu0.3", "mu0.7"]
+    for name in order:
+        m = models[name]
+        deps = [m["dep"]] if "dep" in m else []
+        jobs.append(Job(f"train_{name}", out / "ckpt" / f"{name}.pt", deps,
+                        argv=_cli("train", *train_common, "--arch", str(m["spec"]),
+                                  "--out", str(out / "ckpt" / f"{name}.pt"))))
+        if name != "softmax":
+            jobs.append(Job(f"distill_{name}", out / "ckpt" / f"{name}_kd.pt",
+                            deps + ["train_softmax"],
+                            argv=_cli("train", *train_common, "--arch", str(m["spec"]),
+                                      "--teacher", str(teacher), "--out",
+                                      str(out / "ckpt" / f"{name}_kd.pt"))))
+    # Secure measurements last, one at a time, so that they share the same machine load.
+    trainings = [j.name for j in jobs if j.name.startswith(("train_", "distill_"))]
+    for name in order:
+        m = models[name]
+        jobs.append(Job(f"measure_{name}", out / "measure" / f"{name}.json",
+                        [f"train_{name}"], after=trainings,
+                        fn=measure_step(m["spec"], out / "ckpt" / f"{name}.pt",
+                                        out / "measure" / f"{name}.json", args.images)))
+    return jobs, models
+
+
+def _plus_budget(costs: Path, network: str) -> float:
+    """MPCViT+'s budget: a third of the softmax ViT's predicted latency, or, when the
+    fixed part (LayerNorms, linear layers) makes that unreachable, the cheapest candidate
+    model plus a tenth of the gap to the softmax ViT."""
+    cm = CostModel.load(costs)
+    cfg, net = cm.config, NETWORKS[network]
+    top = cm.seconds(ArchSpec.uniform(cfg.depth, cfg.heads, "softmax", "gelu"), net)
+    floor = cm.seconds(ArchSpec.uniform(cfg.depth, cfg.heads, "scale", "identity"), net)
+    return max(top / 3, floor + 0.1 * (top - floor))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _acc(ckpt: Path) -> float | None:
+    from ..models.checkpoint import read_checkpoint
+
+    if not ckpt.exists():
+        return None
+    return read_checkpoint(ckpt)["extra"].get("test_acc")
+
+
+def collect(args: argparse.Namespace, models: dict[str, dict]) -> list[dict]:
+    out: Path = args.out
+    costs = CostModel.load(out / "costs.yaml")
+    rows = []
+    for name, m in models.items():
+        if not m["spec"].exists():
+            continue
+        spec = ArchSpec.from_yaml(m["spec"].read_text())
+        pred = costs.predict(spec)
+        row = {"name": name, "group": m["group"], "kinds": spec.summary(),
+               "acc": _acc(out / "ckpt" / f"{name}.pt"),
+               "acc_kd": None if name == "softmax" else _acc(out / "ckpt" / f"{name}_kd.pt"),
+               "pred_rounds": pred.rounds, "pred_bytes": pred.bytes,
+               "pred_compute_s": pred.compute_s,
+               "pred_lan_s": NETWORKS["lan"].seconds(pred),
+               "pred_wan_s": NETWORKS["wan"].seconds(pred)}
+        mpath = out / "measure" / f"{name}.json"
+        if mpath.exists():
+            meas = json.loads(mpath.read_text())
+            from ..models.costs import Cost
+
+            c = Cost(meas["rounds"], meas["bytes"], meas["median_s"])
+            row |= {"meas_rounds": meas["rounds"], "meas_bytes": meas["bytes"],
+                    "meas_s": meas["median_s"], "meas_lan_s": NETWORKS["lan"].seconds(c),
+                    "meas_wan_s": NETWORKS["wan"].seconds(c),
+                    "agree": f"{meas['argmax_agree']}/{meas['images']}",
+                    "logit_err": meas["max_logit_error"],
+                    "ops_match": meas.get("ops_sha1") == costs.meta.get("ops_sha1")}
+        rows.append(row)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _fmt(v, spec: str = ".3f", none: str = "—") -> str:
+    return none if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    base = next((r for r in rows if r["name"] == "softmax"), None)
+    lines = [
+        f"Setup: `demo` config, Fashion-MNIST, {args.limit} training images, "
+        f"{args.test_limit} test images, {args.epochs} epochs per training, "
+        f"{args.search_epochs} search epochs, search priced on `{args.network}`. "
+        f"Measured = a real 2-party CrypTen run over gRPC with the dealer on this machine "
+        f"(loopback, 2 shared cores, niced), batch 1, median of {args.images} test images "
+        f"after one warm-up; LAN/WAN columns price the measured rounds and bytes with the "
+        f"network model on top of the measured loopback seconds.",
+        "",
+        "| model | kinds | acc | acc (distilled) | rounds | MB | measured s | vs softmax "
+        "| LAN s | WAN s | predicted s (LAN) | secure = plain argmax |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
+        speed = None
+        if base is not None and r.get("meas_s") and base.get("meas_s"):
+            speed = base["meas_s"] / r["meas_s"]
+        lines.append(
+            f"| {r['name']} | {kinds} | {_fmt(r['acc'], '.4f')} | {_fmt(r['acc_kd'], '.4f')} "
+            f"| {r.get('meas_rounds', r['pred_rounds']):.0f} "
+            f"| {r.get('meas_bytes', r['pred_bytes']) / 1e6:.1f} | {_fmt(r.get('meas_s'))} "
+            f"| {_fmt(speed, '.2f')}x | {_fmt(r.get('meas_lan_s'))} | {_fmt(r.get('meas_wan_s'))} "
+            f"| {r['pred_lan_s']:.3f} | {r.get('agree', '—')} |")
+    stale = [r["name"] for r in rows if r.get("ops_match") is False]
+    if stale:
+        lines += ["", f"Note: the secure ops changed between profiling and the measured runs "
+                      f"of {', '.join(stale)}; their predicted and measured costs differ."]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"baseline": ("s", "tab:gray"), "searched": ("o", "tab:blue"),
+              "mpcvit+": ("*", "tab:red")}
+    for ax, key, title in ((axes[0], "meas_s", "measured (loopback, 2 parties over gRPC)"),
+                           (axes[1], "meas_wan_s", "WAN model (100 Mbps, 40 ms RTT)")):
+        for r in rows:
+            if r.get(key) is None:
+                continue
+            marker, color = styles[r["group"]]
+            for acc, filled in ((r["acc"], True), (r["acc_kd"], False)):
+                if acc is None:
+                    continue
+                ax.scatter(r[key], 100 * acc, marker=marker, s=70,
+                           facecolors=color if filled else "none", edgecolors=color)
+            best = max(a for a in (r["acc"], r["acc_kd"]) if a is not None) \
+                if (r["acc"] is not None or r["acc_kd"] is not None) else None
+            if best is not None:
+                ax.annotate(r["name"], (r[key], 100 * best), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("seconds per image")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle("demo ViT on Fashion-MNIST: filled = trained alone, hollow = distilled",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_docs(rows: list[dict], args: argparse.Namespace) -> None:
+    md = args.docs / "search.md"
+    block = f"{BEGIN}\n{markdown(rows, args)}\n{END}"
+    text = md.read_text() if md.exists() else f"# Search\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text += "\n" + block + "\n"
+    md.write_text(text)
+    plot(rows, args.docs / "pareto.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/pareto"))
+    p.add_argument("--docs", type=Path, default=Path("docs"))
+    p.add_argument("--limit", type=int, default=10000, help="training images")
+    p.add_argument("--test-limit", type=int, default=2000, help="test images")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--search-epochs", type=int, default=3)
+    p.add_argument("--network", default="lan", choices=sorted(NETWORKS))
+    p.add_argument("--plus-network", default="wan", choices=sorted(NETWORKS),
+                   help="network the MPCViT+ budget is priced on")
+    p.add_argument("--images", type=int, default=3, help="images per secure measurement")
+    p.add_argument("--jobs", type=int, default=2, help="subprocesses at a time")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per subprocess")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    args = p.parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    jobs, models = plan(args)
+    if not args.report_only:
+        status = run_jobs(jobs, args.jobs, args.out / "logs")
+        for name, st in status.items():
+            print(f"{name:<22}{st}")
+    rows = collect(args, models)
+    write_docs(rows, args)
+    print(markdown(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
