@@ -27,6 +27,24 @@ import torch  # noqa: E402  (after CrypTen's compat shim)
 log = logging.getLogger("mpcvit.party")
 
 
+def _code_fingerprint() -> str:
+    """Hash of the code both parties must run identically (their programs must match
+    message for message), taken when this process loads it."""
+    import hashlib
+    import importlib
+
+    h = hashlib.sha256()
+    for name in ("mpcvit.models.ops", "mpcvit.models.vit", "mpcvit.models.secure",
+                 "mpcvit.mpc.communicator"):
+        module = importlib.import_module(name)
+        h.update(name.encode())
+        h.update(open(module.__file__, "rb").read())  # noqa: SIM115
+    return h.hexdigest()[:16]
+
+
+CODE_FINGERPRINT = _code_fingerprint()
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """Public facts of the served model: what ModelInfo reports and party 1 receives."""
@@ -51,7 +69,7 @@ class ModelFacts:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "config": self.config, "spec": self.spec,
                 "class_names": list(self.class_names), "mean": list(self.mean),
-                "std": list(self.std)}
+                "std": list(self.std), "code": CODE_FINGERPRINT}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelFacts:
@@ -111,6 +129,9 @@ class CrypTenBackend:
         return self.facts.to_dict()
 
     def load_public_model(self, meta: dict[str, Any]) -> None:
+        if meta.get("code") != CODE_FINGERPRINT:
+            raise ValueError(f"party 0 runs secure-model code {meta.get('code')!r}, this party "
+                             f"{CODE_FINGERPRINT!r}: deploy the same mpcvit version on both")
         self.facts = ModelFacts.from_dict(meta)
         self._secure = None
 

@@ -3,8 +3,9 @@
 Party 0 (leader) decides the order of sessions; party 1 (follower) does what it is told.
 Control messages (small JSON dicts over the peer link, outside CrypTen):
 
-- ``init``  L->F ``{session, epoch, model: <public architecture>}``: both then run a
-  CrypTen session in which party 0 secret-shares its weights.  The epoch names that set
+- ``init``  L->F ``{session, epoch, model: <public architecture>}``; the follower checks
+  it (same architecture code?) and answers ``init_ack {session, ok, reason}``; on ok both
+  run a CrypTen session in which party 0 secret-shares its weights.  The epoch names that set
   of weight shares; a restarted party has none, which triggers a new ``init``.
 - ``batch`` L->F ``{session, epoch, model, requests: [{id, shape}]}``: the follower
   takes its halves of those ids (waiting up to ``pairing_timeout`` for late ones) and
@@ -188,6 +189,10 @@ class Leader(_Base):
         try:
             self.channel.send({"type": "init", "session": session, "epoch": self.epoch,
                                "model": self.backend.public_model()})
+            ack = self._await_reply(session, self.pairing_timeout + 30.0, kind="init_ack")
+            if not ack.get("ok"):
+                raise SessionFailed("UNAVAILABLE", "peer party refused the model: "
+                                    f"{ack.get('reason', 'no reason given')}")
             self.backend.share_weights(session)
         except Exception as exc:  # noqa: BLE001
             failure = classify_failure(exc)
@@ -277,14 +282,14 @@ class Leader(_Base):
             log.info("event=stale_control type=%s session=%s", msg.get("type"),
                      msg.get("session"))
 
-    def _await_reply(self, session: str, timeout: float) -> dict[str, Any]:
+    def _await_reply(self, session: str, timeout: float, kind: str = "ready") -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ChannelTimeout(f"no reply to {session} within {timeout:g} s")
             msg = self.channel.recv(left)
-            if msg.get("type") == "ready" and msg.get("session") == session:
+            if msg.get("type") == kind and msg.get("session") == session:
                 return msg
             log.info("event=stale_control type=%s session=%s", msg.get("type"),
                      msg.get("session"))
@@ -351,6 +356,15 @@ class Follower(_Base):
         self.epoch = None
         try:
             self.backend.load_public_model(msg.get("model") or {})
+        except ValueError as exc:
+            # E.g. the parties run different versions of the secure model code: say so
+            # now rather than fail obscurely inside the session.
+            log.error("event=init_refused session=%s reason=%s", session, exc)
+            self.channel.send({"type": "init_ack", "session": session, "ok": False,
+                               "reason": str(exc)})
+            return
+        try:
+            self.channel.send({"type": "init_ack", "session": session, "ok": True})
             self.backend.share_weights(session)
         except Exception as exc:  # noqa: BLE001
             failure = classify_failure(exc)

@@ -149,11 +149,14 @@ class OffsetBackend:
         self.weights_sessions: list[str] = []
         self.infer_sessions: list[tuple[str, int]] = []
         self.fail_next = False
+        self.refuse = False
 
     def public_model(self):
         return {"name": "m"}
 
     def load_public_model(self, meta):
+        if self.refuse:
+            raise ValueError("different code")
         assert meta == {"name": "m"}
 
     def share_weights(self, session):
@@ -311,5 +314,29 @@ def test_peer_down_fails_queued_requests_as_unavailable() -> None:
         follower.queue.submit([g1])
         leader.queue.submit([g0])
         assert g0.future.result(5).request_id == "c"
+    finally:
+        stop(leader, follower, threads)
+
+
+def test_follower_refusing_the_model_fails_requests_clearly() -> None:
+    a, b = Pipe(), Pipe()
+    q0 = InferenceQueue(request_timeout=30)
+    refusing = OffsetBackend(1)
+    refusing.refuse = True
+    leader = Leader(q0, Channel(a, b), OffsetBackend(0), pairing_timeout=0.5, max_batch=1,
+                    poll_interval=0.05, retry_interval=0.05)
+    follower = Follower(InferenceQueue(request_timeout=30), Channel(b, a), refusing,
+                        pairing_timeout=0.5, poll_interval=0.05, hello_interval=0.05)
+    threads = [threading.Thread(target=x.run_forever, daemon=True) for x in (leader, follower)]
+    for t in threads:
+        t.start()
+    try:
+        h = half("x")
+        leader.queue.submit([h])
+        err = h.future.exception(5)
+        assert err.status == "UNAVAILABLE" and "refused" in err.message
+        assert "different code" in err.message
+        assert not leader.ready and not follower.ready
+        assert leader.backend.weights_sessions == [] == refusing.weights_sessions
     finally:
         stop(leader, follower, threads)
