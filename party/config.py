@@ -36,13 +36,15 @@ class ServiceLimits:
     max_request_bytes: int = 4 << 20
     max_inputs_per_request: int = 64
     max_pending: int = 256
+    max_concurrent_rpcs: int = 64  # beyond this, calls get RESOURCE_EXHAUSTED at once
     max_batch: int = 1  # requests per secure session (issue 6 raises this)
     max_wait: float = 0.0  # seconds the leader waits for a batch to fill
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1024:
             raise ConfigError("limits.max_request_bytes must be at least 1024")
-        for name in ("max_inputs_per_request", "max_pending", "max_batch"):
+        for name in ("max_inputs_per_request", "max_pending", "max_batch",
+                     "max_concurrent_rpcs"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"limits.{name} must be at least 1")
         if self.max_wait < 0:

@@ -157,7 +157,12 @@ class PartyServer:
                     ("grpc.http2.max_ping_strikes", 0)]
         # Client requests are bounded by max_request_bytes in PartyService; the peer's
         # frames by chunk_bytes.
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
+        # Every admitted call gets a thread (waiting calls hold one), with room left for
+        # the peer's stream and health checks; calls beyond the limit are refused with
+        # RESOURCE_EXHAUSTED instead of queueing unboundedly.
+        concurrent = cfg.limits.max_concurrent_rpcs
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=concurrent + 8),
+                                  options=options, maximum_concurrent_rpcs=concurrent + 4)
         self.transport.add_to_server(self.server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(self.service), self.server)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from mpcvit.party.pairing import (
     SessionStats,
     check_request_id,
 )
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
 class FakeClock:
@@ -340,3 +343,28 @@ def test_follower_refusing_the_model_fails_requests_clearly() -> None:
         assert leader.backend.weights_sessions == [] == refusing.weights_sessions
     finally:
         stop(leader, follower, threads)
+
+
+def test_party_config_from_yaml_env_and_errors(tmp_path) -> None:
+    from mpcvit.mpc.errors import ConfigError
+    from mpcvit.party.config import DealerConfig, PartyConfig
+
+    base = PartyConfig.from_yaml(DEPLOY / "party0.yaml", env={})
+    assert base.rank == 0 and base.peer == "party1:50052" and base.provider.kind == "dealer"
+    assert base.provider.address == "dealer:50050" and base.tls is None
+    assert base.limits.max_concurrent_rpcs == 64 and base.service_timeouts.pairing == 10
+    assert base.timeouts.recv == 120 and base.served_name == "demo"
+    env = {"MPCVIT_LISTEN": "127.0.0.1:1", "MPCVIT_PEER": "127.0.0.1:2",
+           "MPCVIT_DEALER": "127.0.0.1:3", "MPCVIT_TLS_DIR": str(tmp_path)}
+    cfg = PartyConfig.from_yaml(DEPLOY / "party1.yaml", env=env)
+    assert (cfg.rank, cfg.listen, cfg.peer, cfg.provider.address) == (
+        1, "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")
+    assert cfg.tls.cert == str(tmp_path / "party1.pem") and cfg.provider.tls == cfg.tls
+    assert DealerConfig.from_yaml(DEPLOY / "dealer.yaml", env=env).tls.key.endswith("dealer.key")
+    for bad in ({"rank": 2, "listen": "a:1", "peer": "b:2"},
+                {"rank": 0, "listen": "a:1", "peer": "b:2", "colour": "red"},
+                {"rank": 0, "listen": "a:1", "peer": "b:2", "limits": {"max_batch": 0}},
+                {"rank": 0, "listen": "a:1", "peer": "b:2", "timeouts": {"pairing": -1}},
+                {"rank": 0, "listen": "a:1", "peer": "b:2", "provider": "ttp"}):
+        with pytest.raises(ConfigError):
+            PartyConfig.from_dict(bad, env={})
