@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # gRPC's own C-core lines are not JSON: keep only its errors (set before grpc loads).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from mpcvit.mpc.errors import ConfigError
 
     from .config import DealerConfig

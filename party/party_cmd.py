@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = "run a party server (party 0 owns the model, party 1 only ever holds shares)"
@@ -21,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
+    # gRPC's own C-core lines are not JSON: keep only its errors (set before grpc loads).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
     from mpcvit.mpc.errors import ConfigError
 
