@@ -66,7 +66,7 @@ def test_killed_peer_fails_the_survivor_with_a_clear_error():
 
 def test_silent_peer_times_out_with_a_clear_error():
     with pytest.raises(PartyFailure) as info:
-        run_parties(progs.stall, 1, 30.0, recv_timeout=2.0, timeout=120)
+        run_parties(progs.stall, 1, 8.0, recv_timeout=2.0, timeout=120)
     assert "PeerTimeout" in info.value.errors[0]
     assert "sent nothing" in info.value.errors[0]
 
