@@ -203,25 +203,34 @@ def _lsr(v: torch.Tensor, j: int) -> torch.Tensor:
     return v if j == 0 else (v >> j) & ((1 << (64 - j)) - 1)
 
 
+@cache
+def _lane_consts(level: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    lanes = 2**level
+    shifts = torch.arange(lanes).unsqueeze(1)
+    # Mask applied after the arithmetic right shift by j: the live bits, shifted, with
+    # the sign-extension bits cleared (a logical shift).
+    m = _bit_mask(level)
+    after = torch.tensor([m if j == 0 else (m >> j) & ((1 << (64 - j)) - 1)
+                          for j in range(lanes)]).unsqueeze(1)
+    return shifts, after, m
+
+
 def _packed_and(x, y, level: int):
     """x & y for BinarySharedTensors (flat, length divisible by 2**level) whose live bits
     sit only at ``_bit_mask(level)``: lane j of each group of 2**level words is shifted
-    right by j, the lanes are XORed into one word (disjoint bits, so this is local and
-    linear), one Beaver AND is done on the packed words, and the lanes are unpacked."""
+    right by j and the lanes are summed into one word (their bits are disjoint, so the
+    sum is an OR and the packing is local and linear); one Beaver AND on the packed
+    words; then the lanes are unpacked."""
     from crypten.mpc.primitives import BinarySharedTensor
 
-    lanes = 2**level
-    mask = _bit_mask(level)
+    shifts, after, mask = _lane_consts(level)
 
     def pack(t):
-        v = (t.share & mask).reshape(lanes, -1)
-        out = v[0].clone()
-        for j in range(1, lanes):
-            out ^= _lsr(v[j], j)
-        return BinarySharedTensor.from_shares(out)
+        v = t.share.reshape(shifts.shape[0], -1)
+        return BinarySharedTensor.from_shares(((v >> shifts) & after).sum(0))
 
     z = (pack(x) & pack(y)).share
-    return BinarySharedTensor.from_shares(torch.cat([(z << j) & mask for j in range(lanes)]))
+    return BinarySharedTensor.from_shares(((z.unsqueeze(0) << shifts) & mask).reshape(-1))
 
 
 def ltz(x: Tensor) -> Tensor:
