@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..models.configs import get_config
-from ..models.costs import NETWORKS, CostModel, measure_secure_model, ops_fingerprint
+from ..models.costs import NETWORKS, CostModel, ops_fingerprint
 from ..models.spec import ArchSpec
 
 MUS = (0.1, 0.3, 0.5, 0.7)
@@ -117,28 +117,79 @@ def _test_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:n].clone(), y[:n].clone()
 
 
-def measure_step(spec_path: Path, ckpt: Path, out: Path, images: int) -> Callable[[], None]:
-    """Measured secure latency of one architecture (the trained weights of ``ckpt``)."""
+def measure_many_party(blob: bytes, images: torch.Tensor) -> dict[str, list[dict]]:
+    """Party program: every model in one session, images interleaved across models (in a
+    rotating order) so that a shared machine's changing load hits all models alike.
+
+    ``blob`` is ``torch.save({name: (config, spec, state_dict)})``: one byte string, not
+    hundreds of tensors (each would cost the process launch a shared-memory handle)."""
+    import io
+
+    from ..models.costs import build_secure, timed_forward
+
+    entries = torch.load(io.BytesIO(blob), weights_only=True)
+    secures = {name: build_secure(*e) for name, e in entries.items()}
+    for sec in secures.values():
+        timed_forward(sec, images[:1])  # warm-up
+    names = list(secures)
+    rows: dict[str, list[dict]] = {n: [] for n in names}
+    for i in range(len(images)):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            rows[name].append(timed_forward(secures[name], images[i : i + 1]))
+    return rows
+
+
+def measure_step(models: dict[str, dict], out: Path, images: int) -> Callable[[], None]:
+    """Measured secure latency of every trained architecture (their own weights)."""
 
     def step() -> None:
         from ..models.checkpoint import load_model
+        from ..models.costs import secure_run
+        from ..mpc.launcher import run_parties
 
-        model = load_model(str(ckpt))
-        spec = ArchSpec.from_yaml(spec_path.read_text())
-        if model.spec != spec:
-            raise ValueError(f"{ckpt} has another spec than {spec_path}")
+        costs_path = out / "costs.yaml"
+        if CostModel.load(costs_path).meta.get("ops_sha1") != ops_fingerprint():
+            # The secure ops changed since profiling: re-profile, so that predictions and
+            # measurements describe the same code (the search used the old file).
+            from ..models.costs import profile
+
+            costs_path.rename(out / "costs.searched.yaml")
+            profile(get_config("demo")).save(costs_path, NETWORKS["lan"])
+        entries, plain = {}, {}
+        for name, m in models.items():
+            ckpt = out / "ckpt" / f"{name}.pt"
+            if not ckpt.exists():
+                continue
+            model = load_model(str(ckpt))
+            if model.spec != ArchSpec.from_yaml(m["spec"].read_text()):
+                raise ValueError(f"{ckpt} has another spec than {m['spec']}")
+            entries[name] = (model.config.to_dict(), model.spec.to_dict(), model.state_dict())
+            plain[name] = model
         x, y = _test_images(images)
-        run = measure_secure_model(model.config, spec, x, model.state_dict())
-        with torch.no_grad():
-            plain = model(x)
-        out.write_text(json.dumps({
-            "rounds": run.rounds, "bytes": run.bytes, "seconds": run.seconds,
-            "median_s": run.cost.compute_s, "dealer_requests": run.dealer_requests,
-            "max_logit_error": float((run.logits - plain).abs().max()),
-            "argmax_agree": int((run.logits.argmax(-1) == plain.argmax(-1)).sum()),
-            "secure_correct": int((run.logits.argmax(-1) == y).sum()), "images": len(y),
-            "ops_sha1": ops_fingerprint(),
-        }))
+        # by its importable name: under `python -m` this module is __main__, which the
+        # party processes cannot unpickle functions from
+        import io
+
+        from . import pareto
+
+        buf = io.BytesIO()
+        torch.save(entries, buf)
+        res = run_parties(pareto.measure_many_party, buf.getvalue(), x, provider="dealer",
+                          timeout=7200)
+        for name, rows in res[0].items():
+            run = secure_run(rows)
+            with torch.no_grad():
+                ref = plain[name](x)
+            (out / "measure" / f"{name}.json").write_text(json.dumps({
+                "rounds": run.rounds, "bytes": run.bytes, "seconds": run.seconds,
+                "median_s": run.cost.compute_s, "dealer_requests": run.dealer_requests,
+                "max_logit_error": float((run.logits - ref).abs().max()),
+                "argmax_agree": int((run.logits.argmax(-1) == ref.argmax(-1)).sum()),
+                "secure_correct": int((run.logits.argmax(-1) == y).sum()), "images": len(y),
+                "ops_sha1": ops_fingerprint(),
+            }))
+        (out / "measure" / "all.json").write_text(json.dumps(sorted(res[0])))
 
     return step
 
@@ -225,14 +276,10 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
                             argv=_cli("train", *train_common, "--arch", str(m["spec"]),
                                       "--teacher", str(teacher), "--out",
                                       str(out / "ckpt" / f"{name}_kd.pt"))))
-    # Secure measurements last, one at a time, so that they share the same machine load.
+    # Secure measurements last, in one session, so that all models share the same load.
     trainings = [j.name for j in jobs if j.name.startswith(("train_", "distill_"))]
-    for name in order:
-        m = models[name]
-        jobs.append(Job(f"measure_{name}", out / "measure" / f"{name}.json",
-                        [f"train_{name}"], after=trainings,
-                        fn=measure_step(m["spec"], out / "ckpt" / f"{name}.pt",
-                                        out / "measure" / f"{name}.json", args.images)))
+    jobs.append(Job("measure", out / "measure" / "all.json", ["train_softmax"],
+                    after=trainings, fn=measure_step(models, out, args.images)))
     return jobs, models
 
 
@@ -306,21 +353,23 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"after one warm-up; LAN/WAN columns price the measured rounds and bytes with the "
         f"network model on top of the measured loopback seconds.",
         "",
-        "| model | kinds | acc | acc (distilled) | rounds | MB | measured s | vs softmax "
-        "| LAN s | WAN s | predicted s (LAN) | secure = plain argmax |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | kinds | acc | acc (distilled) | rounds meas / pred | MB meas / pred "
+        "| loopback s meas / pred | speed-up vs softmax | LAN s | WAN s | secure = plain argmax |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
         speed = None
         if base is not None and r.get("meas_s") and base.get("meas_s"):
             speed = base["meas_s"] / r["meas_s"]
+        mb = None if r.get("meas_bytes") is None else r["meas_bytes"] / 1e6
         lines.append(
             f"| {r['name']} | {kinds} | {_fmt(r['acc'], '.4f')} | {_fmt(r['acc_kd'], '.4f')} "
-            f"| {r.get('meas_rounds', r['pred_rounds']):.0f} "
-            f"| {r.get('meas_bytes', r['pred_bytes']) / 1e6:.1f} | {_fmt(r.get('meas_s'))} "
-            f"| {_fmt(speed, '.2f')}x | {_fmt(r.get('meas_lan_s'))} | {_fmt(r.get('meas_wan_s'))} "
-            f"| {r['pred_lan_s']:.3f} | {r.get('agree', '—')} |")
+            f"| {_fmt(r.get('meas_rounds'), '.0f')} / {r['pred_rounds']:.0f} "
+            f"| {_fmt(mb, '.1f')} / {r['pred_bytes'] / 1e6:.1f} "
+            f"| {_fmt(r.get('meas_s'))} / {r['pred_compute_s']:.3f} | {_fmt(speed, '.2f')}x "
+            f"| {_fmt(r.get('meas_lan_s'))} | {_fmt(r.get('meas_wan_s'))} "
+            f"| {r.get('agree', '—')} |")
     stale = [r["name"] for r in rows if r.get("ops_match") is False]
     if stale:
         lines += ["", f"Note: the secure ops changed between profiling and the measured runs "

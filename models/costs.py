@@ -504,6 +504,42 @@ def profile(
 # ----------------------------------------------------------------------------- whole model
 
 
+def build_secure(config_dict: dict[str, Any], spec_dict: dict[str, Any],
+                 state_dict: dict[str, torch.Tensor] | None):
+    """Party program helper: the ``SecureViT`` of a model party 0 owns (``state_dict``,
+    or a seeded random init when None); the other party builds the public structure."""
+    from .secure import SecureViT
+    from .vit import ViT
+
+    cfg, spec = ViTConfig.from_dict(config_dict), ArchSpec.from_dict(spec_dict)
+    if _crypten().communicator.get().get_rank() == 0:
+        torch.manual_seed(0)
+        model = ViT(cfg, spec).eval()
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        return SecureViT.from_model(model)
+    return SecureViT.from_model(None, cfg, spec)
+
+
+def timed_forward(secure, image: torch.Tensor) -> dict[str, Any]:
+    """Party program helper: one batch-1 secure forward of ``image`` (shared by party 1)
+    with this party's rounds, bytes, wall seconds and the revealed logits."""
+    from .secure import reveal_float, share_input
+
+    comm = _crypten().communicator.get()
+    x = share_input(image, tuple(image.shape))
+    comm.barrier()
+    comm.reset_communication_stats()
+    d0 = _dealer_requests()
+    tic = time.perf_counter()
+    y = secure(x)
+    seconds = time.perf_counter() - tic
+    stats = comm.get_communication_stats()
+    dealer = _dealer_requests() - d0
+    return {"rounds": stats["rounds"], "bytes": stats["bytes"], "compute_s": seconds,
+            "dealer_requests": dealer, "logits": reveal_float(y)[0]}
+
+
 def secure_forward_party(
     config_dict: dict[str, Any],
     spec_dict: dict[str, Any],
@@ -514,42 +550,12 @@ def secure_forward_party(
     """Party program: the whole secure model on each image (batch 1); per-image rounds,
     bytes and wall seconds as this party counted them, plus the revealed logits.
 
-    Party 0 owns the weights (``state_dict``, or a seeded random init when None); the
-    images are shared by party 1, as a client's would be.
+    Party 0 owns the weights; the images are shared by party 1, as a client's would be.
     """
-    from .secure import SecureViT, reveal_float, share_input
-    from .vit import ViT
-
-    crypten = _crypten()
-    comm = crypten.communicator.get()
-    cfg, spec = ViTConfig.from_dict(config_dict), ArchSpec.from_dict(spec_dict)
-    rank = comm.get_rank()
-    if rank == 0:
-        torch.manual_seed(0)
-        model = ViT(cfg, spec).eval()
-        if state_dict is not None:
-            model.load_state_dict(state_dict)
-        secure = SecureViT.from_model(model)
-    else:
-        secure = SecureViT.from_model(None, cfg, spec)
-    shape = (1, *images.shape[1:])
+    secure = build_secure(config_dict, spec_dict, state_dict)
     if warmup:
-        secure(share_input(images[:1], shape))
-    rows = []
-    for i in range(len(images)):
-        x = share_input(images[i : i + 1], shape)
-        comm.barrier()
-        comm.reset_communication_stats()
-        d0 = _dealer_requests()
-        tic = time.perf_counter()
-        y = secure(x)
-        seconds = time.perf_counter() - tic
-        stats = comm.get_communication_stats()
-        dealer = _dealer_requests() - d0
-        logits = reveal_float(y)
-        rows.append({"rounds": stats["rounds"], "bytes": stats["bytes"], "compute_s": seconds,
-                     "dealer_requests": dealer, "logits": logits[0]})
-    return {"rows": rows}
+        timed_forward(secure, images[:1])
+    return {"rows": [timed_forward(secure, images[i : i + 1]) for i in range(len(images))]}
 
 
 @dataclass(frozen=True)
@@ -582,7 +588,11 @@ def measure_secure_model(
 
     res = run_parties(secure_forward_party, config.to_dict(), spec.to_dict(), state_dict,
                       images, provider=provider, timeout=timeout)
-    rows = res[0]["rows"]
+    return secure_run(res[0]["rows"])
+
+
+def secure_run(rows: list[dict[str, Any]]) -> SecureRun:
+    """Summarise party 0's per-image rows (rounds and bytes must not vary)."""
     rounds = {r["rounds"] for r in rows}
     nbytes = {r["bytes"] for r in rows}
     if len(rounds) != 1 or len(nbytes) != 1:

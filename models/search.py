@@ -244,10 +244,13 @@ def binarize_budget(
     activation_kinds: Sequence[ActivationKind] | None = None,
     activation: ActivationKind | str = ActivationKind.GELU,
 ) -> ArchSpec:
-    """Start from every head's and layer's argmax kind; while the cost model predicts more
-    than ``budget_s``, make the single downgrade (one head or one activation to a kind
-    that saves time) losing the least log-weight per second saved.  Raises ValueError if
-    no downgrade can reach the budget."""
+    """The spec the search prefers that fits ``budget_s`` under the cost model.
+
+    Start from every head's and layer's argmax kind.  While the prediction exceeds the
+    budget, make the single downgrade (one head or one layer's activation to a kind that
+    saves time) losing the least log-weight per second saved; raises ValueError if no
+    downgrade reaches the budget.  Then, while an upgrade (a dearer kind for one head or
+    layer) still fits, take the one whose kind has the most weight."""
     depth, heads, _ = att_probs.shape
     a_kinds = [AttentionKind(k) for k in attention_kinds]
     att_lp = att_probs.clamp_min(1e-12).log()
@@ -291,7 +294,40 @@ def binarize_budget(
             raise ValueError(f"no spec of these kinds meets the {budget_s:.4g} s budget "
                              f"(reached {current:.4g} s)")
         _, _, att, act, current = best
-    return spec_of(att, act)
+    # Spend what is left: upgrade the head or layer whose dearer kind has the most weight,
+    # while the whole spec still fits (a strong penalty can leave the argmax far below
+    # the budget; this is μ top-k's ranking, stopped by the budget instead of by μ).
+    # "Dearer" is by the per-head / per-layer price, so every upgrade climbs a rank.
+    a_price = [costs.head_seconds(k, network) for k in a_kinds]
+    f_price = [costs.activation_seconds(k, network) for k in f_kinds]
+    while True:
+        pick = None  # (-weight, seconds, att, act)
+        for layer in range(depth):
+            for h in range(heads):
+                for k in range(len(a_kinds)):
+                    if a_price[k] <= a_price[att[layer][h]]:
+                        continue
+                    cand = [row[:] for row in att]
+                    cand[layer][h] = k
+                    s = costs.seconds(spec_of(cand, act), network)
+                    if s <= budget_s:
+                        w = float(att_probs[layer, h, k])
+                        pick = min(pick or (1.0, s, cand, act), (-w, s, cand, act),
+                                   key=lambda t: t[:2])
+            if searched:
+                for k in range(len(f_kinds)):
+                    if f_price[k] <= f_price[act[layer]]:
+                        continue
+                    cand_act = act[:]
+                    cand_act[layer] = k
+                    s = costs.seconds(spec_of(att, cand_act), network)
+                    if s <= budget_s:
+                        w = float(act_probs[layer, k])
+                        pick = min(pick or (1.0, s, att, cand_act), (-w, s, att, cand_act),
+                                   key=lambda t: t[:2])
+        if pick is None:
+            return spec_of(att, act)
+        _, current, att, act = pick
 
 
 def _better(best, lost: float, saved: float, att, act, seconds: float):

@@ -21,7 +21,7 @@ from mpcvit.models.search import (
     mu_sweep,
     search,
 )
-from mpcvit.models.spec import ArchSpec, AttentionKind
+from mpcvit.models.spec import ArchSpec, AttentionKind, LayerSpec
 
 TINY = ViTConfig(image_size=16, in_chans=1, patch=4, dim=16, depth=2, heads=2, num_classes=4)
 LAN = NETWORKS["lan"]
@@ -147,9 +147,17 @@ def test_budget_mode_meets_budget():
         budget = floor + frac * (top - floor)
         spec = binarize_budget(att, kinds, costs, LAN, budget, acts, act_kinds)
         assert costs.seconds(spec, LAN) <= budget
-    # a generous budget keeps every argmax; an impossible one is an error
+        # the rest of the budget is spent: no single upgrade would still fit
+        dearer = [ArchSpec(tuple(
+            LayerSpec(tuple("softmax" if (i, j) == (li, hj) else k
+                            for j, k in enumerate(layer.attention)), layer.activation)
+            for i, layer in enumerate(spec.layers)))
+            for li in range(TINY.depth) for hj in range(TINY.heads)
+            if spec.layers[li].attention[hj] is not AttentionKind.SOFTMAX]
+        assert all(costs.seconds(d, LAN) > budget for d in dearer)
+    # a generous budget buys the dearest kinds everywhere; an impossible one is an error
     loose = binarize_budget(att, kinds, costs, LAN, 10 * top, acts, act_kinds)
-    assert [kinds.index(k) for k in loose.layers[0].attention] == att[0].argmax(-1).tolist()
+    assert loose == ArchSpec.uniform(TINY.depth, TINY.heads, "softmax", "gelu")
     with pytest.raises(ValueError, match="budget"):
         binarize_budget(att, kinds, costs, LAN, 0.5 * floor, acts, act_kinds)
     assert cheapest(kinds, costs, LAN) == 2
