@@ -230,7 +230,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
     data = ["--data", "fashion-mnist", "--limit", str(args.limit)]
     train_common = ["--model", "demo", *data, "--test-limit", str(args.test_limit),
                     "--epochs", str(args.epochs), "--threads", str(args.threads)]
-    search_common = ["--model", "demo", *data, "--costs", str(costs), "--network",
+    search_data = ["--data", "fashion-mnist", "--limit", str(args.search_limit or args.limit)]
+    search_common = ["--model", "demo", *search_data, "--costs", str(costs), "--network",
                      args.network, "--epochs", str(args.search_epochs), "--threads",
                      str(args.threads), "--json"]
     cfg = get_config("demo")
@@ -262,7 +263,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
         str(out / "search_plus_pareto.csv"))))
     models["plus"] = {"spec": plus_spec, "group": "mpcvit+", "dep": "search_plus"}
 
-    teacher = out / "ckpt" / "softmax.pt"
+    teacher = args.teacher or out / "ckpt" / "softmax.pt"
+    teacher_dep = [] if args.teacher else ["train_softmax"]
     order = ["softmax", "mu0.5", "plus", "mu0.1", "relu_softmax", "scale", "mu0.3", "mu0.7"]
     for name in order:
         m = models[name]
@@ -272,7 +274,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
                                   "--out", str(out / "ckpt" / f"{name}.pt"))))
         if name != "softmax":
             jobs.append(Job(f"distill_{name}", out / "ckpt" / f"{name}_kd.pt",
-                            deps + ["train_softmax"],
+                            deps + teacher_dep,
                             argv=_cli("train", *train_common, "--arch", str(m["spec"]),
                                       "--teacher", str(teacher), "--out",
                                       str(out / "ckpt" / f"{name}_kd.pt"))))
@@ -342,12 +344,21 @@ def _fmt(v, spec: str = ".3f", none: str = "—") -> str:
     return none if v is None else format(v, spec)
 
 
+def _teacher_desc(args: argparse.Namespace) -> str:
+    if args.teacher is None:
+        return "the softmax ViT of the table"
+    acc = _acc(args.teacher)
+    return f"`{args.teacher}` (softmax, test accuracy {_fmt(acc, '.4f')})"
+
+
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     base = next((r for r in rows if r["name"] == "softmax"), None)
     lines = [
         f"Setup: `demo` config, Fashion-MNIST, {args.limit} training images, "
         f"{args.test_limit} test images, {args.epochs} epochs per training, "
-        f"{args.search_epochs} search epochs, search priced on `{args.network}`. "
+        f"{args.search_epochs} search epochs on {args.search_limit or args.limit} images "
+        f"(10% held out), search priced on `{args.network}`, "
+        f"distillation teacher: {_teacher_desc(args)}. "
         f"Measured = a real 2-party CrypTen run over gRPC with the dealer on this machine "
         f"(loopback, 2 shared cores, niced), batch 1, median of {args.images} test images "
         f"after one warm-up; LAN/WAN columns price the measured rounds and bytes with the "
@@ -432,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=Path, default=Path("docs"))
     p.add_argument("--limit", type=int, default=10000, help="training images")
     p.add_argument("--test-limit", type=int, default=2000, help="test images")
+    p.add_argument("--search-limit", type=int, default=None,
+                   help="images for the searches (default --limit)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--search-epochs", type=int, default=3)
     p.add_argument("--network", default="lan", choices=sorted(NETWORKS))
@@ -440,10 +453,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=3, help="images per secure measurement")
     p.add_argument("--jobs", type=int, default=2, help="subprocesses at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per subprocess")
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="softmax checkpoint to distil from (default: the softmax ViT trained "
+                   "here)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    p.add_argument("--finish", action="store_true",
+                   help="start no new search or training: measure what is trained, report")
     args = p.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     jobs, models = plan(args)
+    if args.finish:
+        jobs = [j for j in jobs if j.output.exists() or j.fn is not None]
+        for j in jobs:
+            j.deps = [d for d in j.deps if any(k.name == d for k in jobs)]
+            j.after = [a for a in j.after if any(k.name == a for k in jobs)]
     if not args.report_only:
         status = run_jobs(jobs, args.jobs, args.out / "logs")
         for name, st in status.items():
