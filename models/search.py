@@ -234,6 +234,62 @@ def binarize_mu(
     return ArchSpec(tuple(LayerSpec(tuple(r), a) for r, a in zip(rows, acts, strict=True)))
 
 
+@dataclass(frozen=True)
+class _Move:
+    """One head's or one layer's kind changed: the new index lists, and the old and new
+    kinds' search weights and per-unit prices."""
+
+    att: list[list[int]]
+    act: list[int]
+    weight_from: float
+    weight_to: float
+    price_from: float
+    price_to: float
+
+
+class _SpecSpace:
+    """Index-encoded specs over the candidate kinds, their single-change moves and costs."""
+
+    def __init__(self, att_probs, attention_kinds, costs, network, act_probs,
+                 activation_kinds, activation) -> None:
+        self.att_probs, self.costs, self.network = att_probs, costs, network
+        self.a_kinds = [AttentionKind(k) for k in attention_kinds]
+        self.searched = act_probs is not None and activation_kinds is not None
+        self.act_probs = act_probs
+        self.f_kinds = [ActivationKind(k) for k in activation_kinds] if self.searched else []
+        self.fixed_act = ActivationKind(activation)
+        self.a_price = [costs.head_seconds(k, network) for k in self.a_kinds]
+        self.f_price = [costs.activation_seconds(k, network) for k in self.f_kinds]
+
+    def spec(self, att: list[list[int]], act: list[int]) -> ArchSpec:
+        return ArchSpec(tuple(
+            LayerSpec(tuple(self.a_kinds[i] for i in row),
+                      self.f_kinds[act[layer]] if self.searched else self.fixed_act)
+            for layer, row in enumerate(att)))
+
+    def seconds(self, att: list[list[int]], act: list[int]) -> float:
+        return self.costs.seconds(self.spec(att, act), self.network)
+
+    def moves(self, att: list[list[int]], act: list[int]):
+        for layer, row in enumerate(att):
+            for h, cur in enumerate(row):
+                p = self.att_probs[layer, h]
+                for k in range(len(self.a_kinds)):
+                    if k != cur:
+                        cand = [r[:] for r in att]
+                        cand[layer][h] = k
+                        yield _Move(cand, act, float(p[cur]), float(p[k]), self.a_price[cur],
+                                    self.a_price[k])
+            if self.searched:
+                p, cur = self.act_probs[layer], act[layer]
+                for k in range(len(self.f_kinds)):
+                    if k != cur:
+                        cand_act = act[:]
+                        cand_act[layer] = k
+                        yield _Move(att, cand_act, float(p[cur]), float(p[k]),
+                                    self.f_price[cur], self.f_price[k])
+
+
 def binarize_budget(
     att_probs: torch.Tensor,
     attention_kinds: Sequence[AttentionKind],
@@ -247,96 +303,45 @@ def binarize_budget(
     """The spec the search prefers that fits ``budget_s`` under the cost model.
 
     Start from every head's and layer's argmax kind.  While the prediction exceeds the
-    budget, make the single downgrade (one head or one layer's activation to a kind that
-    saves time) losing the least log-weight per second saved; raises ValueError if no
-    downgrade reaches the budget.  Then, while an upgrade (a dearer kind for one head or
-    layer) still fits, take the one whose kind has the most weight."""
-    depth, heads, _ = att_probs.shape
-    a_kinds = [AttentionKind(k) for k in attention_kinds]
-    att_lp = att_probs.clamp_min(1e-12).log()
+    budget, make the single downgrade (one head or one layer's activation to another kind)
+    losing the least log-weight per second saved; raises ValueError if no downgrade
+    reaches the budget.  Then spend what is left: while an upgrade (a kind with a higher
+    per-head / per-layer price) still fits, take the one whose kind has the most weight.
+    A strong latency penalty can leave the argmax far below the budget; the upgrades rank
+    heads as μ top-k does, but stop at the budget instead of at μ."""
+    space = _SpecSpace(att_probs, attention_kinds, costs, network, act_probs,
+                       activation_kinds, activation)
     att = att_probs.argmax(-1).tolist()
-    searched = act_probs is not None and activation_kinds is not None
-    f_kinds = [ActivationKind(k) for k in activation_kinds] if searched else []
-    act_lp = act_probs.clamp_min(1e-12).log() if searched else None
-    act = act_probs.argmax(-1).tolist() if searched else []
-    fixed_act = ActivationKind(activation)
-
-    def spec_of(att_idx, act_idx) -> ArchSpec:
-        layers = []
-        for layer in range(depth):
-            a = f_kinds[act_idx[layer]] if searched else fixed_act
-            layers.append(LayerSpec(tuple(a_kinds[i] for i in att_idx[layer]), a))
-        return ArchSpec(tuple(layers))
-
-    current = costs.seconds(spec_of(att, act), network)
+    act = act_probs.argmax(-1).tolist() if space.searched else []
+    current = space.seconds(att, act)
     while current > budget_s:
-        best = None  # (score, -saved, att, act, seconds)
-        for layer in range(depth):
-            for h in range(heads):
-                for k in range(len(a_kinds)):
-                    if k == att[layer][h]:
-                        continue
-                    cand = [row[:] for row in att]
-                    cand[layer][h] = k
-                    s = costs.seconds(spec_of(cand, act), network)
-                    lost = float(att_lp[layer, h, att[layer][h]] - att_lp[layer, h, k])
-                    best = _better(best, lost, current - s, cand, act, s)
-            if searched:
-                for k in range(len(f_kinds)):
-                    if k == act[layer]:
-                        continue
-                    cand_act = act[:]
-                    cand_act[layer] = k
-                    s = costs.seconds(spec_of(att, cand_act), network)
-                    lost = float(act_lp[layer, act[layer]] - act_lp[layer, k])
-                    best = _better(best, lost, current - s, att, cand_act, s)
+        best, best_key = None, None
+        for mv in space.moves(att, act):
+            s = space.seconds(mv.att, mv.act)
+            saved = current - s
+            if saved <= 1e-12:
+                continue
+            lost = math.log(max(mv.weight_from, 1e-12)) - math.log(max(mv.weight_to, 1e-12))
+            key = (max(lost, 0.0) / saved, -saved)
+            if best_key is None or key < best_key:
+                best, best_key = (mv, s), key
         if best is None:
             raise ValueError(f"no spec of these kinds meets the {budget_s:.4g} s budget "
                              f"(reached {current:.4g} s)")
-        _, _, att, act, current = best
-    # Spend what is left: upgrade the head or layer whose dearer kind has the most weight,
-    # while the whole spec still fits (a strong penalty can leave the argmax far below
-    # the budget; this is μ top-k's ranking, stopped by the budget instead of by μ).
-    # "Dearer" is by the per-head / per-layer price, so every upgrade climbs a rank.
-    a_price = [costs.head_seconds(k, network) for k in a_kinds]
-    f_price = [costs.activation_seconds(k, network) for k in f_kinds]
+        (mv, current) = best
+        att, act = mv.att, mv.act
     while True:
-        pick = None  # (-weight, seconds, att, act)
-        for layer in range(depth):
-            for h in range(heads):
-                for k in range(len(a_kinds)):
-                    if a_price[k] <= a_price[att[layer][h]]:
-                        continue
-                    cand = [row[:] for row in att]
-                    cand[layer][h] = k
-                    s = costs.seconds(spec_of(cand, act), network)
-                    if s <= budget_s:
-                        w = float(att_probs[layer, h, k])
-                        pick = min(pick or (1.0, s, cand, act), (-w, s, cand, act),
-                                   key=lambda t: t[:2])
-            if searched:
-                for k in range(len(f_kinds)):
-                    if f_price[k] <= f_price[act[layer]]:
-                        continue
-                    cand_act = act[:]
-                    cand_act[layer] = k
-                    s = costs.seconds(spec_of(att, cand_act), network)
-                    if s <= budget_s:
-                        w = float(act_probs[layer, k])
-                        pick = min(pick or (1.0, s, att, cand_act), (-w, s, att, cand_act),
-                                   key=lambda t: t[:2])
-        if pick is None:
-            return spec_of(att, act)
-        _, current, att, act = pick
-
-
-def _better(best, lost: float, saved: float, att, act, seconds: float):
-    """Keep the downgrade with the least log-weight lost per second saved."""
-    if saved <= 1e-12:
-        return best
-    score = max(lost, 0.0) / saved
-    cand = (score, -saved, att, act, seconds)
-    return cand if best is None or cand[:2] < best[:2] else best
+        best, best_key = None, None
+        for mv in space.moves(att, act):
+            if mv.price_to <= mv.price_from:
+                continue
+            s = space.seconds(mv.att, mv.act)
+            key = (-mv.weight_to, s)
+            if s <= budget_s and (best_key is None or key < best_key):
+                best, best_key = mv, key
+        if best is None:
+            return space.spec(att, act)
+        att, act = best.att, best.act
 
 
 # ----------------------------------------------------------------------------- search
