@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "run benchmarks (transport: gRPC vs gloo on a ViT block)"
+HELP = "run benchmarks: transport (gRPC vs gloo), throughput (batching), network (LAN/WAN)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--heads", type=int, default=4)
     t.add_argument("--hidden", type=int, default=512)
     t.add_argument("--json", action="store_true", help="end with one JSON object")
+
+    tp = sub.add_parser("throughput", help="images/s and p50/p95 latency of the party service "
+                                           "for 1, 8 and 32 concurrent clients")
+    tp.add_argument("--model", default="demo", help="checkpoint path or shipped name")
+    tp.add_argument("--data", default="fashion-mnist")
+    tp.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
+    tp.add_argument("--requests", type=int, default=2, help="requests per client")
+    tp.add_argument("--max-batch", type=int, default=32)
+    tp.add_argument("--max-wait", type=float, default=0.05, help="seconds to fill a batch")
+    tp.add_argument("--provider", choices=["dealer", "tfp"], default="dealer")
+    tp.add_argument("--json", action="store_true", help="end with one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,5 +51,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"grpc/gloo wall-time ratio: {res['ratio']:.3f}")
         if args.json:
             print(json.dumps(res))
+        return 0
+    if args.bench == "throughput":
+        from mpcvit.party.server import resolve_checkpoint
+
+        from .throughput import throughput_table
+
+        counts = tuple(int(c) for c in args.clients.split(","))
+        ckpt = str(resolve_checkpoint(args.model))
+        print(f"party service on this machine, model {ckpt}, provider {args.provider}; "
+              f"baseline: one client, max_batch 1", flush=True)
+        rows = throughput_table(ckpt, args.data, counts, args.requests, args.max_batch,
+                                args.max_wait, args.provider)
+        base = rows[0]["images_per_s"]
+        for row in rows[1:]:
+            row["speedup"] = row["images_per_s"] / base if base else float("nan")
+            print(f"{row['clients']} clients batched: {row['speedup']:.2f}x the one-at-a-time "
+                  "throughput")
+        if args.json:
+            print(json.dumps({"rows": rows}))
         return 0
     raise AssertionError(args.bench)
