@@ -200,3 +200,18 @@ def test_cli_train_reports_bad_inputs(tmp_path, capsys):
     assert rc == 2 and "expects 1x28x28" in capsys.readouterr().err
     assert cli("--out", out, "--arch", "bogus") == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_shipped_demo_checkpoint_classifies_real_fashion_mnist():
+    from pathlib import Path
+
+    import mpcvit.models as models_pkg
+    from mpcvit.models.checkpoint import load_checkpoint
+    from mpcvit.models.data import load_fashion_mnist
+
+    model, extra = load_checkpoint(Path(models_pkg.__file__).parent / "assets" / "demo.pt")
+    assert model.config.name == "demo" and extra["dataset"] == "fashion-mnist"
+    assert extra["test_acc"] >= 0.85
+    test = limit_bundle(load_fashion_mnist(), 1, 2000).test
+    _, acc = evaluate(model, *test.tensors())
+    assert acc > 0.8
