@@ -32,6 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tp.add_argument("--provider", choices=["dealer", "tfp"], default="dealer")
     tp.add_argument("--json", action="store_true", help="end with one JSON object")
 
+    nw = sub.add_parser("network", help="a whole secure ViT over an emulated LAN/WAN link")
+    nw.add_argument("--model", default="vit_7_4_32", help="config name (random weights) or "
+                                                           "checkpoint path")
+    nw.add_argument("--arch", default=None, help="spec YAML or shorthand (relu_softmax+relu)")
+    nw.add_argument("--network", default="wan", help="lan, wan, loopback or BW,RTT (1gbit,5ms)")
+    nw.add_argument("--images", type=int, default=2, help="images measured (median)")
+    nw.add_argument("--no-offline", action="store_true",
+                    help="fetch correlated randomness online instead of before each image")
+    nw.add_argument("--json", action="store_true", help="end with one JSON object")
+
 
 def run(args: argparse.Namespace) -> int:
     if args.bench == "transport":
@@ -70,5 +80,34 @@ def run(args: argparse.Namespace) -> int:
                   "throughput")
         if args.json:
             print(json.dumps({"rows": rows}))
+        return 0
+    if args.bench == "network":
+        from mpcvit.models.checkpoint import load_checkpoint
+        from mpcvit.models.cli_train import parse_arch
+        from mpcvit.models.configs import CONFIGS
+        from mpcvit.mpc.netem import parse_network
+
+        from .network import bench_network
+
+        state = None
+        if args.model in CONFIGS:
+            config = CONFIGS[args.model]
+            spec = parse_arch(args.arch or "softmax+gelu", config.depth, config.heads)
+        else:
+            model, _ = load_checkpoint(args.model)
+            config, spec, state = model.config, model.spec, model.state_dict()
+            if args.arch:
+                spec = parse_arch(args.arch, config.depth, config.heads)
+        profile = parse_network(args.network)
+        res = bench_network(config, spec, profile, images=args.images,
+                            offline=not args.no_offline, state_dict=state)
+        m = res["measured"]
+        print(f"{args.model} [{args.arch or 'checkpoint spec'}] on {profile.describe()}: "
+              f"online {m['online_s']:.2f} s/image, offline {m['offline_s']:.2f} s, total "
+              f"{m['total_s']:.2f} s; {m['rounds']} rounds, {m['bytes'] / 1e6:.1f} MB; "
+              f"predicted online {res['predicted_online_s']:.2f} s "
+              f"({res['prediction_error']:+.0%})")
+        if args.json:
+            print(json.dumps(res))
         return 0
     raise AssertionError(args.bench)

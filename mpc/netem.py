@@ -59,6 +59,15 @@ class NetworkProfile:
         wire = 0.0 if self.bandwidth_bps is None else nbytes * 8 / self.bandwidth_bps
         return wire + rounds * self.rtt_s
 
+    def mpc_seconds(self, party_bytes: float, rounds: float) -> float:
+        """Time this link adds to a 2-party CrypTen run, from one party's counters.
+
+        CrypTen counts a party's traffic both ways (an exchange of n elements counts 2n)
+        and a round is a simultaneous exchange: each direction of the full-duplex link
+        carries half the count, and a round waits one one-way latency (RTT/2).
+        """
+        return self.transfer_seconds(party_bytes / 2, 0) + rounds * self.rtt_s / 2
+
 
 # LAN: a 3 Gbit/s data-centre link with 0.8 ms RTT; WAN: 100 Mbit/s with 40 ms RTT
 # (the settings MPC papers commonly use for LAN/WAN).

@@ -1,0 +1,82 @@
+"""A whole secure ViT over an emulated LAN/WAN link (``mpcvit bench network``).
+
+Dealer and both parties run inside the namespaces of :class:`EmulatedNetwork` (rate
+shaped by the kernel, delayed by relays), so the figures include real waiting on the
+wire.  The dealer sits with party 1; with the offline phase on, party 0 fetches each
+image's correlated randomness before the image arrives, and the online time excludes it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+
+from ..mpc.compat import import_crypten
+from ..mpc.launcher import run_parties
+from ..mpc.netem import EmulatedNetwork, NetworkProfile
+
+
+def network_party(config_dict: dict, spec_dict: dict, state_dict: dict | None,
+                  images: torch.Tensor, offline: bool) -> list[dict[str, Any]]:
+    """Party program: warm-up forward (records the tuple trace), then each image, with
+    its correlated randomness prepared offline first when ``offline``."""
+    from mpcvit.models.costs import build_secure, timed_forward
+    from mpcvit.mpc import runtime
+
+    crypten = import_crypten()
+    comm = crypten.communicator.get()
+    provider = runtime.dealer_provider()
+    secure = build_secure(config_dict, spec_dict, state_dict)
+    start = len(provider.state.trace)
+    timed_forward(secure, images[:1])
+    trace = list(provider.state.trace[start:])
+    spec, rank = provider.state.spec, comm.get_rank()
+    rows = []
+    for i in range(len(images)):
+        offline_s = 0.0
+        if offline:
+            session = f"{comm.session}/offline-{i}"
+            provider.end()
+            offline_s = provider.prepare(session, rank, comm.get_world_size(), spec, trace)
+            provider.begin(session, rank, comm.get_world_size(), spec)
+        row = timed_forward(secure, images[i : i + 1])
+        row.pop("logits")
+        row["offline_s"] = offline_s
+        rows.append(row)
+    return rows
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    online = statistics.median(r["compute_s"] for r in rows)
+    offline = statistics.median(r["offline_s"] for r in rows)
+    return {"online_s": online, "offline_s": offline, "total_s": online + offline,
+            "rounds": rows[0]["rounds"], "bytes": rows[0]["bytes"],
+            "dealer_requests": statistics.median(r["dealer_requests"] for r in rows)}
+
+
+def bench_network(config, spec, profile: NetworkProfile, *, images: int = 2,
+                  offline: bool = True, state_dict: dict | None = None,
+                  progress=print) -> dict[str, Any]:
+    """Measure on loopback and over the emulated link; predict the link from loopback."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(images, config.in_chans, config.image_size, config.image_size, generator=g)
+    args = (config.to_dict(), spec.to_dict(), state_dict, x)
+    progress("loopback run (compute baseline)...")
+    loop = _summary(run_parties(network_party, *args, offline, provider="dealer",
+                                timeout=3600)[0])
+    progress(f"  {loop['online_s']:.2f} s online per image, {loop['rounds']} rounds, "
+             f"{loop['bytes'] / 1e6:.1f} MB (party 0's count)")
+    with EmulatedNetwork(profile) as net:
+        where = "namespaces + tbf + relays" if net.use_namespaces else (
+            f"loopback relays ({net.fallback_reason})")
+        progress(f"emulated {profile.describe()} via {where}...")
+        emu = _summary(run_parties(network_party, *args, offline, provider="dealer",
+                                   network=net, timeout=7200, recv_timeout=600)[0])
+    predicted = loop["online_s"] + profile.mpc_seconds(loop["bytes"], loop["rounds"])
+    progress(f"  {emu['online_s']:.2f} s online per image (+{emu['offline_s']:.2f} s offline); "
+             f"predicted online {predicted:.2f} s")
+    return {"network": profile.name, "emulation": where, "loopback": loop, "measured": emu,
+            "predicted_online_s": predicted,
+            "prediction_error": (predicted - emu["online_s"]) / emu["online_s"]}
