@@ -133,7 +133,11 @@ def run(args: argparse.Namespace) -> int:
     state = state_path_for(args.out)
     if args.resume and state.is_file():
         print(f"resuming from {state}", flush=True)
-    result = train(model, data, cfg, teacher=teacher, state_path=state, resume=args.resume)
+    try:
+        result = train(model, data, cfg, teacher=teacher, state_path=state, resume=args.resume)
+    except ValueError as exc:  # e.g. a state file from another model
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     final = result.final
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                if not k.startswith("_")}  # fmt: skip

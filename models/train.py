@@ -304,12 +304,17 @@ def train(
     history: list[EpochStats] = []
     start = 0
     if resume and state_path is not None and Path(state_path).is_file():
-        st = load_state(state_path)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        start = int(st["epoch"])
-        history = [EpochStats(**h) for h in st["history"]]
+        try:
+            st = load_state(state_path)
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            start = int(st["epoch"])
+            history = [EpochStats(**h) for h in st["history"]]
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{state_path}: cannot resume from this training state ({exc})"
+            ) from exc
     fill = torch.tensor([-m / s for m, s in zip(data.normalization.mean, data.normalization.std,
                                                    strict=True)])  # fmt: skip
     taps: tuple[FeatureTap, FeatureTap] | None = None

@@ -111,6 +111,9 @@ def test_resume_continues_from_saved_epoch(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     again = train(resumed, data, cfg, state_path=state, resume=True, progress=None)
     assert again.start_epoch == 3 and len(again.history) == 3  # nothing left to do
+    other = build_model(TINY.replace(dim=32), ArchSpec.uniform(1, 2))
+    with pytest.raises(ValueError, match="cannot resume"):
+        train(other, data, cfg, state_path=state, resume=True, progress=None)
 
 
 def test_distillation_loss_terms():
