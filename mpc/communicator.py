@@ -14,15 +14,14 @@ from __future__ import annotations
 import pickle
 from collections.abc import Sequence
 
-import torch  # noqa: E402
-from crypten.common import serial  # noqa: E402
-from crypten.communicator.communicator import Communicator, _logging  # noqa: E402
-from torch.distributed import ReduceOp  # noqa: E402
+import torch
+from crypten.common import serial
+from crypten.communicator.communicator import Communicator, _logging
+from torch.distributed import ReduceOp
 
-from ..proto.generated.peer_pb2 import PeerFrame  # noqa: E402
-from . import compat  # noqa: F401  (must precede any crypten import)
-from .errors import ProtocolViolation  # noqa: E402
-from .transport import PeerTransport  # noqa: E402
+from ..proto.generated.peer_pb2 import PeerFrame
+from .errors import ProtocolViolation
+from .transport import PeerTransport
 
 _TENSOR = PeerFrame.Kind.TENSOR
 _OBJECT = PeerFrame.Kind.OBJECT

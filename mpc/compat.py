@@ -3,39 +3,26 @@
 CrypTen 0.4.1 (2022) imports ``torch.onnx._internal.registration`` at module load
 time in ``crypten/nn/onnx_converter.py``; torch 2.x removed that module.  Only CrypTen's
 ONNX model importer (``crypten.nn.from_pytorch``) uses it, and mpcvit never calls that
-importer: our models are written against CrypTen's tensor API.  So before the first
-``import crypten`` we register an empty stand-in module under the removed name; the
-MPC core (communicator, providers, ``MPCTensor``) is untouched.
+importer: our models are written against CrypTen's tensor API.
 
-Every module of this project imports CrypTen through :func:`import_crypten` (or imports
-this module first), never with a bare ``import crypten``.
+:func:`install` appends a finder to the END of ``sys.meta_path``: it is asked only after
+every normal finder failed, and then supplies an empty stand-in module under the removed
+name.  On a torch that still has the module nothing changes, and installing the finder
+imports nothing (so the torch-free client can import ``mpcvit.mpc``'s package safely).
+The MPC core (communicator, providers, ``MPCTensor``) is untouched.
+
+``mpcvit.mpc``'s package ``__init__`` installs it, so any ``mpcvit.mpc.*`` import comes
+first; code outside the package imports CrypTen through :func:`import_crypten`.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import sys
 import types
 
 _MISSING = "torch.onnx._internal.registration"
-
-
-def install() -> None:
-    """Register the stand-in for the removed torch.onnx module (idempotent)."""
-    if _MISSING in sys.modules:
-        return
-    try:
-        import importlib
-
-        importlib.import_module(_MISSING)
-        return
-    except ImportError:
-        pass
-    stub = types.ModuleType(_MISSING)
-    stub.__doc__ = "mpcvit stand-in: CrypTen's ONNX importer is unsupported on this torch."
-    # onnx_converter only does ``from ... import registry`` and never uses it unless
-    # ``from_pytorch`` runs; make such a use fail loudly instead of silently.
-    stub.registry = _UnsupportedRegistry()
-    sys.modules[_MISSING] = stub
 
 
 class _UnsupportedRegistry:
@@ -44,6 +31,31 @@ class _UnsupportedRegistry:
             "crypten.nn.from_pytorch (ONNX import) is not supported on this torch; "
             "mpcvit builds models on CrypTen's tensor API instead"
         )
+
+
+class _StandInLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__doc__ = "mpcvit stand-in: CrypTen's ONNX importer is unsupported here."
+        # onnx_converter only does ``from ... import registry``; using it fails loudly.
+        module.registry = _UnsupportedRegistry()
+
+
+class _StandInFinder(importlib.abc.MetaPathFinder):
+    """Last-resort finder for the one module torch removed."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _MISSING:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, _StandInLoader())
+
+
+def install() -> None:
+    """Register the fallback finder (idempotent; imports nothing)."""
+    if not any(isinstance(f, _StandInFinder) for f in sys.meta_path):
+        sys.meta_path.append(_StandInFinder())
 
 
 def import_crypten():

@@ -25,19 +25,18 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-import torch  # noqa: E402
-from crypten.common.rng import (  # noqa: E402
+import torch
+from crypten.common.rng import (
     generate_kbit_random_tensor,
     generate_random_ring_element,
 )
-from crypten.common.util import count_wraps  # noqa: E402
-from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor  # noqa: E402
-from crypten.mpc.provider.provider import TupleProvider  # noqa: E402
+from crypten.common.util import count_wraps
+from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+from crypten.mpc.provider.provider import TupleProvider
 
-from ..proto.generated import dealer_pb2, dealer_pb2_grpc  # noqa: E402
-from . import compat  # noqa: F401
-from .config import ProviderSpec, TlsConfig  # noqa: E402
-from .errors import DealerError  # noqa: E402
+from ..proto.generated import dealer_pb2, dealer_pb2_grpc
+from .config import ProviderSpec, TlsConfig
+from .errors import DealerError
 
 log = logging.getLogger("mpcvit.dealer")
 

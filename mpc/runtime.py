@@ -19,18 +19,16 @@ import threading
 import uuid
 from collections.abc import Iterator
 
-from .compat import import_crypten
+import crypten
+import crypten.communicator as _cc
+import crypten.mpc as _cmpc
+from crypten.config import cfg
 
-crypten = import_crypten()
-import crypten.communicator as _cc  # noqa: E402
-import crypten.mpc as _cmpc  # noqa: E402
-from crypten.config import cfg  # noqa: E402
-
-from .communicator import GrpcCommunicator  # noqa: E402
-from .config import ProviderSpec  # noqa: E402
-from .dealer import DealerProvider  # noqa: E402
-from .errors import MpcRuntimeError  # noqa: E402
-from .transport import PeerTransport  # noqa: E402
+from .communicator import GrpcCommunicator
+from .config import ProviderSpec
+from .dealer import DealerProvider
+from .errors import MpcRuntimeError
+from .transport import PeerTransport
 
 log = logging.getLogger("mpcvit.runtime")
 

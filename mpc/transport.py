@@ -46,6 +46,9 @@ def grpc_message_options(chunk_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # server side: accept those pings instead of answering GOAWAY "too_many_pings"
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 
