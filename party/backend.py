@@ -122,6 +122,8 @@ class CrypTenBackend:
         self.facts = facts
         self._secure = None
         self.precision_bits = int(crypten.encoder.FixedPointEncoder().scale).bit_length() - 1
+        # Tuple traces of past sessions by batch size: what an offline phase must prepare.
+        self._traces: dict[int, list] = {}
 
     # -- coordinator interface ---------------------------------------------------------
     def public_model(self) -> dict[str, Any]:
@@ -134,6 +136,33 @@ class CrypTenBackend:
                              f"{CODE_FINGERPRINT!r}: deploy the same mpcvit version on both")
         self.facts = ModelFacts.from_dict(meta)
         self._secure = None
+        self._traces.clear()
+        self.discard_prepared()
+
+    # -- offline phase (dealer provider only) ------------------------------------------
+    def can_prepare(self, batch: int) -> bool:
+        return self.provider.kind == "dealer" and batch in self._traces
+
+    def prepare(self, session: str, batch: int) -> float:
+        """Fetch/draw the correlated randomness of a future ``batch``-image session now.
+
+        Uses the tuple trace of an earlier session of the same batch size (the protocol
+        is data-oblivious, so every such session makes the same requests)."""
+        from mpcvit.mpc.runtime import dealer_provider
+
+        if not self.can_prepare(batch):
+            raise RuntimeError(f"no tuple trace for batch size {batch} yet")
+        seconds = dealer_provider().prepare(session, self.rank, 2, self.provider,
+                                            self._traces[batch])
+        log.info("event=offline_prepared session=%s batch=%d seconds=%.3f", session, batch,
+                 seconds)
+        return seconds
+
+    def discard_prepared(self) -> None:
+        if self.provider.kind == "dealer":
+            from mpcvit.mpc.runtime import dealer_provider
+
+            dealer_provider().discard_prepared()
 
     def share_weights(self, session: str) -> None:
         from mpcvit.models.configs import ViTConfig
@@ -170,6 +199,10 @@ class CrypTenBackend:
             mask = ArithmeticSharedTensor.PRZS(out.share.size())
             shares = (out.share + mask.share).numpy().astype(np.int64, copy=True)
             comm_stats = comm.get_communication_stats()
+        if self.provider.kind == "dealer":
+            from mpcvit.mpc.runtime import dealer_provider
+
+            self._traces[len(inputs)] = list(dealer_provider().last_trace)
         stats = SessionStats(
             session=session, seconds=time.perf_counter() - start,
             rounds=int(comm_stats.get("rounds", 0)), bytes_sent=int(comm_stats.get("bytes", 0)),

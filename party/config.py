@@ -39,6 +39,9 @@ class ServiceLimits:
     max_concurrent_rpcs: int = 64  # beyond this, calls get RESOURCE_EXHAUSTED at once
     max_batch: int = 1  # requests per secure session (issue 6 raises this)
     max_wait: float = 0.0  # seconds the leader waits for a batch to fill
+    # Single-image sessions whose correlated randomness the parties fetch from the
+    # dealer while idle (offline phase); 0 fetches it online, tuple by tuple.
+    offline_sessions: int = 0
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1024:
@@ -49,6 +52,8 @@ class ServiceLimits:
                 raise ConfigError(f"limits.{name} must be at least 1")
         if self.max_wait < 0:
             raise ConfigError("limits.max_wait must be >= 0")
+        if not 0 <= int(self.offline_sessions) <= 64:
+            raise ConfigError("limits.offline_sessions must be between 0 and 64")
 
 
 @dataclass(frozen=True)

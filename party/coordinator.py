@@ -7,6 +7,10 @@ Control messages (small JSON dicts over the peer link, outside CrypTen):
   it (same architecture code?) and answers ``init_ack {session, ok, reason}``; on ok both
   run a CrypTen session in which party 0 secret-shares its weights.  The epoch names that set
   of weight shares; a restarted party has none, which triggers a new ``init``.
+- ``prepare`` L->F ``{session, epoch, batch}`` (offline phase, while idle): both parties
+  fetch/draw the correlated randomness of that future session from the dealer now; the
+  follower answers ``prepared {session, ok}``.  A later ``batch`` of that size reuses
+  the session id, so its online phase never waits on the dealer.
 - ``batch`` L->F ``{session, epoch, model, requests: [{id, shape}]}``: the follower
   takes its halves of those ids (waiting up to ``pairing_timeout`` for late ones) and
   answers ``ready {session, ok, missing, mismatch, need_weights}``; both then run one
@@ -70,6 +74,15 @@ class SecureBackend(Protocol):
 
     def infer(self, session: str, inputs: np.ndarray) -> tuple[np.ndarray, SessionStats]:
         """Run the secure forward on a batch of input shares; return output shares."""
+
+    def can_prepare(self, batch: int) -> bool:
+        """Whether an offline phase for a ``batch``-image session is possible now."""
+
+    def prepare(self, session: str, batch: int) -> float:
+        """Offline phase of a future session; returns seconds spent."""
+
+    def discard_prepared(self) -> None:
+        """Forget every prepared session (the peer lost its half of them)."""
 
 
 class SessionFailed(Exception):
@@ -169,11 +182,13 @@ class Leader(_Base):
     role = "leader"
 
     def __init__(self, *args: Any, max_batch: int = 1, max_wait: float = 0.0,
-                 retry_interval: float = 1.0, poll_interval: float = 0.5,
-                 **kwargs: Any) -> None:
+                 offline_sessions: int = 0, retry_interval: float = 1.0,
+                 poll_interval: float = 0.5, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_batch = max_batch
         self.max_wait = max_wait
+        self.offline_sessions = offline_sessions
+        self._prepared: list[str] = []  # single-image sessions ready for their online phase
         self.retry_interval = retry_interval
         self.poll_interval = poll_interval
         self.epoch = uuid.uuid4().hex[:12]
@@ -183,8 +198,17 @@ class Leader(_Base):
         self._counter += 1
         return f"{kind}-{self.epoch}-{self._counter}"
 
+    def _forget_prepared(self) -> None:
+        if not self.offline_sessions:
+            return
+        if self._prepared:
+            log.info("event=offline_discarded sessions=%d", len(self._prepared))
+        self._prepared.clear()
+        self.backend.discard_prepared()
+
     def initialise_peer(self) -> bool:
         """Share the weights with the peer; False (and queued requests failed) if it can't."""
+        self._forget_prepared()
         session = self._session_id("init")
         try:
             self.channel.send({"type": "init", "session": session, "epoch": self.epoch,
@@ -225,9 +249,35 @@ class Leader(_Base):
             self.run_batch(batch)
         else:
             self._check_peer_hello()
+            if self._ready:
+                self.prepare_next()
+
+    def prepare_next(self) -> bool:
+        """While idle: run the offline phase of one more single-image session."""
+        if len(self._prepared) >= self.offline_sessions or not self.backend.can_prepare(1):
+            return False
+        session = self._session_id("infer")
+        try:
+            self.channel.send({"type": "prepare", "session": session, "epoch": self.epoch,
+                               "batch": 1})
+            self.backend.prepare(session, 1)
+            reply = self._await_reply(session, self.pairing_timeout + 60.0, kind="prepared")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("event=offline_failed session=%s error=%s", session,
+                        type(exc).__name__)
+            self._forget_prepared()
+            return False
+        if not reply.get("ok"):
+            self._forget_prepared()
+            return False
+        self._prepared.append(session)
+        return True
 
     def run_batch(self, batch: list[PendingRequest]) -> None:
-        session = self._session_id("infer")
+        if len(batch) == 1 and self._prepared:
+            session = self._prepared.pop(0)  # its randomness was fetched offline
+        else:
+            session = self._session_id("infer")
         announce = {
             "type": "batch", "session": session, "epoch": self.epoch, "model": batch[0].model,
             "requests": [{"id": it.request_id, "shape": list(it.shape)} for it in batch],
@@ -347,6 +397,8 @@ class Follower(_Base):
             self.handle_init(msg)
         elif kind == "batch":
             self.handle_batch(msg)
+        elif kind == "prepare":
+            self.handle_prepare(msg)
         else:
             log.warning("event=unknown_control type=%s", kind)
 
@@ -375,6 +427,18 @@ class Follower(_Base):
         self.epoch = str(msg.get("epoch"))
         log.info("event=weights_received session=%s epoch=%s", session, self.epoch)
         self._set_ready(True)
+
+    def handle_prepare(self, msg: dict[str, Any]) -> None:
+        session = str(msg.get("session"))
+        ok = False
+        if self.epoch is not None and msg.get("epoch") == self.epoch:
+            try:
+                self.backend.prepare(session, int(msg.get("batch", 1)))
+                ok = True
+            except Exception as exc:  # noqa: BLE001
+                log.warning("event=offline_failed session=%s error=%s", session,
+                            type(exc).__name__)
+        self.channel.send({"type": "prepared", "session": session, "ok": ok})
 
     def handle_batch(self, msg: dict[str, Any]) -> None:
         session = str(msg.get("session"))

@@ -125,7 +125,8 @@ class PartyServer:
         if config.rank == 0:
             self.coordinator: Leader | Follower = Leader(
                 self.queue, channel, self.backend, max_batch=config.limits.max_batch,
-                max_wait=config.limits.max_wait, **common)
+                max_wait=config.limits.max_wait,
+                offline_sessions=config.limits.offline_sessions, **common)
         else:
             self.coordinator = Follower(self.queue, channel, self.backend, **common)
         self.service = PartyService(
