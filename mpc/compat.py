@@ -13,6 +13,18 @@ The MPC core (communicator, providers, ``MPCTensor``) is untouched.
 
 ``mpcvit.mpc``'s package ``__init__`` installs it, so any ``mpcvit.mpc.*`` import comes
 first; code outside the package imports CrypTen through :func:`import_crypten`.
+
+Once CrypTen is imported, :func:`patch_crypten` applies two fixes (idempotent, each
+tested in tests/test_compat.py):
+
+* ``FixedPointEncoder.decode`` divides negative values by ``scale - 1`` with torch's
+  floor division (written for the old truncating ``floor_divide``), so a value just
+  above a negative integer (-7.99997) decodes one too low (-8.99997).  We decode as
+  ``floor(v / scale) + (v mod scale) / scale``, exact for every value.
+* ``CrypTensor.__getattribute__`` is wrapped by CrypTen's validation-mode decorator, which
+  reads ``cfg.debug.validation_mode`` through omegaconf on EVERY attribute access (about
+  half of a party's CPU time on the demo model).  mpcvit never turns validation mode on,
+  so when it is off we unwrap the decorator; turning it on afterwards has no effect.
 """
 
 from __future__ import annotations
@@ -58,11 +70,38 @@ def install() -> None:
         sys.meta_path.append(_StandInFinder())
 
 
+def _exact_decode(self, tensor):
+    """CrypTen's FixedPointEncoder.decode without the negative-value off-by-one."""
+    if tensor is None or self._scale <= 1:
+        return _ORIGINAL_DECODE[0](self, tensor)
+    whole = tensor.div(self._scale, rounding_mode="floor")
+    frac = tensor - whole * self._scale  # in [0, scale)
+    return (whole.float() + frac.float() / self._scale).data
+
+
+_ORIGINAL_DECODE: list = []
+
+
+def patch_crypten(crypten) -> None:
+    """Apply the fixes described in the module docstring (idempotent)."""
+    from crypten.config import cfg
+    from crypten.cryptensor import CrypTensor
+    from crypten.encoder import FixedPointEncoder
+
+    if FixedPointEncoder.decode is not _exact_decode:
+        _ORIGINAL_DECODE[:] = [FixedPointEncoder.decode]
+        FixedPointEncoder.decode = _exact_decode
+    getattr_fn = CrypTensor.__dict__["__getattribute__"]
+    if not cfg.debug.validation_mode and hasattr(getattr_fn, "__wrapped__"):
+        CrypTensor.__getattribute__ = getattr_fn.__wrapped__
+
+
 def import_crypten():
     """Return the ``crypten`` module, installing the compat shim first."""
     install()
     import crypten
 
+    patch_crypten(crypten)
     return crypten
 
 

@@ -53,6 +53,7 @@ class _PartySettings:
     rendezvous: str
     netns: str | None = None
     listen: str = "127.0.0.1:0"
+    threads: int = 1
 
 
 def _context():
@@ -81,6 +82,11 @@ def _dealer_main(conn, tls: TlsConfig | None, netns: str | None, listen: str) ->
 
 
 def _party_main(settings: _PartySettings, fn, args, kwargs, conn) -> None:
+    import torch
+
+    # One intra-op thread per party: with two parties (+ dealer) on a small machine,
+    # more threads only fight over the cores and make timings erratic.
+    torch.set_num_threads(settings.threads)
     try:
         if settings.netns:  # before any thread starts: threads inherit the namespace
             from .netem import enter_netns

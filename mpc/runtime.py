@@ -24,6 +24,7 @@ import crypten.communicator as _cc
 import crypten.mpc as _cmpc
 from crypten.config import cfg
 
+from . import compat
 from .communicator import GrpcCommunicator
 from .config import ProviderSpec
 from .dealer import DealerProvider
@@ -31,6 +32,7 @@ from .errors import MpcRuntimeError
 from .transport import PeerTransport
 
 log = logging.getLogger("mpcvit.runtime")
+compat.patch_crypten(crypten)
 
 DEALER_PROVIDER_NAME = "DEALER"
 

@@ -1,0 +1,48 @@
+"""The CrypTen compatibility shim and its two fixes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+from mpcvit.mpc.compat import import_crypten
+
+
+def test_crypten_imports_on_this_torch_and_onnx_import_fails_loudly():
+    code = (
+        "import mpcvit.mpc, sys\n"
+        "assert 'torch' not in sys.modules  # installing the shim imports nothing\n"
+        "import crypten\n"
+        "import torch.onnx._internal.registration as r\n"
+        "try:\n"
+        "    r.registry.anything\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not supported' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('stand-in registry did not refuse')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_decode_is_exact_for_negative_values():
+    crypten = import_crypten()
+    enc = crypten.encoder.FixedPointEncoder()
+    scale = int(enc.scale)
+    values = torch.tensor([-8 * scale + 2, -1, -scale, -scale - 1, 0, 1, 7 * scale + 5,
+                           -(2**40) + 3], dtype=torch.long)
+    want = values.double() / scale
+    got = enc.decode(values).double()
+    assert torch.allclose(got, want, rtol=1e-7, atol=1e-6), (got, want)  # float32 output
+    # -7.99997 used to decode as -8.99997
+    assert abs(got[0].item() - (-8 + 2 / scale)) < 1e-6
+
+
+def test_validation_decorator_is_unwrapped():
+    crypten = import_crypten()
+    from crypten.cryptensor import CrypTensor
+
+    getattr_fn = CrypTensor.__dict__["__getattribute__"]
+    assert not hasattr(getattr_fn, "__wrapped__")
+    # attribute dispatch still works (CrypTen's own dispatch, minus the validation hook)
+    assert getattr_fn.__qualname__ == "CrypTensor.__getattribute__"
