@@ -39,7 +39,7 @@ def test_decode_is_exact_for_negative_values():
 
 
 def test_validation_decorator_is_unwrapped():
-    crypten = import_crypten()
+    import_crypten()
     from crypten.cryptensor import CrypTensor
 
     getattr_fn = CrypTensor.__dict__["__getattribute__"]
