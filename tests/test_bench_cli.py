@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from mpcvit.party.cli import main
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-
 from mpcvit.party.client import PrivateInferenceClient
 from mpcvit.party.local import LocalCluster
 
@@ -30,7 +29,6 @@ def _wait_prepared(cluster: LocalCluster, count: int, limit: float = 120.0) -> N
 
 def test_prepared_sessions_serve_requests_correctly(tmp_path):
     import torch
-
     from mpcvit.models.checkpoint import save_checkpoint
     from mpcvit.models.vit import build_model
     from mpcvit.party.infer import load_images
