@@ -56,18 +56,31 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
             "dealer_requests": statistics.median(r["dealer_requests"] for r in rows)}
 
 
-def bench_network(config, spec, profile: NetworkProfile, *, images: int = 2,
-                  offline: bool = True, state_dict: dict | None = None,
-                  progress=print) -> dict[str, Any]:
-    """Measure on loopback and over the emulated link; predict the link from loopback."""
+def _images(config, n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(images, config.in_chans, config.image_size, config.image_size, generator=g)
-    args = (config.to_dict(), spec.to_dict(), state_dict, x)
+    return torch.randn(n, config.in_chans, config.image_size, config.image_size, generator=g)
+
+
+def bench_loopback(config, spec, *, images: int = 2, offline: bool = True,
+                   state_dict: dict | None = None, progress=print) -> dict[str, float]:
+    """The same program with no emulated link: the compute baseline."""
     progress("loopback run (compute baseline)...")
-    loop = _summary(run_parties(network_party, *args, offline, provider="dealer",
+    loop = _summary(run_parties(network_party, config.to_dict(), spec.to_dict(), state_dict,
+                                _images(config, images), offline, provider="dealer",
                                 timeout=3600)[0])
     progress(f"  {loop['online_s']:.2f} s online per image, {loop['rounds']} rounds, "
              f"{loop['bytes'] / 1e6:.1f} MB (party 0's count)")
+    return loop
+
+
+def bench_network(config, spec, profile: NetworkProfile, *, images: int = 2,
+                  offline: bool = True, state_dict: dict | None = None,
+                  loopback: dict[str, float] | None = None, progress=print) -> dict[str, Any]:
+    """Measure over the emulated link; predict the link from the loopback run."""
+    x = _images(config, images)
+    args = (config.to_dict(), spec.to_dict(), state_dict, x)
+    loop = loopback or bench_loopback(config, spec, images=images, offline=offline,
+                                      state_dict=state_dict, progress=progress)
     with EmulatedNetwork(profile) as net:
         where = "namespaces + tbf + relays" if net.use_namespaces else (
             f"loopback relays ({net.fallback_reason})")

@@ -78,7 +78,7 @@ def section_models(config, log) -> list[str]:
 
 
 def section_networks(config, networks: list[str], log) -> list[str]:
-    from .network import bench_network
+    from .network import bench_loopback, bench_network
 
     stock = stock_baseline(config)
     log(f"stock: {stock}")
@@ -86,17 +86,12 @@ def section_networks(config, networks: list[str], log) -> list[str]:
     results = {}
     for name, att, mu, act in SPECS_NETWORKS:
         spec = build_spec(config, att, mu, act)
+        loop = bench_loopback(config, spec, images=1, progress=log)
+        results[(name, "loopback")] = {"measured": loop, "predicted_online_s": loop["online_s"]}
         for net in networks:
-            if net == "loopback":
-                continue
-            results[(name, net)] = bench_network(config, spec, PRESETS[net], images=1,
-                                                 progress=log)
-        if "loopback" in networks:
-            first = next(iter(r for (n, _), r in results.items() if n == name), None)
-            if first is None:
-                first = bench_network(config, spec, PRESETS["lan"], images=1, progress=log)
-            results[(name, "loopback")] = {"measured": first["loopback"],
-                                           "predicted_online_s": first["loopback"]["online_s"]}
+            if net != "loopback":
+                results[(name, net)] = bench_network(config, spec, PRESETS[net], images=1,
+                                                     loopback=loop, progress=log)
     for net in networks:
         p = PRESETS[net]
         st = stock["online_s"] + p.mpc_seconds(stock["bytes"], stock["rounds"])
