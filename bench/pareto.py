@@ -413,6 +413,13 @@ def plot(rows: list[dict], path: Path) -> None:
             if best is not None:
                 ax.annotate(r["name"], (r[key], 100 * best), textcoords="offset points",
                             xytext=(4, 4), fontsize=8)
+        base = next((r for r in rows if r["name"] == "softmax"), None)
+        if base is not None and base.get(key) is not None and base["acc"] is not None:
+            ax.axhline(100 * base["acc"] - 1, ls="--", lw=0.8, color="gray",
+                       label="softmax accuracy − 1 point")
+            ax.axvline(base[key] / 3, ls=":", lw=0.8, color="gray",
+                       label="softmax latency / 3")
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_xlabel("seconds per image")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title, fontsize=10)
