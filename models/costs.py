@@ -29,7 +29,6 @@ exact for rounds and bytes, not an upper bound.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -39,6 +38,8 @@ from typing import Any
 
 import torch
 import yaml
+from mpcvit.mpc.netem import PRESETS, NetworkProfile
+from mpcvit.mpc.netem import parse_network as parse_link
 
 from .configs import ViTConfig
 from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
@@ -107,10 +108,16 @@ def total(costs: Iterable[Cost]) -> Cost:
 
 @dataclass(frozen=True)
 class NetworkModel:
-    """seconds = compute + bytes / bandwidth + rounds × RTT.
+    """What a link adds to a measured loopback run (``inf`` bandwidth adds nothing).
 
-    ``bandwidth_bps`` is bits per second (``inf`` adds nothing); ``bytes`` is one party's
-    send volume, which on a full-duplex link is what each direction carries.
+    One definition for the whole project: presets, parsing and the formula come from
+    :mod:`mpcvit.mpc.netem`, whose emulated links validate it (docs/benchmarks.md)::
+
+        seconds = compute + (bytes / 2) · 8 / bandwidth + rounds · RTT / 2
+
+    ``bytes`` is one party's CrypTen count, which counts an exchange both ways; a round
+    is a simultaneous exchange, so each direction of the full-duplex link carries half
+    the count and each round waits one one-way latency.
     """
 
     name: str
@@ -121,17 +128,22 @@ class NetworkModel:
         if not self.bandwidth_bps > 0 or self.rtt_s < 0:
             raise ValueError("bandwidth must be positive and RTT non-negative")
 
+    @property
+    def link(self) -> NetworkProfile:
+        bw = None if math.isinf(self.bandwidth_bps) else self.bandwidth_bps
+        return NetworkProfile(self.name, bw, self.rtt_s)
+
     def seconds(self, cost: Cost) -> float:
         return self.network_seconds(cost) + cost.compute_s
 
     def network_seconds(self, cost: Cost) -> float:
         """The part of :meth:`seconds` the link adds on top of loopback compute."""
-        return cost.bytes * 8.0 / self.bandwidth_bps + cost.rounds * self.rtt_s
+        return self.link.mpc_seconds(cost.bytes, cost.rounds)
 
     def describe(self) -> str:
         if math.isinf(self.bandwidth_bps) and self.rtt_s == 0:
             return f"{self.name} (no added network cost)"
-        return f"{self.name} ({_fmt_bw(self.bandwidth_bps)}, {self.rtt_s * 1e3:g} ms RTT)"
+        return self.link.describe()
 
     def to_dict(self) -> dict[str, Any]:
         bw = "inf" if math.isinf(self.bandwidth_bps) else self.bandwidth_bps
@@ -141,50 +153,20 @@ class NetworkModel:
     def from_dict(cls, d: Mapping[str, Any]) -> NetworkModel:
         return cls(str(d["name"]), float(d["bandwidth_bps"]), float(d["rtt_s"]))
 
+    @classmethod
+    def from_link(cls, link: NetworkProfile) -> NetworkModel:
+        bw = math.inf if link.bandwidth_bps is None else link.bandwidth_bps
+        return cls(link.name, bw, link.rtt_s)
 
-# LAN: a 3 Gbps / 0.8 ms data-centre link (the MPC literature's usual LAN setting).
-# WAN: 100 Mbps / 40 ms RTT, a cross-region link (SecretFlow/MPCViT-style WAN figures).
+
 NETWORKS: dict[str, NetworkModel] = {
-    "lan": NetworkModel("lan", 3e9, 0.8e-3),
-    "wan": NetworkModel("wan", 100e6, 40e-3),
-    "loopback": NetworkModel("loopback", math.inf, 0.0),
+    name: NetworkModel.from_link(link) for name, link in PRESETS.items()
 }
-
-_BW_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 1.0, "kbps": 1e3,
-             "mbps": 1e6, "gbps": 1e9}
-_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-
-
-def _fmt_bw(bps: float) -> str:
-    for unit, k in (("Gbps", 1e9), ("Mbps", 1e6), ("kbps", 1e3)):
-        if bps >= k:
-            return f"{bps / k:g} {unit}"
-    return f"{bps:g} bps"
-
-
-def _parse_quantity(text: str, units: Mapping[str, float], what: str) -> float:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([a-z]*)\s*", text.lower())
-    if not m or m.group(2) not in units:
-        raise ValueError(f"bad {what} {text!r}: use a number with one of {sorted(units)}")
-    return float(m.group(1)) * units[m.group(2)]
 
 
 def parse_network(text: str) -> NetworkModel:
     """``lan``, ``wan``, ``loopback`` or ``BANDWIDTH,RTT`` such as ``1gbit,5ms``."""
-    key = text.strip().lower()
-    if key in NETWORKS:
-        return NETWORKS[key]
-    parts = key.split(",")
-    if len(parts) != 2:
-        raise ValueError(
-            f"unknown network {text!r}: use {', '.join(NETWORKS)} or BANDWIDTH,RTT "
-            "(e.g. 1gbit,5ms)"
-        )
-    bw = _parse_quantity(parts[0], _BW_UNITS, "bandwidth")
-    rtt = _parse_quantity(parts[1], _TIME_UNITS, "RTT")
-    if bw <= 0:
-        raise ValueError(f"bandwidth must be positive, got {parts[0]!r}")
-    return NetworkModel(f"{parts[0].strip()},{parts[1].strip()}", bw, rtt)
+    return NetworkModel.from_link(parse_link(text))
 
 
 # ----------------------------------------------------------------------------- model

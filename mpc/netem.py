@@ -77,24 +77,29 @@ PRESETS = {
     "wan": NetworkProfile("wan", 100e6, 40e-3),
 }
 
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+_BW_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_LINK = re.compile(
+    r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:bit|bps)?\s*,\s*(\d+(?:\.\d+)?)\s*(us|ms|s)?"
+)
 
 
 def parse_network(text: str) -> NetworkProfile:
-    """A preset name, or ``BW,RTT`` such as ``1gbit,5ms`` or ``100mbit,40ms``."""
+    """A preset name, or ``BW,RTT`` such as ``1gbit,5ms``, ``100Mbps,40ms``, ``2.5gbit,250us``
+    (bandwidth in bits per second; RTT in ms when no unit is given)."""
     key = text.strip().lower()
     if key in PRESETS:
         return PRESETS[key]
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:bit|bps)?\s*,\s*(\d+(?:\.\d+)?)\s*(ms|s)?", key)
+    m = _LINK.fullmatch(key)
     if not m:
         raise ConfigError(
             f"network {text!r}: use one of {sorted(PRESETS)} or BW,RTT like 1gbit,5ms"
         )
-    bw = float(m.group(1)) * _UNITS[m.group(2)]
-    rtt = float(m.group(3)) / (1000 if (m.group(4) or "ms") == "ms" else 1)
+    bw = float(m.group(1)) * _BW_UNITS[m.group(2)]
+    rtt = float(m.group(3)) * _TIME_UNITS[m.group(4) or "ms"]
     if bw <= 0:
         raise ConfigError("bandwidth must be positive")
-    return NetworkProfile(text, bw, rtt)
+    return NetworkProfile(text.strip(), bw, rtt)
 
 
 def enter_netns(name: str) -> None:

@@ -50,8 +50,9 @@ def test_network_presets_are_the_documented_ones():
     lo = NETWORKS["loopback"]
     c = Cost(rounds=100, bytes=1e9, compute_s=1.5)
     assert lo.seconds(c) == 1.5  # loopback adds nothing to the measured compute
-    # 1 GB at 100 Mbps = 80 s, plus 100 rounds x 40 ms = 4 s, plus compute
-    assert NETWORKS["wan"].seconds(c) == pytest.approx(1.5 + 80 + 4)
+    # a party's 1 GB count is 0.5 GB each way: 40 s at 100 Mbps; 100 rounds wait
+    # 20 ms (RTT/2) each: 2 s; plus compute
+    assert NETWORKS["wan"].seconds(c) == pytest.approx(1.5 + 40 + 2)
 
 
 @pytest.mark.parametrize(
