@@ -193,18 +193,22 @@ class GrpcCommunicator(Communicator):
             raise ProtocolViolation(f"party {src} scattered a tensor of the wrong shape")
         return tensor
 
+    def _receive_and_combine(self, tensors: list[torch.Tensor], op) -> list[torch.Tensor]:
+        """Every other party's version of ``tensors``, reduced with ours in rank order."""
+        received = {src: self._recv_many(tensors, src) for src in self._others()}
+        received[self.rank] = tensors
+        return [
+            _combine([received[r][i] for r in range(self.world_size)], op)
+            for i in range(len(tensors))
+        ]
+
     @_logging
     def reduce(self, input, dst, op=ReduceOp.SUM, batched=False):
         tensors = list(input) if batched else [input]
         if self.rank != dst:
             self._send_many(tensors, dst)
             return None
-        received = {src: self._recv_many(tensors, src) for src in self._others()}
-        received[self.rank] = tensors
-        result = [
-            _combine([received[r][i] for r in range(self.world_size)], op)
-            for i in range(len(tensors))
-        ]
+        result = self._receive_and_combine(tensors, op)
         return result if batched else result[0]
 
     @_logging
@@ -212,12 +216,7 @@ class GrpcCommunicator(Communicator):
         tensors = list(input) if batched else [input]
         for dst in self._others():
             self._send_many(tensors, dst)
-        received = {src: self._recv_many(tensors, src) for src in self._others()}
-        received[self.rank] = tensors
-        result = [
-            _combine([received[r][i] for r in range(self.world_size)], op)
-            for i in range(len(tensors))
-        ]
+        result = self._receive_and_combine(tensors, op)
         return result if batched else result[0]
 
     @_logging
