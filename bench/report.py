@@ -55,25 +55,23 @@ def _mb(b: float) -> str:
 
 
 def section_models(config, log) -> list[str]:
-    import torch
+    from .network import bench_loopback
 
-    from .network import network_party
-
-    x = torch.randn(1, config.in_chans, config.image_size, config.image_size,
-                    generator=torch.Generator().manual_seed(1))
     stock = stock_baseline(config)
     log(f"stock: {stock}")
-    lines = [f"| model ({config.name}, random weights, batch 1, loopback) | seconds | rounds | "
-             "MB | speed-up vs stock |", "|---|---|---|---|---|",
-             f"| stock CrypTen: softmax + erf GeLU, gloo, TFP | {stock['online_s']:.2f} | "
-             f"{stock['rounds']} | {_mb(stock['bytes'])} | 1.00x |"]
+    lines = [f"| model ({config.name}, random weights, batch 1, loopback) | online s | "
+             "offline s | rounds | MB | speed-up vs stock | vs softmax + gelu |",
+             "|---|---|---|---|---|---|---|",
+             f"| stock CrypTen: softmax + erf GeLU, gloo, TFP | {stock['online_s']:.2f} | — | "
+             f"{stock['rounds']} | {_mb(stock['bytes'])} | 1.00x | — |"]
+    base = None
     for name, att, mu, act in SPECS_MODELS:
-        spec = build_spec(config, att, mu, act)
-        row = run_parties(network_party, config.to_dict(), spec.to_dict(), None, x, False,
-                          provider="dealer", timeout=3600)[0][0]
-        log(f"{name}: {row}")
-        lines.append(f"| {name} | {row['compute_s']:.2f} | {row['rounds']} | "
-                     f"{_mb(row['bytes'])} | {stock['online_s'] / row['compute_s']:.2f}x |")
+        row = bench_loopback(config, build_spec(config, att, mu, act), images=2, progress=log)
+        base = base or row["online_s"]
+        lines.append(f"| {name} | {row['online_s']:.2f} | {row['offline_s']:.2f} | "
+                     f"{row['rounds']} | {_mb(row['bytes'])} | "
+                     f"{stock['online_s'] / row['online_s']:.2f}x | "
+                     f"{base / row['online_s']:.2f}x |")
     return lines
 
 
