@@ -49,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     if only not in COMMANDS:
         only = None
     if only is None:
-        # Top-level help: list commands without importing them.
-        parser = argparse.ArgumentParser(prog="mpcvit")
+        # Top-level help (or a bad command): list every command with its one-line help.
+        parser = argparse.ArgumentParser(
+            prog="mpcvit", description="Private ViT inference under 2-party MPC "
+                                       "(CrypTen over gRPC)")
         sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-        for name in COMMANDS:
-            sub.add_parser(name)
+        for name, module_name in COMMANDS.items():
+            sub.add_parser(name, help=importlib.import_module(module_name).HELP)
         parser.parse_args(argv)
         return 2
     args = build_parser(only).parse_args(argv)
