@@ -94,47 +94,55 @@ class ProviderSpec:
 
 
 @dataclass(frozen=True)
-class RuntimeConfig:
-    """One party's view of the deployment."""
+class LaunchConfig:
+    """A local multi-party launch (``mpc.launcher.run_parties``), read from YAML.
 
-    rank: int
+    ``ports``/``dealer_port`` of 0 (the default) pick free ports; ``tls.parties`` holds
+    one key pair per party (all signed by the same CA) and ``tls.dealer`` the dealer's.
+    """
+
     world_size: int = 2
-    listen: str = "127.0.0.1:0"
-    peers: dict[int, str] = field(default_factory=dict)
-    provider: ProviderSpec = field(default_factory=lambda: ProviderSpec(kind="tfp"))
+    provider: str = "tfp"
+    host: str = "127.0.0.1"
+    ports: tuple[int, ...] = ()
+    dealer_port: int = 0
     timeouts: Timeouts = field(default_factory=Timeouts)
-    tls: TlsConfig | None = None
+    tls: tuple[TlsConfig, ...] | None = None
+    dealer_tls: TlsConfig | None = None
     chunk_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
-        if not (0 <= self.rank < self.world_size):
-            raise ConfigError(f"rank {self.rank} is outside world_size {self.world_size}")
         if self.world_size < 2:
             raise ConfigError("world_size must be at least 2")
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"provider must be one of {PROVIDERS}, got {self.provider!r}")
+        if self.ports and len(self.ports) != self.world_size:
+            raise ConfigError("ports needs one port per party")
+        if self.tls is not None and len(self.tls) != self.world_size:
+            raise ConfigError("tls.parties needs one key pair per party")
         if self.chunk_bytes < 1024:
             raise ConfigError("chunk_bytes must be at least 1024")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RuntimeConfig:
+    def from_dict(cls, data: dict[str, Any]) -> LaunchConfig:
         data = dict(data)
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ConfigError(f"unknown runtime config keys: {sorted(unknown)}")
-        if "rank" not in data:
-            raise ConfigError("runtime config needs 'rank'")
-        tls = _tls(data.pop("tls", None), "tls")
+            raise ConfigError(f"unknown launch config keys: {sorted(unknown)}")
         timeouts = Timeouts(**_mapping(data.pop("timeouts", None) or {}, "timeouts"))
-        prov = _mapping(data.pop("provider", None) or {"kind": "tfp"}, "provider")
-        if isinstance(prov, str):
-            prov = {"kind": prov}
-        prov = dict(prov)
-        prov_tls = _tls(prov.pop("tls", None), "provider.tls") or tls
-        provider = ProviderSpec(tls=prov_tls, timeout=timeouts.dealer, **prov)
-        peers = {int(k): str(v) for k, v in (data.pop("peers", None) or {}).items()}
-        return cls(provider=provider, timeouts=timeouts, tls=tls, peers=peers, **data)
+        tls = _mapping(data.pop("tls", None) or {}, "tls")
+        parties = tls.get("parties")
+        party_tls = None
+        if parties is not None:
+            if not isinstance(parties, list):
+                raise ConfigError("tls.parties must be a list")
+            party_tls = tuple(_tls(p, f"tls.parties[{i}]") for i, p in enumerate(parties))
+        ports = tuple(int(p) for p in data.pop("ports", None) or ())
+        return cls(timeouts=timeouts, tls=party_tls, dealer_tls=_tls(tls.get("dealer"),
+                   "tls.dealer"), ports=ports, **data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> RuntimeConfig:
+    def from_yaml(cls, path: str | Path) -> LaunchConfig:
         return cls.from_dict(load_yaml(path))
 
 

@@ -22,7 +22,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ProviderSpec, Timeouts, TlsConfig
+from .config import LaunchConfig, ProviderSpec, Timeouts, TlsConfig
 from .netem import EmulatedNetwork
 
 log = logging.getLogger("mpcvit.launcher")
@@ -110,7 +110,8 @@ def _run_party(s: _PartySettings, fn, args, kwargs, conn):
     provider = ProviderSpec(
         kind=s.provider,
         address=dealer_address,
-        tls=s.dealer_tls,
+        # a party shows the dealer its own certificate (the dealer demands one)
+        tls=s.tls if s.dealer_tls is not None else None,
         timeout=s.timeouts.dealer,
     )
     if s.backend == "gloo":
@@ -147,6 +148,7 @@ def _run_party(s: _PartySettings, fn, args, kwargs, conn):
         port = server.add_insecure_port(s.listen)
     if port == 0:
         raise OSError(f"party {s.rank} cannot listen on {s.listen}")
+    transport.listen_port = port
     server.start()
     try:
         conn.send(("port", port))
@@ -168,10 +170,14 @@ def run_parties(
     timeout: float = 600.0,
     recv_timeout: float = 60.0,
     connect_timeout: float = 60.0,
+    dealer_timeout: float | None = None,
     tls: Sequence[TlsConfig] | None = None,
     dealer_tls: TlsConfig | None = None,
     chunk_bytes: int = 1 << 20,
     network: EmulatedNetwork | None = None,
+    host: str = "127.0.0.1",
+    ports: Sequence[int] = (),
+    dealer_port: int = 0,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` in every party; return the per-rank results.
@@ -181,6 +187,8 @@ def run_parties(
     namespaces and talk across its shaped, delayed link.  Raises :class:`PartyFailure` with each
     party's traceback (or exit code) if any party fails, and after ``timeout`` seconds.
     """
+    if ports and len(ports) != world_size:
+        raise ValueError("ports needs one port per party")
     if network is not None and (backend != "grpc" or world_size != 2):
         raise ValueError("an emulated network runs 2 parties over gRPC")
     if backend not in ("grpc", "gloo"):
@@ -189,10 +197,13 @@ def run_parties(
         raise ValueError("provider must be 'tfp' or 'dealer'")
     if tls is not None and len(tls) != world_size:
         raise ValueError("tls needs one TlsConfig per party")
+    if dealer_tls is not None and tls is None:
+        raise ValueError("a TLS dealer needs the parties' TLS identities too")
     ctx = _context()
     deadline = time.monotonic() + timeout
     session = f"launch-{uuid.uuid4().hex}"
-    timeouts = Timeouts(connect=connect_timeout, recv=recv_timeout, dealer=recv_timeout)
+    timeouts = Timeouts(connect=connect_timeout, recv=recv_timeout,
+                        dealer=dealer_timeout or recv_timeout)
     rendezvous = os.path.join(tempfile.gettempdir(), f"mpcvit-rdv-{uuid.uuid4().hex}")
     procs: dict[Any, mp.Process] = {}
     conns: dict[Any, Any] = {}
@@ -211,14 +222,15 @@ def run_parties(
             ) from None
 
     try:
-        dealer_port = None
+        bound_dealer_port = None
         if provider == "dealer":
             parent, child = ctx.Pipe()
             dview = network.dealer() if network else None
             procs["dealer"] = ctx.Process(target=_dealer_main,
                                           args=(child, dealer_tls,
                                                 dview.netns if dview else None,
-                                                dview.listen if dview else "127.0.0.1:0"),
+                                                dview.listen if dview
+                                                else f"{host}:{dealer_port}"),
                                           name="mpcvit-dealer", daemon=True)
             conns["dealer"] = parent
             procs["dealer"].start()
@@ -226,7 +238,7 @@ def run_parties(
             kind, value = wait_msg("dealer", "port")
             if kind != "port":
                 raise PartyFailure({"dealer": value})
-            dealer_port = value
+            bound_dealer_port = value
         views = {r: network.party(r) for r in range(world_size)} if network else {}
         for rank in range(world_size):
             view = views.get(rank)
@@ -234,7 +246,7 @@ def run_parties(
                 rank, world_size, backend, provider, session, timeouts,
                 tls[rank] if tls else None, dealer_tls, chunk_bytes, rendezvous,
                 netns=view.netns if view else None,
-                listen=view.listen if view else "127.0.0.1:0",
+                listen=view.listen if view else f"{host}:{ports[rank] if ports else 0}",
             )
             parent, child = ctx.Pipe()
             procs[rank] = ctx.Process(target=_party_main, args=(settings, fn, args, kwargs, child),
@@ -242,12 +254,12 @@ def run_parties(
             conns[rank] = parent
             procs[rank].start()
             child.close()
-            if dealer_port is None:
+            if bound_dealer_port is None:
                 dealer_address = None
             elif view is not None:
                 dealer_address = view.dealer
             else:
-                dealer_address = f"127.0.0.1:{dealer_port}"
+                dealer_address = f"{host}:{bound_dealer_port}"
             parent.send(("dealer", dealer_address))
         if backend == "grpc":
             peers = {}
@@ -255,7 +267,7 @@ def run_parties(
                 kind, value = wait_msg(rank, "port")
                 if kind != "port":
                     raise PartyFailure({rank: value})
-                peers[rank] = f"127.0.0.1:{value}"
+                peers[rank] = f"{host}:{value}"
             for rank in range(world_size):
                 conns[rank].send(("peers", views[rank].peers if network else peers))
         results: dict[int, Any] = {}
@@ -303,3 +315,18 @@ def run_parties(
             os.unlink(rendezvous)
         except OSError:
             pass
+
+
+def run_parties_from_config(
+    fn: Callable[..., Any], *args: Any, config: str | os.PathLike | LaunchConfig,
+    timeout: float = 600.0, backend: str = "grpc", **kwargs: Any,
+) -> list[Any]:
+    """:func:`run_parties` with addresses, ports, timeouts and TLS from a YAML file."""
+    cfg = config if isinstance(config, LaunchConfig) else LaunchConfig.from_yaml(config)
+    return run_parties(
+        fn, *args, world_size=cfg.world_size, provider=cfg.provider, backend=backend,
+        timeout=timeout, recv_timeout=cfg.timeouts.recv, connect_timeout=cfg.timeouts.connect,
+        dealer_timeout=cfg.timeouts.dealer,
+        tls=cfg.tls, dealer_tls=cfg.dealer_tls, chunk_bytes=cfg.chunk_bytes, host=cfg.host,
+        ports=cfg.ports, dealer_port=cfg.dealer_port, **kwargs,
+    )

@@ -324,6 +324,7 @@ class PeerTransport:
         self.chunk_bytes = chunk_bytes
         self.cluster = cluster
         self.incarnation = uuid.uuid4().hex
+        self.listen_port: int | None = None  # set by whoever binds the serving port
         self.mailbox = Mailbox(world_size)
         self._links: dict[int, _OutboundLink] = {}
         self._addresses: dict[int, str] = {}

@@ -97,3 +97,47 @@ def test_offline_dealer_phase_removes_online_dealer_calls():
     # party 0 fetched every correction in a few batched calls; party 1 made none
     assert 1 <= r0["offline_calls"] < r0["tuples"]
     assert r1["offline_calls"] == 0
+
+
+def test_launch_from_yaml_with_fixed_ports_and_mutual_tls_to_parties_and_dealer(tmp_path):
+    import socket
+
+    import yaml
+    from mpcvit.mpc.certs import generate_pki
+    from mpcvit.mpc.config import LaunchConfig
+    from mpcvit.mpc.launcher import run_parties_from_config
+
+    pki = generate_pki(tmp_path / "pki", ["party0", "party1", "dealer"])
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    ports = [free(), free()]
+    as_dict = lambda t: {"ca": t.ca, "cert": t.cert, "key": t.key}  # noqa: E731
+    cfg = {
+        "world_size": 2, "provider": "dealer", "host": "127.0.0.1", "ports": ports,
+        "timeouts": {"connect": 20, "recv": 30, "dealer": 30},
+        "tls": {"parties": [as_dict(pki["party0"]), as_dict(pki["party1"])],
+                "dealer": as_dict(pki["dealer"])},
+    }
+    path = tmp_path / "launch.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert LaunchConfig.from_yaml(path).ports == tuple(ports)
+    out = run_parties_from_config(progs.ports_and_product, config=path, timeout=120)
+    assert [o["port"] for o in out] == ports  # the configured ports were used
+    for o in out:
+        assert torch.allclose(o["product"], progs.X * progs.Y, atol=1e-3)
+
+
+def test_launch_config_rejects_bad_files(tmp_path):
+    from mpcvit.mpc.config import LaunchConfig
+    from mpcvit.mpc.errors import ConfigError
+
+    for text in ("provider: magic\n", "ports: [1]\n", "bogus: 1\n", "- a list\n",
+                 "timeouts: {recv: -1}\n"):
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError):
+            LaunchConfig.from_yaml(path)
