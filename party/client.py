@@ -221,8 +221,12 @@ class Prediction:
 
     @property
     def megabytes(self) -> float:
-        """MB both parties sent to each other in the session."""
-        return sum(s.bytes_sent for s in self.stats) / 1e6
+        """MB exchanged between the parties in the session, by party 0's CrypTen count.
+
+        CrypTen counts a party's traffic both ways (an exchange of n elements counts 2n),
+        so one party's count already covers the link; adding party 1's would double it.
+        """
+        return next(s for s in self.stats if s.party == 0).bytes_sent / 1e6
 
     @property
     def server_seconds(self) -> float:

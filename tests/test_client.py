@@ -122,11 +122,12 @@ def test_preprocess_and_topk() -> None:
     with pytest.raises(ValueError):
         info.preprocess(np.zeros((3, 3), np.uint8))
     stats = PartyStats(0, 1.0, 0.0, 5, 2_000_000, 1, "s")
-    p = Prediction("r", np.array([0.0, 2.0, 1.0]), info.class_names, (stats, stats), 1.0)
+    stats1 = PartyStats(1, 1.0, 0.0, 5, 2_100_000, 1, "s")
+    p = Prediction("r", np.array([0.0, 2.0, 1.0]), info.class_names, (stats, stats1), 1.0)
     top = p.top_k(2)
     assert [t[1] for t in top] == ["b", "c"] and p.label == 1
     assert abs(sum(p.probabilities()) - 1) < 1e-12
-    assert p.megabytes == 4.0 and p.rounds == 5
+    assert p.megabytes == 2.0 and p.rounds == 5  # party 0's count, not the sum
 
 
 def test_image_files_and_fashion_mnist_specs(tmp_path) -> None:
