@@ -1,32 +1,32 @@
 """ViT models for private inference: configs, architecture specs, the plaintext model, its
 CrypTen twin (``SecureViT``; CrypTen itself is imported only when a secure model is
-built), checkpoints and reference-checkpoint import."""
+built), checkpoints and reference-checkpoint import.
 
-from .checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from .configs import CONFIGS, ViTConfig, get_config
-from .reference import ReferenceImportError, import_reference, load_reference_checkpoint
-from .secure import SecureViT, reveal_float, share_module
-from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
-from .vit import ViT, build_model
+Names are resolved lazily (PEP 562), so numpy-only submodules such as
+``mpcvit.models.data`` import without torch (the client SDK reads images through it).
+"""
 
-__all__ = [
-    "CONFIGS",
-    "ActivationKind",
-    "ArchSpec",
-    "AttentionKind",
-    "CheckpointError",
-    "LayerSpec",
-    "ReferenceImportError",
-    "SecureViT",
-    "ViT",
-    "ViTConfig",
-    "build_model",
-    "get_config",
-    "import_reference",
-    "load_checkpoint",
-    "load_model",
-    "load_reference_checkpoint",
-    "reveal_float",
-    "save_checkpoint",
-    "share_module",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint",
+    "load_model": "checkpoint", "save_checkpoint": "checkpoint",
+    "CONFIGS": "configs", "ViTConfig": "configs", "get_config": "configs",
+    "ReferenceImportError": "reference", "import_reference": "reference",
+    "load_reference_checkpoint": "reference",
+    "SecureViT": "secure", "reveal_float": "secure", "share_module": "secure",
+    "ActivationKind": "spec", "ArchSpec": "spec", "AttentionKind": "spec", "LayerSpec": "spec",
+    "ViT": "vit", "build_model": "vit",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
