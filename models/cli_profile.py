@@ -60,13 +60,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.costs is not None:
         try:
-            costs = CostModel.load(args.costs)
+            costs = CostModel.load(args.costs, config)
         except (OSError, ValueError) as exc:
             print(f"error: {args.costs}: {exc}", file=sys.stderr)
-            return 2
-        if costs.config.replace(name="") != config.replace(name=""):
-            print(f"error: {args.costs} is for {costs.config.name or costs.config}",
-                  file=sys.stderr)
             return 2
     else:
         print(f"profiling {config.name}: {config.depth} layers, {config.heads} heads, "

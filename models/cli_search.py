@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.costs is not None:
         try:
-            costs = CostModel.load(args.costs)
+            costs = CostModel.load(args.costs, config)
         except (OSError, ValueError) as exc:
             print(f"error: {args.costs}: {exc}", file=sys.stderr)
             return 2

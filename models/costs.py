@@ -311,8 +311,13 @@ class CostModel:
         Path(path).write_text(yaml.safe_dump(self.to_dict(network), sort_keys=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> CostModel:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+    def load(cls, path: str | Path, config: ViTConfig | None = None) -> CostModel:
+        """Read a cost file; with ``config``, refuse one profiled for another shape."""
+        costs = cls.from_dict(yaml.safe_load(Path(path).read_text()))
+        if config is not None and costs.config.replace(name="") != config.replace(name=""):
+            raise ValueError(f"cost file is for {costs.config.name or costs.config}, "
+                             f"not {config.name or config}")
+        return costs
 
 
 # ----------------------------------------------------------------------------- profiling

@@ -88,6 +88,9 @@ def test_cost_file_round_trip(tmp_path):
     cm.save(path, NETWORKS["wan"])
     back = CostModel.load(path)
     assert back == cm
+    assert CostModel.load(path, DEMO) == cm
+    with pytest.raises(ValueError, match="cost file is for"):
+        CostModel.load(path, get_config("vit_7_4_32"))  # profiled for another shape
     text = path.read_text()
     assert "blocks:" in text and "network:" in text
     assert set(cm.blocks()) == set(BLOCK_NAMES)
