@@ -312,9 +312,13 @@ class CostModel:
 
     @classmethod
     def load(cls, path: str | Path, config: ViTConfig | None = None) -> CostModel:
-        """Read a cost file; with ``config``, refuse one profiled for another shape."""
+        """Read a cost file; with ``config``, refuse one profiled for another shape.
+
+        The class count only changes the (small) head, so a head resized to a dataset's
+        classes may reuse the file."""
         costs = cls.from_dict(yaml.safe_load(Path(path).read_text()))
-        if config is not None and costs.config.replace(name="") != config.replace(name=""):
+        same = lambda c: c.replace(name="", num_classes=1)  # noqa: E731
+        if config is not None and same(costs.config) != same(config):
             raise ValueError(f"cost file is for {costs.config.name or costs.config}, "
                              f"not {config.name or config}")
         return costs
