@@ -364,10 +364,11 @@ def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
 
 
 def _model_for(config: ViTConfig, seed: int):
+    from .secure import fold_norms
     from .vit import ViT
 
     torch.manual_seed(seed)
-    return ViT(config).eval()
+    return fold_norms(ViT(config).eval())  # as SecureViT shares it
 
 
 def profile_blocks_party(

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import fused
+
 Tensor = Any  # torch.Tensor or crypten MPCTensor
 
 # Denominator guard of ReLU-softmax and 2Quad: relu(a) / (sum relu(a) + eps).
@@ -88,8 +90,12 @@ def gelu(x: Tensor) -> Tensor:
 
 
 def relu(x: Tensor) -> Tensor:
-    """ReLU; under MPC [x >= 0]·x with integer-scale bits (no truncation)."""
-    return F.relu(x) if is_plain(x) else relu_bits(x) * x
+    """ReLU; under MPC x - [x < 0]·x, the product taken in the comparison's last round
+    (see ``fused.bit_products``): 8 rounds."""
+    if is_plain(x):
+        return F.relu(x)
+    _, (neg_x,), _ = ltz_products(x, [x])
+    return x - neg_x
 
 
 def quad(x: Tensor) -> Tensor:
@@ -113,6 +119,9 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     # ss keeps log2(D) more significant bits than var (a variance of 1e-3 is only 65
     # fixed-point ulps), and as a (1 x D)(D x 1) matmul it is truncated once per row
     # rather than D times with a bias.
+    # Rounds (12): ss (1), the range comparison (7 + 1 merged with the rescaling),
+    # u², u³/u⁴ and the product (3).  With the affine part folded into the next linear
+    # layer (``secure.fold_norms``) there is no further multiplication.
     d = x.shape[-1]
     ss = xc.unsqueeze(-2).matmul(xc.unsqueeze(-1)).squeeze(-1)
     lo = INV_SQRT_RANGE[0] + math.floor(math.log2(d))
@@ -233,17 +242,18 @@ def _packed_and(x, y, level: int):
     return BinarySharedTensor.from_shares(((z.unsqueeze(0) << shifts) & mask).reshape(-1))
 
 
-def ltz(x: Tensor) -> Tensor:
-    """[x < 0] as CrypTen's integer-scale arithmetic bits (like ``MPCTensor._ltz``)."""
-    if is_plain(x):
-        return (x < 0).long()
+def _sign_binary(x: Tensor):
+    """[x < 0] as bit 0 of a flat XOR-shared ``BinarySharedTensor`` (padded; the first
+    ``x.numel()`` words are x's elements): 7 AND rounds for two parties."""
     crypten = _crypten()
-    if crypten.communicator.get().get_world_size() != 2:
-        return x._ltz()
-    from crypten.mpc import MPCTensor
-    from crypten.mpc.primitives import BinarySharedTensor, beaver
+    from crypten.mpc.primitives import BinarySharedTensor
 
-    shape = x.shape
+    if crypten.communicator.get().get_world_size() != 2:
+        from crypten.mpc.primitives.converters import convert
+        from crypten.mpc.ptype import ptype as Ptype
+
+        b = convert(x._tensor, Ptype.binary)
+        return BinarySharedTensor.from_shares(_lsr(b.share.reshape(-1), 63))
     share = x._tensor.share.reshape(-1)
     n = share.numel()
     pad = (-n) % 64
@@ -270,137 +280,158 @@ def ltz(x: Tensor) -> Tensor:
         m = _bit_mask(level)
         g.share = (g.share & m) ^ prod[: share.numel()]
         p.share = prod[share.numel():]
-    sign = BinarySharedTensor.from_shares(_lsr((g.share & top) ^ sign_in, 63))
-    bit = beaver.B2A_single_bit(sign)
-    return MPCTensor.from_shares(bit.share[:n].reshape(shape), precision=0)
+    return BinarySharedTensor.from_shares(_lsr((g.share & top) ^ sign_in, 63))
 
 
-def relu_bits(x: Tensor) -> Tensor:
-    """[x >= 0] as integer-scale bits (exact to multiply with)."""
-    return 1 - ltz(x)
+def ltz(x: Tensor) -> Tensor:
+    """[x < 0] as CrypTen's integer-scale arithmetic bits (like ``MPCTensor._ltz``):
+    8 rounds, where CrypTen's own comparison needs 8 with ~4x the bytes."""
+    if is_plain(x):
+        return (x < 0).long()
+    return fused.bit_products(_sign_binary(x), x.shape, [])[0]
 
 
-def _to_fixed(bits: Tensor) -> Tensor:
-    """CrypTen comparison results carry encoder scale 1; rescale them to the default
-    fixed-point scale so that multiplying by fractional public constants is exact."""
-    from crypten.encoder import FixedPointEncoder
-
-    bits._tensor.encode_(FixedPointEncoder())
-    return bits
+def ltz_products(x: Tensor, values: Sequence[Tensor],
+                 extra: Sequence[tuple[Tensor, Tensor | None, str]] = ()):
+    """``(b, [b·v for v in values], extra products)`` with b = [x < 0], each v of x's
+    shape: the products ride in the comparison's last round (``fused.bit_products``)."""
+    return fused.bit_products(_sign_binary(x), x.shape, values, extra)
 
 
 @cache
-def _start_poly(power: float, lo: float, hi: float, degree: int) -> tuple[float, ...]:
-    """Polynomial ~ x**power on [lo, hi], least squares in relative error (Newton start)."""
-    x = np.linspace(lo, hi, 2001)
-    f = x**power
-    a = np.stack([x**i for i in range(degree + 1)], 1) / f[:, None]
-    return tuple(float(c) for c in np.linalg.lstsq(a, np.ones_like(x), rcond=None)[0])
-
-
-def _exponent_bits(x: Tensor, base_log2: int, lo: int, hi: int) -> tuple[Tensor, range]:
-    """Integer-scale bits [x >= B**k] for the exponents k that split [2**lo, 2**hi] into
-    intervals [B**k, B**(k+1)), B = 2**base_log2: one batched comparison."""
-    e_lo, e_hi = lo // base_log2, -(-hi // base_log2)  # exponents e_lo .. e_hi - 1
-    ks = range(e_lo + 1, e_hi)
-    t = torch.tensor([2.0 ** (base_log2 * k) for k in ks]).reshape(-1, *([1] * x.dim()))
-    # A real stack, not a broadcast: CrypTen keeps broadcast shares as stride-0 views,
-    # which made the comparison circuit several times slower.
-    return 1 - ltz(_crypten().stack([x] * len(ks)) - t), range(e_lo, e_hi)
+def _unit_poly(power: float, degree: int) -> tuple[float, ...]:
+    """p(u) ~ t**power for t = 1.5 + u in [1, 2], least squares in relative error on
+    Chebyshev nodes (close to minimax); lowest degree first.  The centred variable keeps
+    the powers of u below 1, so their fixed-point rounding is not amplified."""
+    u = -0.5 * np.cos(np.linspace(0.0, math.pi, 4001))
+    f = (1.5 + u) ** power
+    a = np.stack([u**i for i in range(degree + 1)], 1) / f[:, None]
+    return tuple(float(c) for c in np.linalg.lstsq(a, np.ones_like(u), rcond=None)[0])
 
 
 def _select(bits: Tensor, exps: range, value, fixed: bool) -> Tensor:
     """sum over intervals of [x in interval k] * value(k), linear in the bits (no
     multiplication round).  ``fixed=False`` keeps CrypTen's integer scale, exact for
-    integer values of any size; ``fixed=True`` gives a fixed-point tensor."""
-    vals = [value(k) for k in exps]
-    steps = torch.tensor([vals[i + 1] - vals[i] for i in range(len(vals) - 1)],
-                         dtype=torch.float64 if fixed else torch.long)
-    b = bits.clone()
+    integer values of any size; ``fixed=True`` gives a fixed-point tensor whose value
+    is value(k) rounded once to the fixed-point grid: the steps between the encoded
+    values are integers, so the bits select exactly one encoding."""
+    from crypten.encoder import FixedPointEncoder
+
+    encoder = FixedPointEncoder() if fixed else None
+    scale = encoder.scale if fixed else 1
+    vals = [round(value(k) * scale) for k in exps]
+    steps = torch.tensor([vals[i + 1] - vals[i] for i in range(len(vals) - 1)])
+    out = (bits * steps.reshape(-1, *([1] * (bits.dim() - 1)))).sum(0) + vals[0]
     if fixed:
-        b = _to_fixed(b)
-        steps = steps.float()
-    return (b * steps.reshape(-1, *([1] * (bits.dim() - 1)))).sum(0) + vals[0]
+        out.encoder = encoder
+    return out
 
 
-def _normalise(x: Tensor, base_log2: int, lo: int, hi: int) -> tuple[Tensor, Tensor, range]:
-    """x = B**e · d with d in [1, B): returns (d, bits, exponents).
+def _unit_range(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor, range]:
+    """Write positive x in [2**lo, 2**hi] as 2**e · t with t in [1, 2).
 
-    d = (x · B**(E-e)) / B**E with an exactly represented integer B**(E-e): scaling by
-    B**-e directly would need fixed-point values down to 2**-(2·16) for large x.
+    Returns (u = t - 1.5, bits [x >= 2**k] for k = lo+1 .. hi-1, exponents lo .. hi-1).
+    One batched comparison; the products [x < 2**k]·x that give t = x · 2**(top - e) /
+    2**top ride in its last round, so t costs no round of its own.  x · 2**(top - e) is
+    an exact integer multiple of x's shares (2**-e itself would need fixed-point values
+    down to 2**-(2·16) for large x).
     """
-    bits, exps = _exponent_bits(x, base_log2, lo, hi)
+    from crypten.mpc import MPCTensor
+
+    crypten = _crypten()
+    ks = range(lo + 1, hi)
+    exps = range(lo, hi)
+    shape = (-1, *([1] * x.dim()))
+    thresholds = torch.tensor([2.0**k for k in ks]).reshape(shape)
+    # A real stack, not a broadcast: CrypTen keeps broadcast shares as stride-0 views,
+    # which made the comparison circuit several times slower.
+    xs = crypten.stack([x] * len(ks))
+    below, (below_x,), _ = ltz_products(xs - thresholds, [xs])
     top = exps[-1]
-    up = _select(bits, exps, lambda k: 2 ** (base_log2 * (top - k)), fixed=False)
-    return (x * up).div(2 ** (base_log2 * top)), bits, exps
+    ups = [2 ** (top - e) for e in exps]
+    steps = torch.tensor([ups[i + 1] - ups[i] for i in range(len(ks))]).reshape(shape)
+    # x·up(e) = x·ups[0] + sum_k steps_k·[x >= 2**k]·x = x·ups[-1] - sum_k steps_k·below_k·x
+    share = x._tensor.share * ups[-1] - (below_x._tensor.share * steps).sum(0)
+    scaled = MPCTensor.from_shares(share, precision=0)
+    scaled.encoder = x.encoder
+    return scaled.div(2**top) - 1.5, 1 - below, exps
 
 
-def _recip_unit(d: Tensor, iters: int) -> Tensor:
-    """1/d for d in [1, 2): linear start (error <= 6%), Newton y <- y (2 - d y)."""
-    c0, c1 = _start_poly(-1.0, 1.0, 2.0, 1)
-    y = d * c1 + c0
-    for _ in range(iters):
-        y = y * (2 - d * y)
-    return y
+def _poly(coeffs: Sequence[float], powers: Sequence[Tensor]) -> Tensor:
+    """c0 + c1·u + ... from [u, u², ...] (public scalings only: no round)."""
+    return sum((c * p for c, p in zip(coeffs[1:], powers, strict=True)), coeffs[0])
 
 
-def _inv_sqrt_unit(d: Tensor, iters: int) -> Tensor:
-    """1/sqrt(d) for d in [1, 4): quadratic start (error <= 5%), Newton
-    y <- y (3 - d y²) / 2 (error e -> 1.5 e²)."""
-    c0, c1, c2 = _start_poly(-0.5, 1.0, 4.0, 2)
-    y = d * (d * c2 + c1) + c0
-    for _ in range(iters):
-        y = y * (3 - d * (y * y)) * 0.5
-    return y
+def _scaled_unit_power(num: Tensor, x: Tensor, power: float, lo: int, hi: int,
+                       degree: int) -> Tensor:
+    """num · x**power for positive x in [2**lo, 2**hi] (power -1 or -1/2).
+
+    x = 2**e·t: the range comparison gives u = t - 1.5 and the bits that select the
+    public 2**(e·power); t**power is a polynomial in u whose powers come in
+    ceil(log2 degree) rounds, the first shared with num·2**(e·power); one last product.
+    Rounds: 8 + ceil(log2 degree) + 1.  2**(e·power) is applied as an exact power of
+    two times a factor in [1, 2) (√2 for odd e when power = -1/2), the factor in the
+    second round: a lone fixed-point 2**-10.5 would carry a 0.5% rounding error.
+    """
+    u, bits, exps = _unit_range(x, lo, hi)
+    whole = {k: math.floor(k * power) for k in exps}
+    s = _select(bits, exps, lambda k: 2.0 ** whole[k], fixed=True)
+    pending = []
+    if any(k * power != whole[k] for k in exps):
+        f = _select(bits, exps, lambda k: 2.0 ** (k * power - whole[k]), fixed=True)
+        pending = [f]
+    u2, ns = fused.mul_many([(u, None, "mul"), (num, s, "mul")])
+    pw = [u, u2]  # pw[i] = u**(i + 1)
+    while len(pw) < degree or pending:
+        top = len(pw)
+        need = [i for i in range(1, top + 1) if top + i <= degree]
+        items = [(pw[i - 1], pw[top - 1], "mul") if i != top else (pw[top - 1], None, "mul")
+                 for i in need]
+        res = fused.mul_many(items + [(ns, f, "mul") for f in pending])
+        if pending:
+            ns, res, pending = res[-1], res[:-1], []
+        pw += res
+    return ns * _poly(_unit_poly(power, degree), pw[:degree])
 
 
 def divide(num: Tensor, den: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
-           iters: int = 2) -> Tensor:
+           degree: int = 6) -> Tensor:
     """num / den for positive den in [2**lo, 2**hi] (broadcast over num).
 
-    Under MPC: s = 2**-floor(log2 den) from one batched comparison, d = den·s in [1, 2),
-    Newton for 1/d (2 steps: relative error ~1e-5), result (num·s)·(1/d).  Accurate to
-    ~1e-5 relative over the whole range; CrypTen's own reciprocal needs ~10 Newton steps
-    plus an exp and still fails outside ~[0.01, 100].
+    Under MPC (12 rounds): den = 2**e·t, t in [1, 2), then (num·2**-e)·p(t - 1.5) with p
+    of degree 6 (relative error 1e-5 over the whole range).  CrypTen's own reciprocal
+    needs ~10 Newton steps plus an exp and still fails outside ~[0.01, 100].
     """
     if is_plain(num) and is_plain(den):
         return num / den
-    d, bits, exps = _normalise(den, 1, lo, hi)
-    s = _select(bits, exps, lambda k: 2.0**-k, fixed=True)
-    return (num * s) * _recip_unit(d, iters)
+    return _scaled_unit_power(num, den, -1.0, lo, hi, degree)
 
 
-def reciprocal(x: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
-               iters: int = 2) -> Tensor:
-    """1/x for x in [2**lo, 2**hi]; prefer :func:`divide` (one fewer rescaling)."""
+def reciprocal(x: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1]) -> Tensor:
+    """1/x for x in [2**lo, 2**hi]; prefer :func:`divide` (no extra product)."""
     if is_plain(x):
         return x.reciprocal()
-    d, bits, exps = _normalise(x, 1, lo, hi)
-    return _recip_unit(d, iters) * _select(bits, exps, lambda k: 2.0**-k, fixed=True)
+    return divide(x * 0 + 1, x, lo, hi)
 
 
 def div_sqrt(num: Tensor, x: Tensor, lo: int = INV_SQRT_RANGE[0],
-             hi: int = INV_SQRT_RANGE[1], iters: int = 2) -> Tensor:
+             hi: int = INV_SQRT_RANGE[1], degree: int = 4) -> Tensor:
     """num / sqrt(x) for positive x in [2**lo, 2**hi].
 
-    Under MPC: with x = 4**j · d, d in [1, 4), one batched comparison gives 4**-j and
-    2**-j exactly; then (num·2**-j)·(1/sqrt d).  CrypTen's inv_sqrt is off by up to ~79%
-    below 0.01 and above ~200; this keeps ~1e-5 relative error over [2**-14, 2**16].
+    Under MPC (11 rounds): x = 2**e·t, then (num·2**(-e/2))·p(t - 1.5) with p of degree
+    4 (relative error 9e-5).  CrypTen's inv_sqrt is off by up to ~79% below 0.01 and
+    above ~200.
     """
     if is_plain(num) and is_plain(x):
         return num * x.rsqrt()
-    d, bits, exps = _normalise(x, 2, lo, hi)
-    s = _select(bits, exps, lambda k: 2.0**-k, fixed=True)
-    return (num * s) * _inv_sqrt_unit(d, iters)
+    return _scaled_unit_power(num, x, -0.5, lo, hi, degree)
 
 
-def inv_sqrt(x: Tensor, lo: int = INV_SQRT_RANGE[0], hi: int = INV_SQRT_RANGE[1],
-             iters: int = 2) -> Tensor:
+def inv_sqrt(x: Tensor, lo: int = INV_SQRT_RANGE[0], hi: int = INV_SQRT_RANGE[1]) -> Tensor:
     """1/sqrt(x) for x in [2**lo, 2**hi]; prefer :func:`div_sqrt`."""
     if is_plain(x):
         return x.rsqrt()
-    d, bits, exps = _normalise(x, 2, lo, hi)
-    return _inv_sqrt_unit(d, iters) * _select(bits, exps, lambda k: 2.0**-k, fixed=True)
+    return div_sqrt(x * 0 + 1, x, lo, hi)
 
 
 def row_max(a: Tensor) -> Tensor:
@@ -447,19 +478,21 @@ def gelu_poly_plain(x: torch.Tensor, cutoff: float = GELU_CUTOFF,
 def _sec_gelu(x: Tensor, cutoff: float = GELU_CUTOFF, degree: int = GELU_DEGREE) -> Tensor:
     """GeLU(x) = relu(x) - [|x| < cutoff]·p(|x|).
 
-    Rounds (13): x² (1); one batched comparison for [x < 0] and [x² < cutoff²] (8);
-    r = [x >= 0]·x, which gives relu and |x| = 2r - x (1); the remaining powers of
-    |x| (2, x² is reused); the mask (1).  Bits stay at CrypTen's integer scale, so bit
-    products are exact: outside the mask the high powers may wrap the ring, and the
-    exact 0 cancels them.  Two comparisons per element (the comparison is the
-    expensive part: ~350 bytes each), where a three-threshold test would need three.
+    Rounds (12): x² (1); one batched comparison for [x < 0] and [x² < cutoff²] (8),
+    whose last round also gives r = [x >= 0]·x, hence relu and |x| = 2r - x; the
+    remaining powers of |x| (2, x² is reused); the mask (1).  Bits stay at CrypTen's
+    integer scale, so bit products are exact: outside the mask the high powers may wrap
+    the ring, and the exact 0 cancels them.  Two comparisons per element (the comparison
+    is the expensive part: ~350 bytes each), where a three-threshold test would need
+    three.
     """
     crypten = _crypten()
     coeffs = gelu_tail_coeffs(cutoff, degree)
     x2 = x.square()
-    bits = ltz(crypten.stack([x, x2 - cutoff * cutoff]))
-    neg, inside = bits[0], bits[1]
-    r = (1 - neg) * x
+    cmp = crypten.stack([x, x2 - cutoff * cutoff])
+    bits, (bx,), _ = ltz_products(cmp, [crypten.stack([x, x])])
+    inside = bits[1]
+    r = x - bx[0]  # [x >= 0]·x; bx[1] = [x² < cutoff²]·x is not needed
     k = 2.0 / cutoff
     u = (2 * r - x) * k
     powers = _powers(u, degree, square=x2 * (k * k))

@@ -9,6 +9,7 @@ cannot drift apart; only ``models.ops`` dispatches on the backend.
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from .configs import ViTConfig
 from .spec import ArchSpec
-from .vit import ViT
+from .vit import Block, CCTBlock, ViT
 
 
 def _crypten():
@@ -90,6 +91,40 @@ def share_module(module: nn.Module, src: int = 0) -> SecureModule:
     return _mirror(module, encrypt)
 
 
+def _fold_into(norm: nn.LayerNorm, linear: nn.Linear) -> None:
+    """linear(γ ⊙ n + β) = (W·diag γ) n + (b + W β): move the norm's affine part into
+    the linear layer that alone consumes its output."""
+    if norm.weight is None:
+        return
+    with torch.no_grad():
+        w = linear.weight.detach().clone()
+        bias = w @ norm.bias.detach() if norm.bias is not None else torch.zeros(w.shape[0])
+        if linear.bias is not None:
+            bias += linear.bias.detach()
+        linear.weight = nn.Parameter(w * norm.weight.detach())
+        linear.bias = nn.Parameter(bias)
+    norm.weight = None
+    norm.bias = None
+
+
+def fold_norms(model: ViT) -> ViT:
+    """A copy of ``model`` computing the same function whose LayerNorms feeding a single
+    linear layer have no affine part: pre-norm ``norm1`` -> qkv, ``norm2`` -> fc1, the
+    final norm -> head (in a CCT block only ``pre_norm``; its ``norm1`` also feeds the
+    residual).  Under MPC each fold saves a secure multiplication and its round per
+    LayerNorm.  Every party folds its own copy, so the shared structure matches; only
+    the owner's weights are meaningful."""
+    model = copy.deepcopy(model)
+    for blk in model.blocks:
+        if isinstance(blk, Block):
+            _fold_into(blk.norm1, blk.attn.qkv)
+            _fold_into(blk.norm2, blk.mlp.fc1)
+        elif isinstance(blk, CCTBlock):
+            _fold_into(blk.pre_norm, blk.attn.qkv)
+    _fold_into(model.norm, model.head)
+    return model
+
+
 class SecureViT:
     """A ViT whose weights are additive shares; forward maps an MPCTensor image batch
     (B, C, H, W) to MPCTensor logits (B, classes), never revealing anything.
@@ -130,7 +165,7 @@ class SecureViT:
             with torch.random.fork_rng():
                 owner = ViT(config, spec)  # structure only; its weights are never shared
 
-        return cls(config, spec, share_module(owner, src))
+        return cls(config, spec, share_module(fold_norms(owner), src))
 
     def __call__(self, x):
         return self.root(x)

@@ -380,3 +380,26 @@ def test_reference_import_errors():
     sd["classifier.extra.weight"] = torch.ones(1)
     with pytest.raises(ReferenceImportError, match="unexpected"):
         import_reference(sd)
+
+
+def test_folding_layernorm_affine_keeps_the_function():
+    from mpcvit.models.secure import fold_norms
+
+    for block in ("prenorm", "cct"):
+        cfg = get_config("demo").replace(block=block)
+        torch.manual_seed(0)
+        model = ViT(cfg).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(0.3 * torch.randn(p.shape))
+        folded = fold_norms(model)
+        x = torch.randn(3, 1, 28, 28)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+        assert folded.norm.weight is None and model.norm.weight is not None
+        first = folded.blocks[0]
+        if block == "prenorm":
+            assert first.norm1.weight is None and first.norm2.weight is None
+        else:  # norm1 also feeds the residual: it keeps its affine part
+            assert first.pre_norm.weight is None and first.norm1.weight is not None

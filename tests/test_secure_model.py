@@ -244,3 +244,62 @@ def test_secure_model_logits_match_plaintext(model_results, name):
     # Measured: ~5e-4 on logits of magnitude ~1.
     assert err <= 2e-3 + 2e-3 * want.abs().max().item(), f"{name}: max abs error {err:.3e}"
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+# ----------------------------------------------------------------------------- rounds
+
+
+def _rounds_party() -> dict[str, object]:
+    """Round counts of the secure functions (deterministic), and fused products checked
+    against the same products taken one by one."""
+    from mpcvit.models import fused
+    from mpcvit.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    comm = crypten.communicator.get()
+    g = torch.Generator().manual_seed(5)
+    x = _enc(crypten, torch.randn(2, 9, 16, generator=g) * 3)
+    pos = _enc(crypten, torch.rand(2, 9, 1, generator=g) * 50 + 0.1)
+    w = _enc(crypten, torch.randn(16, 5, generator=g))
+
+    def rounds(fn) -> int:
+        comm.reset_communication_stats()
+        fn()
+        return comm.get_communication_stats()["rounds"]
+
+    out: dict[str, object] = {
+        "relu": rounds(lambda: ops.relu(x)),
+        "ltz": rounds(lambda: ops.ltz(x)),
+        "layer_norm": rounds(lambda: ops.layer_norm(x, None, None, 1e-5)),
+        "divide": rounds(lambda: ops.divide(x, pos)),
+        "mul_many": rounds(lambda: fused.mul_many([(x, x, "mul"), (x, w, "matmul"),
+                                                    (pos, None, "mul")])),
+    }
+    fused_res = fused.mul_many([(x, pos, "mul"), (x, w, "matmul"), (pos, None, "mul")])
+    single = [x * pos, x.matmul(w), pos.square()]
+    out["fused_vs_single"] = [(reveal_float(a), reveal_float(b))
+                              for a, b in zip(fused_res, single, strict=True)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def rounds_results():
+    from mpcvit.mpc.launcher import run_parties
+
+    return run_parties(_rounds_party)[0]
+
+
+def test_fused_products_take_one_round_and_match(rounds_results):
+    assert rounds_results["mul_many"] == 1
+    for got, want in rounds_results["fused_vs_single"]:
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-3 * want.abs().max() + 1e-3
+
+
+def test_secure_function_round_counts(rounds_results):
+    # The product of ReLU and the rescaling of LayerNorm/divide ride in the
+    # comparison's last round (7 AND rounds + 1); see models/fused.py.
+    assert rounds_results["ltz"] == 8
+    assert rounds_results["relu"] == 8
+    assert rounds_results["layer_norm"] == 12  # sum of squares + 8 + u², u³/u⁴, product
+    assert rounds_results["divide"] == 12  # 8 + u², u³/u⁴, u⁵/u⁶ + product

@@ -1,0 +1,171 @@
+"""Several secure products in one communication round.
+
+CrypTen runs every multiplication eagerly and opens its masked operands in a round of
+its own, so two products that do not depend on each other still cost two round trips.
+On a WAN a round costs RTT/2 whatever its size, so the secure functions of ``ops.py``
+gather independent products and open all their masked operands at once:
+
+- :func:`mul_many` is Beaver's protocol (or CrypTen's square protocol) for a list of
+  independent ``mul``/``matmul``/square products, with one opening for all of them;
+- :func:`bit_products` turns a binary-shared bit ``b`` into an arithmetic bit and
+  multiplies it into values ``v`` in the same round: ``b = z ⊕ r`` with ``z`` opened,
+  so ``b·v = z·v + (1 − 2z)·(r·v)`` and ``r·v`` is a Beaver product whose masked
+  operands travel with ``z``.
+
+The correlated randomness comes from CrypTen's default provider (the dealer or TFP),
+with the same tuple types CrypTen's own protocols request, so the offline phase records
+and prepares these tuples like any others.  Rounds and bytes are counted by CrypTen's
+communicator accounting: one round is one ``all_gather`` of a single flat tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+Tensor = Any  # crypten MPCTensor
+
+
+def _crypten():
+    from mpcvit.mpc.compat import import_crypten
+
+    return import_crypten()
+
+
+def open_round(arith: Sequence[torch.Tensor], binary: Sequence[torch.Tensor] = ()
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Open additive shares (summed) and XOR shares (xored) in one exchange."""
+    crypten = _crypten()
+    parts = [t.reshape(-1) for t in (*arith, *binary)]
+    if not parts:
+        return [], []
+    flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+    gathered = crypten.communicator.get().all_gather(flat)
+    add, xor = gathered[0].clone(), gathered[0].clone()
+    for other in gathered[1:]:
+        add += other
+        xor ^= other
+    out_a, out_b, offset = [], [], 0
+    for i, t in enumerate((*arith, *binary)):
+        n = t.nelement()
+        src = add if i < len(arith) else xor
+        (out_a if i < len(arith) else out_b).append(src[offset : offset + n].view(t.shape))
+        offset += n
+    return out_a, out_b
+
+
+def _rank() -> int:
+    return _crypten().communicator.get().get_rank()
+
+
+def _wrap(share: torch.Tensor, x: Tensor, y: Tensor | None) -> Tensor:
+    """An MPCTensor for the raw product ``share`` of x and y, rescaled as CrypTen's
+    ``mul`` does: divided by the scale when both factors are fixed-point, otherwise
+    carrying the encoder of the fixed-point factor."""
+    from crypten.mpc import MPCTensor
+
+    out = MPCTensor.from_shares(share, precision=0)
+    sx = x.encoder.scale
+    sy = sx if y is None else y.encoder.scale
+    if sx > 1 and sy > 1:
+        out.encoder = x.encoder
+        out._tensor.div_(x.encoder.scale)
+    else:
+        out.encoder = x.encoder if sx > 1 else (x.encoder if y is None else y.encoder)
+    return out
+
+
+def _request(items: Sequence[tuple[Tensor, Tensor | None, str]], provider,
+             opens: list[torch.Tensor]) -> list[tuple]:
+    """Fetch a tuple per product and append its masked operands to ``opens``."""
+    plans = []
+    for x, y, op in items:
+        if y is None:
+            r, r2 = provider.square(x.size())
+            opens.append(x._tensor.share - r.share)
+            plans.append(("square", r.share, r2.share))
+        else:
+            a, b, c = provider.generate_additive_triple(x.size(), y.size(), op)
+            opens += [x._tensor.share - a.share, y._tensor.share - b.share]
+            plans.append((op, a.share, b.share, c.share))
+    return plans
+
+
+def _finish(items: Sequence[tuple[Tensor, Tensor | None, str]], plans: list[tuple],
+            vals: list[torch.Tensor], k: int, rank0: bool) -> list[Tensor]:
+    """The products' shares from the opened values ``vals[k:]``."""
+    out = []
+    for (x, y, _), plan in zip(items, plans, strict=True):
+        if plan[0] == "square":
+            _, r, r2 = plan
+            eps = vals[k]
+            k += 1
+            z = r2 + 2 * r * eps
+            if rank0:
+                z = z + eps * eps
+        else:
+            op, a, b, c = plan
+            eps, delta = vals[k], vals[k + 1]
+            k += 2
+            f = getattr(torch, op)
+            z = c + f(eps, b) + f(a, delta)
+            if rank0:
+                z = z + f(eps, delta)
+        out.append(_wrap(z, x, y))
+    return out
+
+
+def mul_many(items: Sequence[tuple[Tensor, Tensor | None, str]]) -> list[Tensor]:
+    """``[op(x, y) for x, y, op in items]`` in one round; ``y=None`` means ``x²``.
+
+    ``op`` is ``"mul"`` (broadcasting like torch) or ``"matmul"``.
+    """
+    provider = _crypten().mpc.get_default_provider()
+    opens: list[torch.Tensor] = []
+    plans = _request(items, provider, opens)
+    vals, _ = open_round(opens)
+    return _finish(items, plans, vals, 0, _rank() == 0)
+
+
+def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],
+                 extra: Sequence[tuple[Tensor, Tensor | None, str]] = ()
+                 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Arithmetic bit ``b`` from the binary-shared bit ``sign`` (bit 0 of each word of a
+    flat ``BinarySharedTensor`` whose first ``prod(shape)`` entries are used), the
+    products ``b·v`` for each ``v`` in ``values`` (each of ``shape``), and the products
+    ``extra`` (as :func:`mul_many`): all in one round.
+
+    ``b`` has CrypTen's integer scale, exact to multiply with; each ``b·v`` keeps ``v``'s
+    encoder.
+    """
+    from crypten.mpc import MPCTensor
+
+    provider = _crypten().mpc.get_default_provider()
+    n = 1
+    for s in shape:
+        n *= s
+    bits = sign.share[:n].reshape(shape)
+    r_arith, r_bin = provider.B2A_rng(shape)
+    triples = [provider.generate_additive_triple(shape, shape, "mul") for _ in values]
+    opens = []
+    for v, (a, b, _) in zip(values, triples, strict=True):
+        opens += [r_arith.share - a.share, v._tensor.share - b.share]
+    plans = _request(extra, provider, opens)
+    vals, (z,) = open_round(opens, [bits ^ r_bin.share])
+    z = z & 1
+    rank0 = _rank() == 0
+    b_share = r_arith.share * (1 - 2 * z) + (z if rank0 else 0)
+    bit = MPCTensor.from_shares(b_share, precision=0)
+    prods = []
+    for i, (v, (a, b, c)) in enumerate(zip(values, triples, strict=True)):
+        eps, delta = vals[2 * i], vals[2 * i + 1]
+        rv = c.share + eps * b.share + a.share * delta
+        if rank0:
+            rv = rv + eps * delta
+        share = z * v._tensor.share + (1 - 2 * z) * rv  # b·v = z·v + (1 - 2z)·(r·v)
+        p = MPCTensor.from_shares(share, precision=0)
+        p.encoder = v.encoder
+        prods.append(p)
+    return bit, prods, _finish(extra, plans, vals, 2 * len(values), rank0)
