@@ -31,12 +31,16 @@ SPECS_NETWORKS = [
     ("MPCViT μ=0.25 (¼ relu_softmax, ¾ scale) + gelu", "mix", 0.25, "gelu"),
     ("MPCViT+ μ=0.5 + relu", "mix", 0.5, "relu"),
     ("MPCViT+ μ=0.25 + relu", "mix", 0.25, "relu"),
+    ("MPCViT+ μ=0.25 grouped (ReLU-softmax heads in the first 2 layers) + relu", "grouped",
+     0.25, "relu"),
 ]
 
 
 def build_spec(config, attention: str, mu: float, activation: str):
     from mpcvit.models.spec import ArchSpec
 
+    if attention == "grouped":
+        return ArchSpec.grouped(config.depth, config.heads, mu, activation=activation)
     if attention == "mix":
         return ArchSpec.mix(config.depth, config.heads, ("relu_softmax", "scale"),
                             (mu, 1 - mu), activation)

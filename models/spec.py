@@ -144,6 +144,33 @@ class ArchSpec:
             row += [k] * c
         return cls(tuple(LayerSpec(tuple(row), activation) for _ in range(depth)))
 
+    @classmethod
+    def grouped(
+        cls,
+        depth: int,
+        heads: int,
+        mu: float,
+        accurate: AttentionKind | str = AttentionKind.RELU_SOFTMAX,
+        cheap: AttentionKind | str = AttentionKind.SCALE,
+        activation: ActivationKind | str = ActivationKind.GELU,
+    ) -> ArchSpec:
+        """round(mu · depth · heads) ``accurate`` heads packed into the first layers, the
+        rest ``cheap``.
+
+        Same head count as :meth:`mix`, far fewer rounds: a kind's rounds are paid once
+        per layer that uses it, whatever its head count, so a layer without accurate
+        heads skips them.  This is the layout the latency-aware search chose for the
+        demo model (docs/search.md).
+        """
+        if not 0 <= mu <= 1:
+            raise ValueError(f"mu must be in [0, 1], got {mu}")
+        n = int(round(mu * depth * heads))
+        layers = []
+        for i in range(depth):
+            k = min(heads, max(0, n - i * heads))
+            layers.append(LayerSpec(tuple([accurate] * k + [cheap] * (heads - k)), activation))
+        return cls(tuple(layers))
+
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {

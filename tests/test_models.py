@@ -403,3 +403,14 @@ def test_folding_layernorm_affine_keeps_the_function():
             assert first.norm1.weight is None and first.norm2.weight is None
         else:  # norm1 also feeds the residual: it keeps its affine part
             assert first.pre_norm.weight is None and first.norm1.weight is not None
+
+
+def test_grouped_spec_packs_accurate_heads_into_the_first_layers():
+    spec = ArchSpec.grouped(7, 4, 0.25, activation="relu")
+    counts = [sum(k is AttentionKind.RELU_SOFTMAX for k in layer.attention)
+              for layer in spec.layers]
+    assert counts == [4, 3, 0, 0, 0, 0, 0]  # round(0.25 * 28) = 7 heads
+    assert all(layer.activation is ActivationKind.RELU for layer in spec.layers)
+    assert ArchSpec.grouped(4, 4, 0.0) == ArchSpec.uniform(4, 4, "scale", "gelu")
+    with pytest.raises(ValueError):
+        ArchSpec.grouped(4, 4, 1.5)
