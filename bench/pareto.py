@@ -262,10 +262,20 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
         "--activations", "gelu,relu,quad,identity", "--out", str(plus_spec), "--pareto",
         str(out / "search_plus_pareto.csv"))))
     models["plus"] = {"spec": plus_spec, "group": "mpcvit+", "dep": "search_plus"}
+    # A second MPCViT+ point held to the target itself: a third of the softmax ViT's
+    # predicted latency (the search fails if the fixed part makes that unreachable).
+    plus3_spec = out / "specs" / "plus3x.yaml"
+    jobs.append(Job("search_plus3x", plus3_spec, ["profile"], argv=lambda: _cli(
+        "search", *search_common, "--network", args.plus_network, "--latency-budget",
+        f"{_plus_budget(costs, args.plus_network, fraction=1 / 3):.6f}",
+        "--activations", "gelu,relu,quad,identity", "--out", str(plus3_spec), "--pareto",
+        str(out / "search_plus3x_pareto.csv"))))
+    models["plus3x"] = {"spec": plus3_spec, "group": "mpcvit+", "dep": "search_plus3x"}
 
     teacher = args.teacher or out / "ckpt" / "softmax.pt"
     teacher_dep = [] if args.teacher else ["train_softmax"]
-    order = ["softmax", "mu0.5", "plus", "mu0.1", "relu_softmax", "scale", "mu0.3", "mu0.7"]
+    order = ["softmax", "mu0.5", "plus", "mu0.1", "relu_softmax", "scale", "mu0.3", "mu0.7",
+             "plus3x"]
     for name in order:
         m = models[name]
         deps = [m["dep"]] if "dep" in m else []
@@ -285,13 +295,16 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
     return jobs, models
 
 
-def _plus_budget(costs: Path, network: str) -> float:
+def _plus_budget(costs: Path, network: str, fraction: float | None = None) -> float:
     """MPCViT+'s budget: a third of the softmax ViT's predicted latency, or, when the
     fixed part (LayerNorms, linear layers) makes that unreachable, the cheapest candidate
-    model plus a tenth of the gap to the softmax ViT."""
+    model plus a tenth of the gap to the softmax ViT.  With ``fraction``: exactly that
+    fraction of the softmax ViT's latency."""
     cm = CostModel.load(costs)
     cfg, net = cm.config, NETWORKS[network]
     top = cm.seconds(ArchSpec.uniform(cfg.depth, cfg.heads, "softmax", "gelu"), net)
+    if fraction is not None:
+        return top * fraction
     floor = cm.seconds(ArchSpec.uniform(cfg.depth, cfg.heads, "scale", "identity"), net)
     return max(top / 3, floor + 0.1 * (top - floor))
 

@@ -134,8 +134,9 @@ def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],
                  ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Arithmetic bit ``b`` from the binary-shared bit ``sign`` (bit 0 of each word of a
     flat ``BinarySharedTensor`` whose first ``prod(shape)`` entries are used), the
-    products ``b·v`` for each ``v`` in ``values`` (each of ``shape``), and the products
-    ``extra`` (as :func:`mul_many`): all in one round.
+    products ``b·v`` for each ``v`` in ``values`` (each of ``shape``, or a pair
+    ``(v, i)`` for ``b[i]·v``), and the products ``extra`` (as :func:`mul_many`): all in
+    one round.
 
     ``b`` has CrypTen's integer scale, exact to multiply with; each ``b·v`` keeps ``v``'s
     encoder.
@@ -148,10 +149,12 @@ def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],
         n *= s
     bits = sign.share[:n].reshape(shape)
     r_arith, r_bin = provider.B2A_rng(shape)
-    triples = [provider.generate_additive_triple(shape, shape, "mul") for _ in values]
+    pairs = [v if isinstance(v, tuple) else (v, None) for v in values]
+    triples = [provider.generate_additive_triple(v.size(), v.size(), "mul") for v, _ in pairs]
     opens = []
-    for v, (a, b, _) in zip(values, triples, strict=True):
-        opens += [r_arith.share - a.share, v._tensor.share - b.share]
+    for (v, i), (a, b, _) in zip(pairs, triples, strict=True):
+        r = r_arith.share if i is None else r_arith.share[i]
+        opens += [r - a.share, v._tensor.share - b.share]
     plans = _request(extra, provider, opens)
     vals, (z,) = open_round(opens, [bits ^ r_bin.share])
     z = z & 1
@@ -159,12 +162,13 @@ def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],
     b_share = r_arith.share * (1 - 2 * z) + (z if rank0 else 0)
     bit = MPCTensor.from_shares(b_share, precision=0)
     prods = []
-    for i, (v, (a, b, c)) in enumerate(zip(values, triples, strict=True)):
-        eps, delta = vals[2 * i], vals[2 * i + 1]
+    for j, ((v, i), (a, b, c)) in enumerate(zip(pairs, triples, strict=True)):
+        eps, delta = vals[2 * j], vals[2 * j + 1]
         rv = c.share + eps * b.share + a.share * delta
         if rank0:
             rv = rv + eps * delta
-        share = z * v._tensor.share + (1 - 2 * z) * rv  # b·v = z·v + (1 - 2z)·(r·v)
+        zi = z if i is None else z[i]
+        share = zi * v._tensor.share + (1 - 2 * zi) * rv  # b·v = z·v + (1 - 2z)·(r·v)
         p = MPCTensor.from_shares(share, precision=0)
         p.encoder = v.encoder
         prods.append(p)

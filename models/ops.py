@@ -490,9 +490,9 @@ def _sec_gelu(x: Tensor, cutoff: float = GELU_CUTOFF, degree: int = GELU_DEGREE)
     coeffs = gelu_tail_coeffs(cutoff, degree)
     x2 = x.square()
     cmp = crypten.stack([x, x2 - cutoff * cutoff])
-    bits, (bx,), _ = ltz_products(cmp, [crypten.stack([x, x])])
+    bits, (neg_x,), _ = ltz_products(cmp, [(x, 0)])
     inside = bits[1]
-    r = x - bx[0]  # [x >= 0]·x; bx[1] = [x² < cutoff²]·x is not needed
+    r = x - neg_x  # [x >= 0]·x
     k = 2.0 / cutoff
     u = (2 * r - x) * k
     powers = _powers(u, degree, square=x2 * (k * k))
