@@ -309,21 +309,18 @@ def _unit_poly(power: float, degree: int) -> tuple[float, ...]:
     return tuple(float(c) for c in np.linalg.lstsq(a, np.ones_like(u), rcond=None)[0])
 
 
-def _select(bits: Tensor, exps: range, value, fixed: bool) -> Tensor:
-    """sum over intervals of [x in interval k] * value(k), linear in the bits (no
-    multiplication round).  ``fixed=False`` keeps CrypTen's integer scale, exact for
-    integer values of any size; ``fixed=True`` gives a fixed-point tensor whose value
-    is value(k) rounded once to the fixed-point grid: the steps between the encoded
-    values are integers, so the bits select exactly one encoding."""
+def _select(bits: Tensor, exps: range, value) -> Tensor:
+    """sum over intervals of [x in interval k] * value(k) as a fixed-point tensor, linear
+    in the bits (no multiplication round).  Each value(k) is rounded once to the
+    fixed-point grid and the steps between the encoded values are integers, so the
+    integer-scale bits select exactly one encoding."""
     from crypten.encoder import FixedPointEncoder
 
-    encoder = FixedPointEncoder() if fixed else None
-    scale = encoder.scale if fixed else 1
-    vals = [round(value(k) * scale) for k in exps]
+    encoder = FixedPointEncoder()
+    vals = [round(value(k) * encoder.scale) for k in exps]
     steps = torch.tensor([vals[i + 1] - vals[i] for i in range(len(vals) - 1)])
     out = (bits * steps.reshape(-1, *([1] * (bits.dim() - 1)))).sum(0) + vals[0]
-    if fixed:
-        out.encoder = encoder
+    out.encoder = encoder
     return out
 
 
@@ -375,10 +372,10 @@ def _scaled_unit_power(num: Tensor, x: Tensor, power: float, lo: int, hi: int,
     """
     u, bits, exps = _unit_range(x, lo, hi)
     whole = {k: math.floor(k * power) for k in exps}
-    s = _select(bits, exps, lambda k: 2.0 ** whole[k], fixed=True)
+    s = _select(bits, exps, lambda k: 2.0 ** whole[k])
     pending = []
     if any(k * power != whole[k] for k in exps):
-        f = _select(bits, exps, lambda k: 2.0 ** (k * power - whole[k]), fixed=True)
+        f = _select(bits, exps, lambda k: 2.0 ** (k * power - whole[k]))
         pending = [f]
     u2, ns = fused.mul_many([(u, None, "mul"), (num, s, "mul")])
     pw = [u, u2]  # pw[i] = u**(i + 1)
@@ -496,7 +493,7 @@ def _sec_gelu(x: Tensor, cutoff: float = GELU_CUTOFF, degree: int = GELU_DEGREE)
     k = 2.0 / cutoff
     u = (2 * r - x) * k
     powers = _powers(u, degree, square=x2 * (k * k))
-    p = coeffs[0] + sum(c * pw for c, pw in zip(coeffs[1:], powers[1:], strict=True))
+    p = _poly(coeffs, powers[1:])
     return r - inside * p
 
 
