@@ -14,7 +14,7 @@ The MPC core (communicator, providers, ``MPCTensor``) is untouched.
 ``mpcvit.mpc``'s package ``__init__`` installs it, so any ``mpcvit.mpc.*`` import comes
 first; code outside the package imports CrypTen through :func:`import_crypten`.
 
-Once CrypTen is imported, :func:`patch_crypten` applies two fixes (idempotent, each
+Once CrypTen is imported, :func:`patch_crypten` applies three fixes (idempotent, each
 tested in tests/test_compat.py):
 
 * ``FixedPointEncoder.decode`` divides negative values by ``scale - 1`` with torch's
@@ -25,6 +25,14 @@ tested in tests/test_compat.py):
   reads ``cfg.debug.validation_mode`` through omegaconf on EVERY attribute access (about
   half of a party's CPU time on the demo model).  mpcvit never turns validation mode on,
   so when it is off we unwrap the decorator; turning it on afterwards has no effect.
+* Every ``cfg.section.key`` read (the fixed-point encoder's precision, the provider, ...)
+  walks omegaconf's resolver: thousands of reads per secure forward, about 15% of a
+  party's CPU time on ``vit_7_4_32``.  ``CrypTenConfig`` lookups now go through a cache
+  of per-section views (:class:`_CachedSection`).  It stays exact because CrypTen
+  replaces its config object on every top-level write and ``temp_override`` (the cache
+  is keyed by that object), and writes through a view (``cfg.mpc.provider = ...``) reach
+  the real node and drop the cached value.  Writing into ``cfg.config`` directly would
+  bypass the cache; neither CrypTen nor mpcvit does.
 """
 
 from __future__ import annotations
@@ -82,6 +90,62 @@ def _exact_decode(self, tensor):
 _ORIGINAL_DECODE: list = []
 
 
+class _CachedSection:
+    """View of one top-level section of CrypTen's config that remembers leaf values."""
+
+    __slots__ = ("_node", "_leaves")
+
+    def __init__(self, node) -> None:
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_leaves", {})
+
+    def __getattr__(self, key: str):
+        leaves = object.__getattribute__(self, "_leaves")
+        if key in leaves:
+            return leaves[key]
+        value = getattr(object.__getattribute__(self, "_node"), key)
+        if not _is_container(value):
+            leaves[key] = value
+        return value
+
+    def __setattr__(self, key: str, value) -> None:
+        setattr(object.__getattribute__(self, "_node"), key, value)
+        object.__getattribute__(self, "_leaves").pop(key, None)
+
+    def __repr__(self) -> str:
+        return repr(object.__getattribute__(self, "_node"))
+
+
+def _is_container(value) -> bool:
+    from omegaconf import Container
+
+    return isinstance(value, Container)
+
+
+def _cached_config_getattribute(self, name: str):
+    """``CrypTenConfig.__getattribute__`` reading through per-section caches."""
+    try:
+        return object.__getattribute__(self, name)
+    except AttributeError:
+        pass
+    config = object.__getattribute__(self, "config")
+    cache = self.__dict__.get("_mpcvit_sections")
+    if cache is None or cache[0] is not config:
+        cache = (config, {})
+        object.__setattr__(self, "_mpcvit_sections", cache)
+    head, _, rest = name.partition(".")
+    section = cache[1].get(head)
+    if section is None:
+        value = getattr(config, head)
+        if not _is_container(value):
+            return value
+        section = cache[1][head] = _CachedSection(value)
+    result = section
+    for key in rest.split(".") if rest else ():
+        result = getattr(result, key)
+    return result
+
+
 def patch_crypten(crypten) -> None:
     """Apply the fixes described in the module docstring (idempotent)."""
     from crypten.config import cfg
@@ -91,6 +155,9 @@ def patch_crypten(crypten) -> None:
     if FixedPointEncoder.decode is not _exact_decode:
         _ORIGINAL_DECODE[:] = [FixedPointEncoder.decode]
         FixedPointEncoder.decode = _exact_decode
+    config_cls = type(cfg)
+    if config_cls.__dict__["__getattribute__"] is not _cached_config_getattribute:
+        config_cls.__getattribute__ = _cached_config_getattribute
     getattr_fn = CrypTensor.__dict__["__getattribute__"]
     if not cfg.debug.validation_mode and hasattr(getattr_fn, "__wrapped__"):
         CrypTensor.__getattribute__ = getattr_fn.__wrapped__

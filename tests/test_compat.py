@@ -1,4 +1,4 @@
-"""The CrypTen compatibility shim and its two fixes."""
+"""The CrypTen compatibility shim and its fixes."""
 
 from __future__ import annotations
 
@@ -46,3 +46,24 @@ def test_validation_decorator_is_unwrapped():
     assert not hasattr(getattr_fn, "__wrapped__")
     # attribute dispatch still works (CrypTen's own dispatch, minus the validation hook)
     assert getattr_fn.__qualname__ == "CrypTensor.__getattribute__"
+
+
+def test_config_cache_follows_writes_and_overrides():
+    crypten = import_crypten()
+    cfg = crypten.cfg
+    before = cfg.encoder.precision_bits
+    assert cfg.encoder.precision_bits == cfg.config.encoder.precision_bits == 16
+    assert cfg["encoder.precision_bits"] == 16
+    with cfg.temp_override({"encoder.precision_bits": 12}):
+        assert cfg.encoder.precision_bits == 12
+        assert crypten.encoder.FixedPointEncoder().scale == 2**12
+    assert cfg.encoder.precision_bits == before
+    provider = cfg.mpc.provider
+    try:
+        cfg.mpc.provider = "TTP"  # a write through the cached section view
+        assert cfg.mpc.provider == "TTP" and cfg.config.mpc.provider == "TTP"
+        cfg.mpc = {"provider": "TFP"}  # a top-level write replaces the whole config
+        assert cfg.mpc.provider == "TFP"
+    finally:
+        cfg.mpc.provider = provider
+    assert cfg.mpc.provider == provider
