@@ -66,7 +66,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weightᵀ + bias with torch's (out, in) weight layout."""
     if is_plain(x) and is_plain(weight):
         return F.linear(x, weight, bias)
-    y = x.matmul(weight.t())
+    if hasattr(weight, "linear"):  # a MaskedWeight: only x's mask is opened
+        y = weight.linear(x)
+    else:
+        y = x.matmul(weight.t())
     return y if bias is None else y + bias
 
 

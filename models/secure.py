@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .configs import ViTConfig
+from .masked import MaskedWeight, mask_weights
 from .spec import ArchSpec
 from .vit import Block, CCTBlock, ViT
 
@@ -65,7 +66,7 @@ class SecureModule:
             elif isinstance(v, list):
                 for c in v:
                     out += c.parameters()
-            elif hasattr(v, "_tensor"):
+            elif hasattr(v, "_tensor") or isinstance(v, MaskedWeight):
                 out.append(v)
         return out
 
@@ -76,11 +77,15 @@ def _mirror(module: nn.Module, encrypt):
     return SecureModule(module, encrypt)
 
 
-def share_module(module: nn.Module, src: int = 0) -> SecureModule:
+def share_module(module: nn.Module, src: int = 0, mask: bool = True) -> SecureModule:
     """Mirror any module of ``models.vit`` (a block, an attention layer, ...) with its
     parameters shared from rank ``src``.  Other ranks pass a module of the same structure
     (its weights are ignored; they contribute zeros).  Used for per-block checks and cost
-    profiling."""
+    profiling.
+
+    With ``mask`` and the dealer provider, linear weights become
+    :class:`~mpcvit.models.masked.MaskedWeight`s: one round per weight now, and each
+    later product opens only its input (see ``models/masked.py``)."""
     crypten = _crypten()
     rank = crypten.communicator.get().get_rank()
 
@@ -88,7 +93,10 @@ def share_module(module: nn.Module, src: int = 0) -> SecureModule:
         data = p.detach().float() if rank == src else torch.zeros(p.shape)
         return crypten.cryptensor(data, src=src)
 
-    return _mirror(module, encrypt)
+    root = _mirror(module, encrypt)
+    if mask:
+        mask_weights(root)
+    return root
 
 
 def _fold_into(norm: nn.LayerNorm, linear: nn.Linear) -> None:

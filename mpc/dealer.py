@@ -9,6 +9,14 @@ Protocol (CrypTen's TTP scheme, moved off torch.distributed):
   and asks the dealer for its share of the dependent value (``a*b``, ``r^2``, wraps...),
   which the dealer computes from every party's stream.
 
+Weight masks (kinds ``mask`` and ``masked_matmul``): a model's weights are fixed across
+inferences, so re-opening ``W − b`` in every Beaver product wastes bytes.  At model load
+the parties draw shares of a random mask ``b`` (party 0 registers it; the dealer keeps
+``b`` and answers with a random handle that only party 0 learns) and open ``E = W − b``
+once.  Each later product ``x·W`` then needs a fresh ``a`` and ``c = a·b`` for that
+stored ``b`` and opens only ``x − a``.  Without the handle nobody, party 1 included, can
+ask the dealer for products with ``b``.
+
 The dealer never sees inputs, weights or outputs; it must not collude with a party.
 """
 
@@ -41,9 +49,10 @@ from .errors import DealerError
 log = logging.getLogger("mpcvit.dealer")
 
 OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
-KINDS = ("additive", "square", "binary", "wraps", "b2a")
+KINDS = ("additive", "square", "binary", "wraps", "b2a", "mask", "masked_matmul")
 _ALLOWED_KWARGS = {"stride", "padding", "dilation", "groups", "output_padding"}
 MAX_ELEMENTS = 1 << 26  # per tensor in one request (512 MiB of int64)
+MAX_MASK_ELEMENTS = 1 << 27  # weight masks kept at once (1 GiB); least recently used go
 
 
 def _tensor_msg(t: torch.Tensor) -> dealer_pb2.Tensor:
@@ -88,11 +97,14 @@ class TupleRequest:
 
     def result_elements(self) -> int:
         size = self.size0
+        if self.kind == "mask":
+            return 2  # the handle
         if self.kind == "binary" or (self.kind == "additive" and self.op == "mul"):
             size = tuple(torch.broadcast_shapes(torch.Size(self.size0), torch.Size(self.size1)))
-        elif self.kind == "additive":
-            size = tuple(_op_result_size(self.op, self.size0, self.size1,
-                                         json.loads(self.kwargs_json)))
+        elif self.kind in ("additive", "masked_matmul"):
+            size = tuple(_op_result_size(self.op or "matmul", self.size0, self.size1,
+                                         json.loads(self.kwargs_json)
+                                         if self.kind == "additive" else {}))
         return int(np.prod(size, dtype=np.int64))
 
 
@@ -265,6 +277,15 @@ class DealerProvider(TupleProvider):
                 return a, b, correction()
             size = _op_result_size(req.op, req.size0, req.size1, json.loads(req.kwargs_json))
             return a, b, generate_random_ring_element(size, generator=g)
+        if req.kind == "masked_matmul":
+            a = generate_random_ring_element(req.size0, generator=g)
+            if correction is not None:
+                return a, correction()
+            return a, generate_random_ring_element(
+                _op_result_size("matmul", req.size0, req.size1, {}), generator=g)
+        if req.kind == "mask":
+            b = generate_random_ring_element(req.size0, generator=g)
+            return b, (correction() if correction is not None else None)
         if req.kind == "binary":
             a = generate_kbit_random_tensor(req.size0, generator=g)
             b = generate_kbit_random_tensor(req.size1, generator=g)
@@ -322,6 +343,22 @@ class DealerProvider(TupleProvider):
         return (ArithmeticSharedTensor.from_shares(r_arith, precision=0),
                 BinarySharedTensor.from_shares(r_bin))
 
+    # -- weight masks (module doc) -----------------------------------------------------
+    def weight_mask(self, size) -> tuple[torch.Tensor, str]:
+        """This party's share of a fresh mask ``b`` of ``size`` that the dealer keeps, and
+        (party 0 only; "" elsewhere) the dealer's handle for it."""
+        b, handle = self._tuple(TupleRequest("mask", tuple(size)))
+        if handle is None:
+            return b, ""
+        return b, "".join(f"{int(v) & (2**64 - 1):016x}" for v in handle.reshape(-1))
+
+    def masked_matmul(self, size0, size1, handle: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shares of a fresh ``a`` of ``size0`` and of ``c = a @ b`` for the mask ``b``
+        (of ``size1``) registered under ``handle`` (party 0's; others pass "")."""
+        kwargs = json.dumps({"mask": handle}) if self.state.rank == 0 else "{}"
+        return self._tuple(TupleRequest("masked_matmul", tuple(size0), tuple(size1),
+                                        "matmul", kwargs))
+
 
 # ----------------------------------------------------------------------------------
 # Dealer side
@@ -345,6 +382,7 @@ class DealerState:
         self.max_sessions = max_sessions
         self.idle_ttl = idle_ttl
         self._sessions: dict[str, _DealerSession] = {}
+        self._masks: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def _expire(self) -> None:
@@ -400,12 +438,51 @@ class DealerState:
         for size in (size0, size1):
             if any(d < 0 for d in size) or int(np.prod(size, dtype=np.int64)) > MAX_ELEMENTS:
                 raise ValueError("tensor size out of range")
+        mask = None
+        if req.kind == "masked_matmul":
+            mask = self._mask(req, size0, size1)
         with s.lock:
             if req.seq != s.next_seq:
                 raise ValueError(f"request {req.seq} out of order (expected {s.next_seq})")
             s.next_seq += 1
             s.last_used = time.monotonic()
+            if req.kind == "mask":
+                return self._register_mask(s.generators, size0)
+            if mask is not None:
+                a = _sum([_ring(size0, g) for g in s.generators])
+                c = torch.matmul(a, mask)
+                return c - _sum([_ring(c.shape, g) for g in s.generators[1:]])
             return _compute_correction(s.generators, req, size0, size1)
+
+    def _register_mask(self, gens, size) -> torch.Tensor:
+        """Keep ``b`` (the sum of every party's draw) under a fresh random handle."""
+        if len(size) != 2:
+            raise ValueError("a weight mask is a matrix")
+        b = _sum([_ring(size, g) for g in gens])
+        handle = torch.from_numpy(np.frombuffer(os.urandom(16), dtype="<i8").copy())
+        key = "".join(f"{int(v) & (2**64 - 1):016x}" for v in handle)
+        with self._lock:
+            self._masks[key] = b
+            held = sum(m.nelement() for m in self._masks.values())
+            while held > MAX_MASK_ELEMENTS and len(self._masks) > 1:
+                _, old = self._masks.popitem(last=False)
+                held -= old.nelement()
+        return handle
+
+    def _mask(self, req, size0, size1) -> torch.Tensor:
+        try:
+            key = json.loads(req.op_kwargs_json or "{}").get("mask", "")
+        except (ValueError, AttributeError):
+            raise ValueError("malformed mask handle") from None
+        with self._lock:
+            mask = self._masks.get(key) if isinstance(key, str) else None
+            if mask is None:
+                raise KeyError("unknown weight mask (the dealer restarted or dropped it): "
+                               "the parties must share the weights again")
+            self._masks.move_to_end(key)
+        if tuple(mask.shape) != size1 or not size0 or size0[-1] != size1[0]:
+            raise ValueError(f"masked matmul of {size0} by a mask of {tuple(mask.shape)}")
+        return mask
 
 
 def _ring(size, g):

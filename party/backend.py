@@ -34,8 +34,8 @@ def _code_fingerprint() -> str:
     import importlib
 
     h = hashlib.sha256()
-    for name in ("mpcvit.models.ops", "mpcvit.models.vit", "mpcvit.models.secure",
-                 "mpcvit.mpc.communicator"):
+    for name in ("mpcvit.models.ops", "mpcvit.models.fused", "mpcvit.models.masked",
+                 "mpcvit.models.vit", "mpcvit.models.secure", "mpcvit.mpc.communicator"):
         module = importlib.import_module(name)
         h.update(name.encode())
         h.update(open(module.__file__, "rb").read())  # noqa: SIM115
@@ -174,6 +174,9 @@ class CrypTenBackend:
         config = ViTConfig.from_dict(self.facts.config)
         spec = ArchSpec.from_dict(self.facts.spec)
         self._secure = None
+        # Traces name the dealer's weight masks of the previous shares: stale now.
+        self._traces.clear()
+        self.discard_prepared()
         start = time.perf_counter()
         with crypten_session(self.transport, session, self.provider):
             secure = SecureViT.from_model(self._model if self.rank == 0 else None,

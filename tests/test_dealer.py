@@ -111,3 +111,27 @@ def test_sessions_are_bounded_and_closed():
     state.close("a", 0)
     state.close("a", 1)
     state.open("b", 0, 2)  # room again
+
+
+def test_weight_masks_serve_products_with_the_kept_mask():
+    state = DealerState()
+    g0, g1 = _parties(state, "load")
+    size = (5, 3)
+    b = [generate_random_ring_element(size, generator=g) for g in (g0, g1)]
+    handle = state.correction(_req("load", "mask", size, seq=0))
+    key = "".join(f"{int(v) & (2**64 - 1):016x}" for v in handle)
+    state.close("load", 0)
+    state.close("load", 1)
+    # A later session (fresh seeds) multiplies by the same b.
+    h0, h1 = _parties(state, "infer")
+    x_size = (2, 4, 5)
+    a = [generate_random_ring_element(x_size, generator=g) for g in (h0, h1)]
+    c0 = state.correction(_req("infer", "masked_matmul", x_size, size, "matmul", 0, mask=key))
+    c1 = generate_random_ring_element(c0.shape, generator=h1)
+    assert torch.equal(c0 + c1, torch.matmul(a[0] + a[1], b[0] + b[1]))
+    with pytest.raises(KeyError, match="unknown weight mask"):
+        state.correction(_req("infer", "masked_matmul", x_size, size, "matmul", 1, mask="00"))
+    with pytest.raises(ValueError, match="masked matmul"):
+        state.correction(_req("infer", "masked_matmul", (2, 4), size, "matmul", 1, mask=key))
+    with pytest.raises(ValueError, match="matrix"):
+        state.correction(_req("infer", "mask", (2, 3, 4), seq=1))

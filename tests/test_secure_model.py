@@ -179,7 +179,9 @@ def model_results():
     from mpcvit.mpc.launcher import run_parties
 
     cases = [(c.to_dict(), s.to_dict(), 4.0) for c, s in MODEL_CASES.values()]
-    res = run_parties(_model_party, cases, batch=2)
+    # The dealer provider, as the service runs: linear weights are masked once
+    # (models/masked.py) and every product opens only its input.
+    res = run_parties(_model_party, cases, batch=2, provider="dealer")
     assert len(res) == 2
     # Both parties revealed the same logits.
     for (a, _), (b, _) in zip(res[0], res[1], strict=True):
@@ -303,3 +305,49 @@ def test_secure_function_round_counts(rounds_results):
     assert rounds_results["relu"] == 8
     assert rounds_results["layer_norm"] == 12  # sum of squares + 8 + u², u³/u⁴, product
     assert rounds_results["divide"] == 12  # 8 + u², u³/u⁴, u⁵/u⁶ + product
+
+
+def _masked_party() -> dict[str, object]:
+    """One linear layer with and without weight masks, under the dealer provider."""
+    from mpcvit.models.masked import MaskedWeight
+    from mpcvit.models.vit import Linear
+    from mpcvit.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    comm = crypten.communicator.get()
+    torch.manual_seed(5)
+    layer = Linear(48, 24)
+    x = torch.randn(2, 9, 48) * 3
+    enc = _enc(crypten, x)
+    out: dict[str, object] = {"rank": comm.get_rank()}
+    for mask in (True, False):
+        secure = share_module(layer, mask=mask)
+        comm.reset_communication_stats()
+        y = secure(enc)
+        stats = comm.get_communication_stats()
+        out[mask] = {"masked": isinstance(secure.weight, MaskedWeight),
+                     "handle": getattr(secure.weight, "handle", None),
+                     "rounds": stats["rounds"], "bytes": stats["bytes"],
+                     "got": reveal_float(y)}
+    with torch.no_grad():
+        out["want"] = layer(x)
+    return out
+
+
+def test_masked_weights_open_only_the_input():
+    from mpcvit.mpc.launcher import run_parties
+
+    res = run_parties(_masked_party, provider="dealer")
+    p0, p1 = res
+    want = p0["want"]
+    for mask in (True, False):
+        err = (p0[mask]["got"] - want).abs().max().item()
+        assert err < 1e-3, (mask, err)
+        assert p0[mask]["rounds"] == 1
+    assert p0[True]["masked"] and p1[True]["masked"] and not p0[False]["masked"]
+    # Only party 0 holds the dealer's handle for the mask; party 1 could not ask for
+    # products with it.
+    assert len(p0[True]["handle"]) == 32 and p1[True]["handle"] == ""
+    # Beaver opens x - a and W - b; a masked weight opens only x - a.
+    x_elems, w_elems = 2 * 9 * 48, 48 * 24
+    assert p0[True]["bytes"] * (x_elems + w_elems) == p0[False]["bytes"] * x_elems
