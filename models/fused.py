@@ -129,6 +129,34 @@ def mul_many(items: Sequence[tuple[Tensor, Tensor | None, str]]) -> list[Tensor]
     return _finish(items, plans, vals, 0, _rank() == 0)
 
 
+_BIT_SHIFTS = torch.arange(64)
+
+
+def _pack_bits(words: torch.Tensor) -> torch.Tensor:
+    """Bit 0 of each word, 64 words to one (local and XOR-linear, so shares pack)."""
+    pad = (-words.numel()) % 64
+    if pad:
+        words = torch.cat([words, words.new_zeros(pad)])
+    return ((words.reshape(-1, 64) & 1) << _BIT_SHIFTS).sum(1)
+
+
+def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return ((packed.unsqueeze(1) >> _BIT_SHIFTS) & 1).reshape(-1)[:n]
+
+
+def sum_squares(x: Tensor) -> Tensor:
+    """Σ x² over the last dim (keepdim) in one round that opens x once (CrypTen's square
+    protocol), where a (1×D)(D×1) matmul opens x twice.  The squares are summed at the
+    product's double scale and truncated once, as the matmul would be."""
+    provider = _crypten().mpc.get_default_provider()
+    r, r2 = provider.square(x.size())
+    (eps,), _ = open_round([x._tensor.share - r.share])
+    z = r2.share + 2 * r.share * eps
+    if _rank() == 0:
+        z = z + eps * eps
+    return _wrap(z.sum(-1, keepdim=True), x, None)
+
+
 def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],
                  extra: Sequence[tuple[Tensor, Tensor | None, str]] = ()
                  ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -147,7 +175,7 @@ def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],
     n = 1
     for s in shape:
         n *= s
-    bits = sign.share[:n].reshape(shape)
+    bits = sign.share[:n]
     r_arith, r_bin = provider.B2A_rng(shape)
     pairs = [v if isinstance(v, tuple) else (v, None) for v in values]
     triples = [provider.generate_additive_triple(v.size(), v.size(), "mul") for v, _ in pairs]
@@ -156,8 +184,9 @@ def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],
         r = r_arith.share if i is None else r_arith.share[i]
         opens += [r - a.share, v._tensor.share - b.share]
     plans = _request(extra, provider, opens)
-    vals, (z,) = open_round(opens, [bits ^ r_bin.share])
-    z = z & 1
+    # z = b ⊕ r is one bit per element: 64 of them travel in one word.
+    vals, (z,) = open_round(opens, [_pack_bits(bits ^ r_bin.share.reshape(-1))])
+    z = _unpack_bits(z, n).reshape(shape)
     rank0 = _rank() == 0
     b_share = r_arith.share * (1 - 2 * z) + (z if rank0 else 0)
     bit = MPCTensor.from_shares(b_share, precision=0)

@@ -120,13 +120,13 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     xc = x - mu
     # xc / sqrt(var + eps) = xc·sqrt(D) / sqrt(ss + D·eps) with ss the sum of squares:
     # ss keeps log2(D) more significant bits than var (a variance of 1e-3 is only 65
-    # fixed-point ulps), and as a (1 x D)(D x 1) matmul it is truncated once per row
-    # rather than D times with a bias.
+    # fixed-point ulps), and ``fused.sum_squares`` truncates it once per row rather than
+    # D times with a bias.
     # Rounds (12): ss (1), the range comparison (7 + 1 merged with the rescaling),
     # u², u³/u⁴ and the product (3).  With the affine part folded into the next linear
     # layer (``secure.fold_norms``) there is no further multiplication.
     d = x.shape[-1]
-    ss = xc.unsqueeze(-2).matmul(xc.unsqueeze(-1)).squeeze(-1)
+    ss = fused.sum_squares(xc)
     lo = INV_SQRT_RANGE[0] + math.floor(math.log2(d))
     hi = INV_SQRT_RANGE[1] + math.ceil(math.log2(d))
     y = div_sqrt(xc * math.sqrt(d), ss + d * eps, lo, hi)
