@@ -463,10 +463,10 @@ def ops_fingerprint() -> str:
     cost file is stale)."""
     import hashlib
 
-    from . import fused, masked, ops, vit
+    from . import compare, fused, masked, ops, vit
 
     h = hashlib.sha1()
-    for mod in (ops, fused, masked, vit):
+    for mod in (ops, compare, fused, masked, vit):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:12]
 

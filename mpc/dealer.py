@@ -43,13 +43,14 @@ from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
 from crypten.mpc.provider.provider import TupleProvider
 
 from ..proto.generated import dealer_pb2, dealer_pb2_grpc
+from . import carry
 from .config import ProviderSpec, TlsConfig
 from .errors import DealerError
 
 log = logging.getLogger("mpcvit.dealer")
 
 OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
-KINDS = ("additive", "square", "binary", "wraps", "b2a", "mask", "masked_matmul")
+KINDS = ("additive", "square", "binary", "wraps", "b2a", "mask", "masked_matmul", "carry")
 _ALLOWED_KWARGS = {"stride", "padding", "dilation", "groups", "output_padding"}
 MAX_ELEMENTS = 1 << 26  # per tensor in one request (512 MiB of int64)
 MAX_MASK_ELEMENTS = 1 << 27  # weight masks kept at once (1 GiB); least recently used go
@@ -99,6 +100,9 @@ class TupleRequest:
         size = self.size0
         if self.kind == "mask":
             return 2  # the handle
+        if self.kind == "carry":
+            final = json.loads(self.kwargs_json).get("final", False)
+            return len(carry.carry_monomials(bool(final))) * int(np.prod(self.size0))
         if self.kind == "binary" or (self.kind == "additive" and self.op == "mul"):
             size = tuple(torch.broadcast_shapes(torch.Size(self.size0), torch.Size(self.size1)))
         elif self.kind in ("additive", "masked_matmul"):
@@ -283,6 +287,14 @@ class DealerProvider(TupleProvider):
                 return a, correction()
             return a, generate_random_ring_element(
                 _op_result_size("matmul", req.size0, req.size1, {}), generator=g)
+        if req.kind == "carry":
+            r_g = generate_kbit_random_tensor(req.size0, generator=g)
+            r_p = generate_kbit_random_tensor(req.size0, generator=g)
+            if correction is not None:
+                return r_g, r_p, correction()
+            final = bool(json.loads(req.kwargs_json)["final"])
+            size = (len(carry.carry_monomials(final)), *req.size0)
+            return r_g, r_p, generate_kbit_random_tensor(size, generator=g)
         if req.kind == "mask":
             b = generate_random_ring_element(req.size0, generator=g)
             return b, (correction() if correction is not None else None)
@@ -342,6 +354,15 @@ class DealerProvider(TupleProvider):
         r_bin, r_arith = self._tuple(TupleRequest("b2a", tuple(size)))
         return (ArithmeticSharedTensor.from_shares(r_arith, precision=0),
                 BinarySharedTensor.from_shares(r_bin))
+
+    def carry_tuple(self, size, shift: int, final: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """XOR shares of the masks r_G, r_P of one radix-4 carry level and of their
+        products (``mpc.carry``): (r_G, r_P, ρ stacked along a new first dim)."""
+        req = TupleRequest("carry", tuple(size), (), "",
+                           json.dumps({"final": bool(final), "shift": int(shift)},
+                                      sort_keys=True))
+        return self._tuple(req)
 
     # -- weight masks (module doc) -----------------------------------------------------
     def weight_mask(self, size) -> tuple[torch.Tensor, str]:
@@ -438,6 +459,8 @@ class DealerState:
         for size in (size0, size1):
             if any(d < 0 for d in size) or int(np.prod(size, dtype=np.int64)) > MAX_ELEMENTS:
                 raise ValueError("tensor size out of range")
+        if req.kind == "carry" and int(np.prod(size0, dtype=np.int64)) * 32 > MAX_ELEMENTS:
+            raise ValueError("tensor size out of range")
         mask = None
         if req.kind == "masked_matmul":
             mask = self._mask(req, size0, size1)
@@ -529,6 +552,17 @@ def _compute_correction(gens, req, size0, size1) -> torch.Tensor:
         ab = [(_kbit(size0, g), _kbit(size1, g)) for g in gens]
         c = _xor([x[0] for x in ab]) & _xor([x[1] for x in ab])
         return c ^ _xor([_kbit(c.shape, g) for g in others])
+    if req.kind == "carry":
+        try:
+            opts = json.loads(req.op_kwargs_json or "{}")
+            shift, final = opts["shift"], opts["final"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError("carry request needs 'shift' and 'final'") from None
+        carry.validate(shift, final)
+        masks = [(_kbit(size0, g), _kbit(size0, g)) for g in gens]
+        rho = carry.mask_products(_xor([m[0] for m in masks]), _xor([m[1] for m in masks]),
+                                  shift, final)
+        return rho ^ _xor([_kbit(rho.shape, g) for g in others]) if others else rho
     if req.kind == "wraps":
         theta = count_wraps([_ring(size0, g) for g in gens])
         return theta - _sum([_ring(size0, g) for g in others])

@@ -35,7 +35,8 @@ def _code_fingerprint() -> str:
 
     h = hashlib.sha256()
     for name in ("mpcvit.models.ops", "mpcvit.models.fused", "mpcvit.models.masked",
-                 "mpcvit.models.vit", "mpcvit.models.secure", "mpcvit.mpc.communicator"):
+                 "mpcvit.models.compare", "mpcvit.mpc.carry", "mpcvit.models.vit",
+                 "mpcvit.models.secure", "mpcvit.mpc.communicator"):
         module = importlib.import_module(name)
         h.update(name.encode())
         h.update(open(module.__file__, "rb").read())  # noqa: SIM115

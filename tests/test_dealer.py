@@ -15,6 +15,7 @@ from mpcvit.mpc.compat import import_crypten
 import_crypten()
 from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element  # noqa: E402
 from crypten.common.util import count_wraps  # noqa: E402
+from mpcvit.mpc import carry  # noqa: E402
 from mpcvit.mpc.dealer import DealerState  # noqa: E402
 from mpcvit.proto.generated import dealer_pb2  # noqa: E402
 
@@ -135,3 +136,26 @@ def test_weight_masks_serve_products_with_the_kept_mask():
         state.correction(_req("infer", "masked_matmul", (2, 4), size, "matmul", 1, mask=key))
     with pytest.raises(ValueError, match="matrix"):
         state.correction(_req("infer", "mask", (2, 3, 4), seq=1))
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_carry_levels_get_every_mask_product(final):
+    state = DealerState()
+    g0, g1 = _parties(state, "s")
+    size = (8,)
+    masks = [(generate_kbit_random_tensor(size, generator=g),
+              generate_kbit_random_tensor(size, generator=g)) for g in (g0, g1)]
+    rho0 = state.correction(_req("s", "carry", size, seq=0, shift=4, final=final))
+    monos = carry.carry_monomials(final)
+    rho1 = generate_kbit_random_tensor((len(monos), *size), generator=g1)
+    r_g, r_p = masks[0][0] ^ masks[1][0], masks[0][1] ^ masks[1][1]
+    rho = rho0 ^ rho1
+    for i, mono in enumerate(monos):
+        want = None
+        for name in mono:
+            w = carry.shifted(r_g, r_p, name, 4)
+            want = w if want is None else want & w
+        assert torch.equal(rho[i], want), mono
+    assert len(monos) == (15 if final else 22)
+    with pytest.raises(ValueError, match="shift"):
+        state.correction(_req("s", "carry", size, seq=1, shift=70, final=final))

@@ -299,12 +299,13 @@ def test_fused_products_take_one_round_and_match(rounds_results):
 
 
 def test_secure_function_round_counts(rounds_results):
-    # The product of ReLU and the rescaling of LayerNorm/divide ride in the
-    # comparison's last round (7 AND rounds + 1); see models/fused.py.
-    assert rounds_results["ltz"] == 8
-    assert rounds_results["relu"] == 8
-    assert rounds_results["layer_norm"] == 12  # sum of squares + 8 + u², u³/u⁴, product
-    assert rounds_results["divide"] == 12  # 8 + u², u³/u⁴, u⁵/u⁶ + product
+    # The comparison: one AND and three radix-4 carry levels (models/compare.py); the
+    # product of ReLU and the rescaling of LayerNorm/divide ride in the conversion round
+    # that follows (models/fused.py).
+    assert rounds_results["ltz"] == 5
+    assert rounds_results["relu"] == 5
+    assert rounds_results["layer_norm"] == 9  # sum of squares + 5 + u², u³/u⁴, product
+    assert rounds_results["divide"] == 9  # 5 + u², u³/u⁴, u⁵/u⁶ + product
 
 
 def _masked_party() -> dict[str, object]:
@@ -351,3 +352,42 @@ def test_masked_weights_open_only_the_input():
     # Beaver opens x - a and W - b; a masked weight opens only x - a.
     x_elems, w_elems = 2 * 9 * 48, 48 * 24
     assert p0[True]["bytes"] * (x_elems + w_elems) == p0[False]["bytes"] * x_elems
+
+
+EDGE_VALUES = [0, 1, -1, 2, -2, 2**62, -(2**62), 2**63 - 1, -(2**63), 2**63 - 2,
+               -(2**63) + 1, 12345, -12345, 2**31, -(2**31), 2**16, -(2**16)]
+
+
+def _sign_party(provider_kind: str) -> dict[str, torch.Tensor]:
+    """The sign circuit on raw ring elements: every edge value, each under many random
+    splittings into shares, plus random values (69: padding is exercised too)."""
+    from mpcvit.models import compare
+    from mpcvit.mpc.compat import import_crypten
+
+    crypten = import_crypten()
+    comm = crypten.communicator.get()
+    g = torch.Generator().manual_seed(11)
+    values = torch.tensor(EDGE_VALUES * 2 + [0, 5, -5], dtype=torch.long)
+    ring = (-(2**63), 2**63 - 1)
+    values = torch.cat([values, torch.randint(*ring, (32,), generator=g)])  # 69 in all
+    a = torch.randint(*ring, values.shape, generator=g)
+    # also the splittings (0, x) and (x, 0)
+    e = len(EDGE_VALUES)
+    a[:e] = 0
+    a[e : 2 * e] = values[e : 2 * e]
+    share = a if comm.get_rank() == 0 else values - a
+    comm.reset_communication_stats()
+    bits = compare.sign_bits(share)
+    rounds = comm.get_communication_stats()["rounds"]
+    both = comm.all_gather(bits)
+    return {"got": ((both[0] ^ both[1]) & 1)[: values.numel()], "want": (values < 0).long(),
+            "rounds": rounds}
+
+
+@pytest.mark.parametrize("provider", ["tfp", "dealer"])
+def test_sign_circuit_is_exact_on_edge_values(provider):
+    from mpcvit.mpc.launcher import run_parties
+
+    res = run_parties(_sign_party, provider, provider=provider)[0]
+    assert res["rounds"] == 4
+    assert torch.equal(res["got"], res["want"])

@@ -1,0 +1,76 @@
+"""Correlated randomness for one radix-4 level of the comparison's carry tree.
+
+The sign of an additively shared x = A + B (party 0 holds A, party 1 holds B) is
+A₆₃ ⊕ B₆₃ ⊕ carry₆₃, and the carry is the root of a tree of (generate, propagate) pairs.
+A radix-2 tree needs 6 AND rounds over 64 bits; radix 4 needs 3.  One radix-4 level
+combines the pairs at bit offsets 0, s, 2s, 3s (``a`` highest, ``d`` lowest):
+
+    G' = Ga ⊕ Pa·Gb ⊕ Pa·Pb·Gc ⊕ Pa·Pb·Pc·Gd,      P' = Pa·Pb·Pc·Pd,
+
+products of up to four bits in ONE round: each input bit v is opened once masked,
+dv = v ⊕ rv, and a product over a set V of bits expands to
+
+    ∏_{v∈V} (dv ⊕ rv) = ⊕_{T⊆V} (∏_{v∈V∖T} dv) · ρ_T,      ρ_T = ∏_{v∈T} rv,
+
+where the dealer supplies XOR shares of ρ_T for every |T| ≥ 2 (|T| ≤ 1 is local).  The
+masks are whole 64-bit words, so a variable at offset k·s is the mask word shifted left
+by k·s bits and every bit position gets its own independent products.
+
+This module is plain torch: the dealer and the parties' trusted-first-party fallback
+compute the same words from it, in the order of :func:`carry_monomials`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import cache
+
+import torch
+
+OFFSETS = {"a": 0, "b": 1, "c": 2, "d": 3}
+GENERATE_TERMS = (("Pa", "Gb"), ("Pa", "Pb", "Gc"), ("Pa", "Pb", "Pc", "Gd"))
+PROPAGATE = ("Pa", "Pb", "Pc", "Pd")
+
+
+def products_needed(final: bool) -> tuple[tuple[str, ...], ...]:
+    """The bit products one level computes (the last level needs no P')."""
+    return GENERATE_TERMS if final else (*GENERATE_TERMS, PROPAGATE)
+
+
+@cache
+def carry_monomials(final: bool) -> tuple[tuple[str, ...], ...]:
+    """Every mask product ρ_T (|T| ≥ 2) the level needs, in a fixed order."""
+    out: list[tuple[str, ...]] = []
+    for term in products_needed(final):
+        for size in range(2, len(term) + 1):
+            for sub in itertools.combinations(term, size):
+                if sub not in out:
+                    out.append(sub)
+    return tuple(out)
+
+
+def shifted(g: torch.Tensor, p: torch.Tensor, name: str, shift: int) -> torch.Tensor:
+    """Word of variable ``name`` (e.g. "Pb"): the G or P word moved so that bit i holds
+    the bit at i − offset·shift."""
+    word = g if name[0] == "G" else p
+    k = OFFSETS[name[1]] * shift
+    return word if k == 0 else word << k
+
+
+def mask_products(r_g: torch.Tensor, r_p: torch.Tensor, shift: int, final: bool
+                  ) -> torch.Tensor:
+    """ρ_T for every monomial of :func:`carry_monomials`, stacked: (monomials, *shape)."""
+    words = []
+    for mono in carry_monomials(final):
+        w = shifted(r_g, r_p, mono[0], shift)
+        for name in mono[1:]:
+            w = w & shifted(r_g, r_p, name, shift)
+        words.append(w)
+    return torch.stack(words)
+
+
+def validate(shift: int, final: bool) -> None:
+    if not isinstance(shift, int) or not 1 <= shift <= 21:
+        raise ValueError("carry level shift must be an integer in 1..21")
+    if not isinstance(final, bool):
+        raise ValueError("carry level 'final' must be a boolean")
