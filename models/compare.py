@@ -4,16 +4,18 @@ x = A + B mod 2⁶⁴ with A party 0's share and B party 1's, so
 sign(x) = A₆₃ ⊕ B₆₃ ⊕ carry₆₃(A + B), and the carry is the root of a tree over the
 (generate, propagate) pairs g = A ∧ B, p = A ⊕ B of each bit:
 
-1. one Beaver AND gives g (p is local), with bit 63 set to the identity pair
-   (g = 0, p = 1) so that the root over bits 0..63 is the carry into bit 63;
+1. one AND of the parties' private words gives g (p is local), with bit 63 set to
+   the identity pair (g = 0, p = 1) so that the root over bits 0..63 is the carry
+   into bit 63;
 2. three radix-4 levels (``mpc.carry``): each opens the masked G and P words once and
    forms every product of up to four bits with dealer-supplied mask products, so
    64 → 16 → 4 → 1 groups in 3 rounds where a radix-2 tree needs 6.
 
 CrypTen's own comparison (a full Kogge-Stone adder after A2B) needs 7 AND rounds and
-~13 words per element.  Between levels the live bits of 4 and then 16 elements are
+~13 words per element.  Here each party sends 1 word per element for g, then
+2 per radix-4 level; between levels the live bits of 4 and then 16 elements are
 interleaved into one word (shifts keep each element's bits in its own residue class),
-so each element costs ~2 + 2 + 1/2 + 1/8 opened words.
+so each element costs ~1 + 2 + 1/2 + 1/8 words each way.
 
 The result is the sign as bit 0 of XOR-shared words; ``fused.bit_products`` turns it
 into an arithmetic bit in the round that also multiplies it into values.
@@ -55,6 +57,22 @@ def _beaver_and(x: torch.Tensor, y: torch.Tensor, rank0: bool) -> torch.Tensor:
     _, (e, f) = fused.open_round([], [x ^ a.share, y ^ b.share])
     z = c.share ^ (e & b.share) ^ (f & a.share)
     return z ^ (e & f) if rank0 else z
+
+
+def _private_and(own: torch.Tensor, rank: int) -> torch.Tensor:
+    """XOR shares of A ∧ B where party 0's ``own`` word is A and party 1's is B: each
+    party sends its word masked once (u for party 0, v for party 1, from the dealer),
+    half the bytes of a Beaver AND on the sharings (A, 0) and (0, B).  Under a provider
+    without this correlation, a Beaver AND."""
+    crypten = _crypten()
+    provider = crypten.mpc.get_default_provider()
+    if not hasattr(provider, "private_and"):
+        zero = torch.zeros_like(own)
+        return _beaver_and(*((own, zero) if rank == 0 else (zero, own)), rank == 0)
+    mask, uv = provider.private_and(own.size())
+    e, f = crypten.communicator.get().all_gather(own ^ mask)  # A ⊕ u, B ⊕ v
+    # A ∧ B = e∧f ⊕ u∧f ⊕ e∧v ⊕ u∧v: party 0 knows e, f, u; party 1 knows e, f, v.
+    return (e & f) ^ (mask & f) ^ uv if rank == 0 else (e & mask) ^ uv
 
 
 def _carry_tuple(n: int, shift: int, final: bool, rank: int):
@@ -141,10 +159,8 @@ def sign_bits(share: torch.Tensor) -> torch.Tensor:
     pad = (-n) % 16
     if pad:
         share = torch.cat([share, share.new_zeros(pad)])
-    zero = torch.zeros_like(share)
-    a, b = (share, zero) if rank == 0 else (zero, share)
-    g = _beaver_and(a, b, rank == 0)
-    p = a ^ b
+    g = _private_and(share, rank)
+    p = share.clone()  # XOR shares of A ⊕ B: each party's own word
     sign_in = _lsr(p, 63)  # A₆₃ ⊕ B₆₃, as shares
     g &= ~TOP
     p &= ~TOP

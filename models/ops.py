@@ -94,7 +94,7 @@ def gelu(x: Tensor) -> Tensor:
 
 def relu(x: Tensor) -> Tensor:
     """ReLU; under MPC x - [x < 0]·x, the product taken in the comparison's last round
-    (see ``fused.bit_products``): 8 rounds."""
+    (see ``fused.bit_products``): 5 rounds."""
     if is_plain(x):
         return F.relu(x)
     _, (neg_x,), _ = ltz_products(x, [x])
@@ -122,7 +122,7 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     # ss keeps log2(D) more significant bits than var (a variance of 1e-3 is only 65
     # fixed-point ulps), and ``fused.sum_squares`` truncates it once per row rather than
     # D times with a bias.
-    # Rounds (12): ss (1), the range comparison (7 + 1 merged with the rescaling),
+    # Rounds (9): ss (1), the range comparison (4 + 1 merged with the rescaling),
     # u², u³/u⁴ and the product (3).  With the affine part folded into the next linear
     # layer (``secure.fold_norms``) there is no further multiplication.
     d = x.shape[-1]
@@ -197,7 +197,7 @@ def _ceil_log2(n: int) -> int:
 # CrypTen's comparison (A2B by a full Kogge-Stone adder, then the sign bit) ANDs 13
 # 64-bit words per element in 7 rounds: it dominates the cost of every ReLU, GeLU, max
 # and range test.  Only the carry into the sign bit is needed: ``compare.sign_bits``
-# gets it in 4 rounds (one AND, three radix-4 levels) from ~5 opened words per element.
+# gets it in 4 rounds (one AND, three radix-4 levels) sending ~3.6 words per element.
 
 
 def _sign_binary(x: Tensor):
@@ -217,7 +217,7 @@ def _sign_binary(x: Tensor):
 
 def ltz(x: Tensor) -> Tensor:
     """[x < 0] as CrypTen's integer-scale arithmetic bits (like ``MPCTensor._ltz``):
-    8 rounds, where CrypTen's own comparison needs 8 with ~4x the bytes."""
+    5 rounds, where CrypTen's own comparison needs 8 with ~3.6x the bytes."""
     if is_plain(x):
         return (x < 0).long()
     return fused.bit_products(_sign_binary(x), x.shape, [])[0]
@@ -298,7 +298,7 @@ def _scaled_unit_power(num: Tensor, x: Tensor, power: float, lo: int, hi: int,
     x = 2**e·t: the range comparison gives u = t - 1.5 and the bits that select the
     public 2**(e·power); t**power is a polynomial in u whose powers come in
     ceil(log2 degree) rounds, the first shared with num·2**(e·power); one last product.
-    Rounds: 8 + ceil(log2 degree) + 1.  2**(e·power) is applied as an exact power of
+    Rounds: 5 + ceil(log2 degree) + 1.  2**(e·power) is applied as an exact power of
     two times a factor in [1, 2) (√2 for odd e when power = -1/2), the factor in the
     second round: a lone fixed-point 2**-10.5 would carry a 0.5% rounding error.
     """
@@ -327,7 +327,7 @@ def divide(num: Tensor, den: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_R
            degree: int = 6) -> Tensor:
     """num / den for positive den in [2**lo, 2**hi] (broadcast over num).
 
-    Under MPC (12 rounds): den = 2**e·t, t in [1, 2), then (num·2**-e)·p(t - 1.5) with p
+    Under MPC (9 rounds): den = 2**e·t, t in [1, 2), then (num·2**-e)·p(t - 1.5) with p
     of degree 6 (relative error 1e-5 over the whole range).  CrypTen's own reciprocal
     needs ~10 Newton steps plus an exp and still fails outside ~[0.01, 100].
     """
@@ -347,7 +347,7 @@ def div_sqrt(num: Tensor, x: Tensor, lo: int = INV_SQRT_RANGE[0],
              hi: int = INV_SQRT_RANGE[1], degree: int = 4) -> Tensor:
     """num / sqrt(x) for positive x in [2**lo, 2**hi].
 
-    Under MPC (11 rounds): x = 2**e·t, then (num·2**(-e/2))·p(t - 1.5) with p of degree
+    Under MPC (8 rounds): x = 2**e·t, then (num·2**(-e/2))·p(t - 1.5) with p of degree
     4 (relative error 9e-5).  CrypTen's inv_sqrt is off by up to ~79% below 0.01 and
     above ~200.
     """
@@ -407,7 +407,7 @@ def gelu_poly_plain(x: torch.Tensor, cutoff: float = GELU_CUTOFF,
 def _sec_gelu(x: Tensor, cutoff: float = GELU_CUTOFF, degree: int = GELU_DEGREE) -> Tensor:
     """GeLU(x) = relu(x) - [|x| < cutoff]·p(|x|).
 
-    Rounds (12): x² (1); one batched comparison for [x < 0] and [x² < cutoff²] (8),
+    Rounds (9): x² (1); one batched comparison for [x < 0] and [x² < cutoff²] (5),
     whose last round also gives r = [x >= 0]·x, hence relu and |x| = 2r - x; the
     remaining powers of |x| (2, x² is reused); the mask (1).  Bits stay at CrypTen's
     integer scale, so bit products are exact: outside the mask the high powers may wrap

@@ -50,7 +50,8 @@ from .errors import DealerError
 log = logging.getLogger("mpcvit.dealer")
 
 OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
-KINDS = ("additive", "square", "binary", "wraps", "b2a", "mask", "masked_matmul", "carry")
+KINDS = ("additive", "square", "binary", "wraps", "b2a", "mask", "masked_matmul", "carry",
+         "private_and")
 _ALLOWED_KWARGS = {"stride", "padding", "dilation", "groups", "output_padding"}
 MAX_ELEMENTS = 1 << 26  # per tensor in one request (512 MiB of int64)
 MAX_MASK_ELEMENTS = 1 << 27  # weight masks kept at once (1 GiB); least recently used go
@@ -295,6 +296,11 @@ class DealerProvider(TupleProvider):
             final = bool(json.loads(req.kwargs_json)["final"])
             size = (len(carry.carry_monomials(final)), *req.size0)
             return r_g, r_p, generate_kbit_random_tensor(size, generator=g)
+        if req.kind == "private_and":
+            own = generate_kbit_random_tensor(req.size0, generator=g)
+            if correction is not None:
+                return own, correction()
+            return own, generate_kbit_random_tensor(req.size0, generator=g)
         if req.kind == "mask":
             b = generate_random_ring_element(req.size0, generator=g)
             return b, (correction() if correction is not None else None)
@@ -363,6 +369,14 @@ class DealerProvider(TupleProvider):
                            json.dumps({"final": bool(final), "shift": int(shift)},
                                       sort_keys=True))
         return self._tuple(req)
+
+    def private_and(self, size) -> tuple[torch.Tensor, torch.Tensor]:
+        """For x ∧ y with x known to party 0 and y to party 1 (two parties only): this
+        party's own mask (u for party 0, v for party 1; each masks its word before
+        sending it) and its XOR share of u ∧ v."""
+        if self.state.world_size != 2:
+            raise DealerError("private_and is a two-party correlation")
+        return self._tuple(TupleRequest("private_and", tuple(size)))
 
     # -- weight masks (module doc) -----------------------------------------------------
     def weight_mask(self, size) -> tuple[torch.Tensor, str]:
@@ -563,6 +577,11 @@ def _compute_correction(gens, req, size0, size1) -> torch.Tensor:
         rho = carry.mask_products(_xor([m[0] for m in masks]), _xor([m[1] for m in masks]),
                                   shift, final)
         return rho ^ _xor([_kbit(rho.shape, g) for g in others]) if others else rho
+    if req.kind == "private_and":
+        if len(gens) != 2:
+            raise ValueError("private_and is a two-party correlation")
+        u, v = (_kbit(size0, g) for g in gens)
+        return (u & v) ^ _kbit(size0, gens[1])
     if req.kind == "wraps":
         theta = count_wraps([_ring(size0, g) for g in gens])
         return theta - _sum([_ring(size0, g) for g in others])

@@ -159,3 +159,18 @@ def test_carry_levels_get_every_mask_product(final):
     assert len(monos) == (15 if final else 22)
     with pytest.raises(ValueError, match="shift"):
         state.correction(_req("s", "carry", size, seq=1, shift=70, final=final))
+
+
+def test_private_and_shares_the_product_of_the_parties_masks():
+    state = DealerState()
+    g0, g1 = _parties(state, "s")
+    size = (6,)
+    u = generate_kbit_random_tensor(size, generator=g0)
+    v = generate_kbit_random_tensor(size, generator=g1)
+    w0 = state.correction(_req("s", "private_and", size, seq=0))
+    w1 = generate_kbit_random_tensor(size, generator=g1)
+    assert torch.equal(w0 ^ w1, u & v)
+    state3 = DealerState()
+    _parties(state3, "t", world=3)
+    with pytest.raises(ValueError, match="two-party"):
+        state3.correction(_req("t", "private_and", size, seq=0))

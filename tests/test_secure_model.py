@@ -378,10 +378,13 @@ def _sign_party(provider_kind: str) -> dict[str, torch.Tensor]:
     share = a if comm.get_rank() == 0 else values - a
     comm.reset_communication_stats()
     bits = compare.sign_bits(share)
-    rounds = comm.get_communication_stats()["rounds"]
+    stats = comm.get_communication_stats()
+    comm.reset_communication_stats()
+    comm.all_gather(torch.zeros(1, dtype=torch.long))
+    word = comm.get_communication_stats()["bytes"]  # what one opened word counts
     both = comm.all_gather(bits)
     return {"got": ((both[0] ^ both[1]) & 1)[: values.numel()], "want": (values < 0).long(),
-            "rounds": rounds}
+            "rounds": stats["rounds"], "words": stats["bytes"] / word}
 
 
 @pytest.mark.parametrize("provider", ["tfp", "dealer"])
@@ -391,3 +394,7 @@ def test_sign_circuit_is_exact_on_edge_values(provider):
     res = run_parties(_sign_party, provider, provider=provider)[0]
     assert res["rounds"] == 4
     assert torch.equal(res["got"], res["want"])
+    # 69 elements padded to 80: the AND of the private words (one word each with the
+    # dealer's correlation, a Beaver AND's two without it), then G and P words for 80,
+    # 20 (4 elements a word) and 5 (16 a word) words.
+    assert res["words"] == (80 if provider == "dealer" else 160) + 2 * (80 + 20 + 5)
