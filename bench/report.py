@@ -58,7 +58,7 @@ def _mb(b: float) -> str:
     return f"{b / 1e6:.1f}"
 
 
-def section_models(config, log) -> list[str]:
+def section_models(config, log, images: int = 2) -> list[str]:
     from .network import bench_loopback
 
     stock = stock_baseline(config)
@@ -70,7 +70,8 @@ def section_models(config, log) -> list[str]:
              f"{stock['rounds']} | {_mb(stock['bytes'])} | 1.00x | — |"]
     base = None
     for name, att, mu, act in SPECS_MODELS:
-        row = bench_loopback(config, build_spec(config, att, mu, act), images=2, progress=log)
+        row = bench_loopback(config, build_spec(config, att, mu, act), images=images,
+                             progress=log)
         base = base or row["online_s"]
         lines.append(f"| {name} | {row['online_s']:.2f} | {row['offline_s']:.2f} | "
                      f"{row['rounds']} | {_mb(row['bytes'])} | "
@@ -79,7 +80,7 @@ def section_models(config, log) -> list[str]:
     return lines
 
 
-def section_networks(config, networks: list[str], log) -> list[str]:
+def section_networks(config, networks: list[str], log, images: int = 1) -> list[str]:
     from .network import bench_loopback, bench_network
 
     stock = stock_baseline(config)
@@ -88,11 +89,11 @@ def section_networks(config, networks: list[str], log) -> list[str]:
     results = {}
     for name, att, mu, act in SPECS_NETWORKS:
         spec = build_spec(config, att, mu, act)
-        loop = bench_loopback(config, spec, images=1, progress=log)
+        loop = bench_loopback(config, spec, images=images, progress=log)
         results[(name, "loopback")] = {"measured": loop, "predicted_online_s": loop["online_s"]}
         for net in networks:
             if net != "loopback":
-                results[(name, net)] = bench_network(config, spec, PRESETS[net], images=1,
+                results[(name, net)] = bench_network(config, spec, PRESETS[net], images=images,
                                                      loopback=loop, progress=log)
     for net in networks:
         p = PRESETS[net]
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", choices=["models", "networks"], required=True)
     p.add_argument("--model", default="vit_7_4_32")
     p.add_argument("--networks", default="loopback,lan,wan")
+    p.add_argument("--images", type=int, default=None,
+                   help="images per row, median reported (default: 2 for models, 1 for "
+                   "networks)")
     args = p.parse_args(argv)
     config = CONFIGS[args.model]
 
@@ -129,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     if args.section == "models":
-        lines = section_models(config, log)
+        lines = section_models(config, log, args.images or 2)
     else:
-        lines = section_networks(config, args.networks.split(","), log)
+        lines = section_networks(config, args.networks.split(","), log, args.images or 1)
     print("\n".join(lines))
     return 0
 
