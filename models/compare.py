@@ -81,7 +81,8 @@ def _carry_tuple(n: int, shift: int, final: bool, rank: int):
     tuples (no communication)."""
     provider = _crypten().mpc.get_default_provider()
     if hasattr(provider, "carry_tuple"):
-        return provider.carry_tuple((n,), shift, final)
+        r_g, r_p, rho = provider.carry_tuple((n,), shift, final)
+        return r_g, r_p, carry.unpack_live(rho, shift)
     from crypten.common.rng import generate_kbit_random_tensor
     from crypten.mpc.primitives import BinarySharedTensor
 
@@ -153,10 +154,10 @@ _SHIFTS = (63 - torch.arange(4).reshape(4, 1, 1) - 4 * torch.arange(4).reshape(1
 
 def sign_bits(share: torch.Tensor) -> torch.Tensor:
     """XOR shares of [x < 0] in bit 0 of one word per element of the flat int64
-    ``share`` (padded to a multiple of 16 elements; the padding's bits are junk)."""
+    ``share`` (padded to a multiple of 64 elements; the padding's bits are junk)."""
     rank = _crypten().communicator.get().get_rank()
     n = share.numel()
-    pad = (-n) % 16
+    pad = (-n) % 64  # level 3 runs on n/16 words, and the dealer packs them 4 to one
     if pad:
         share = torch.cat([share, share.new_zeros(pad)])
     g = _private_and(share, rank)

@@ -16,8 +16,10 @@ where the dealer supplies XOR shares of ρ_T for every |T| ≥ 2 (|T| ≤ 1 is l
 masks are whole 64-bit words, so a variable at offset k·s is the mask word shifted left
 by k·s bits and every bit position gets its own independent products.
 
-This module is plain torch: the dealer and the parties' trusted-first-party fallback
-compute the same words from it, in the order of :func:`carry_monomials`.
+Only a quarter of each product word is ever read (a level's outputs sit at 16 of the 64
+bit positions), so the products travel packed (:func:`pack_live`).  This module is
+plain torch: the dealer and the parties' trusted-first-party fallback compute the same
+words from it, in the order of :func:`carry_monomials`.
 """
 
 from __future__ import annotations
@@ -67,6 +69,37 @@ def mask_products(r_g: torch.Tensor, r_p: torch.Tensor, shift: int, final: bool
             w = w & shifted(r_g, r_p, name, shift)
         words.append(w)
     return torch.stack(words)
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def live_mask(shift: int) -> int:
+    """The level's output bits: the top ``shift`` bits of every block of 4·shift."""
+    return _signed(sum(1 << i for i in range(64) if i % (4 * shift) >= 3 * shift))
+
+
+def _lsr(v: torch.Tensor, k: int) -> torch.Tensor:
+    return v if k == 0 else (v >> k) & ((1 << (64 - k)) - 1)
+
+
+def pack_live(words: torch.Tensor, shift: int) -> torch.Tensor:
+    """Keep only the output bits of (…, n) words, 4 words to one: (…, n/4).  Only those
+    bits of a mask product are ever used, so the dealer sends a quarter of the words."""
+    blocks = words.reshape(*words.shape[:-1], 4, -1)
+    live = live_mask(shift)
+    out = torch.zeros_like(blocks[..., 0, :])
+    for k in range(4):
+        out |= _lsr(blocks[..., k, :] & live, k * shift)
+    return out
+
+
+def unpack_live(packed: torch.Tensor, shift: int) -> torch.Tensor:
+    """Inverse of :func:`pack_live` (the other bits come back as 0)."""
+    live = live_mask(shift)
+    blocks = [(packed << (k * shift)) & live for k in range(4)]
+    return torch.stack(blocks, dim=-2).reshape(*packed.shape[:-1], -1)
 
 
 def validate(shift: int, final: bool) -> None:

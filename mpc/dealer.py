@@ -103,7 +103,7 @@ class TupleRequest:
             return 2  # the handle
         if self.kind == "carry":
             final = json.loads(self.kwargs_json).get("final", False)
-            return len(carry.carry_monomials(bool(final))) * int(np.prod(self.size0))
+            return len(carry.carry_monomials(bool(final))) * int(np.prod(self.size0)) // 4
         if self.kind == "binary" or (self.kind == "additive" and self.op == "mul"):
             size = tuple(torch.broadcast_shapes(torch.Size(self.size0), torch.Size(self.size1)))
         elif self.kind in ("additive", "masked_matmul"):
@@ -294,7 +294,7 @@ class DealerProvider(TupleProvider):
             if correction is not None:
                 return r_g, r_p, correction()
             final = bool(json.loads(req.kwargs_json)["final"])
-            size = (len(carry.carry_monomials(final)), *req.size0)
+            size = (len(carry.carry_monomials(final)), req.size0[-1] // 4)
             return r_g, r_p, generate_kbit_random_tensor(size, generator=g)
         if req.kind == "private_and":
             own = generate_kbit_random_tensor(req.size0, generator=g)
@@ -363,8 +363,8 @@ class DealerProvider(TupleProvider):
 
     def carry_tuple(self, size, shift: int, final: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """XOR shares of the masks r_G, r_P of one radix-4 carry level and of their
-        products (``mpc.carry``): (r_G, r_P, ρ stacked along a new first dim)."""
+        """XOR shares of the masks r_G, r_P (n words) of one radix-4 carry level and of
+        their products (``mpc.carry``), packed: (r_G, r_P, ρ of (monomials, n/4))."""
         req = TupleRequest("carry", tuple(size), (), "",
                            json.dumps({"final": bool(final), "shift": int(shift)},
                                       sort_keys=True))
@@ -573,9 +573,12 @@ def _compute_correction(gens, req, size0, size1) -> torch.Tensor:
         except (ValueError, KeyError, TypeError):
             raise ValueError("carry request needs 'shift' and 'final'") from None
         carry.validate(shift, final)
+        if len(size0) != 1 or size0[0] % 4:
+            raise ValueError("carry masks are a flat run of words, a multiple of 4")
         masks = [(_kbit(size0, g), _kbit(size0, g)) for g in gens]
-        rho = carry.mask_products(_xor([m[0] for m in masks]), _xor([m[1] for m in masks]),
-                                  shift, final)
+        rho = carry.pack_live(carry.mask_products(_xor([m[0] for m in masks]),
+                                                  _xor([m[1] for m in masks]), shift, final),
+                              shift)
         return rho ^ _xor([_kbit(rho.shape, g) for g in others]) if others else rho
     if req.kind == "private_and":
         if len(gens) != 2:

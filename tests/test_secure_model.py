@@ -394,7 +394,7 @@ def test_sign_circuit_is_exact_on_edge_values(provider):
     res = run_parties(_sign_party, provider, provider=provider)[0]
     assert res["rounds"] == 4
     assert torch.equal(res["got"], res["want"])
-    # 69 elements padded to 80: the AND of the private words (one word each with the
-    # dealer's correlation, a Beaver AND's two without it), then G and P words for 80,
-    # 20 (4 elements a word) and 5 (16 a word) words.
-    assert res["words"] == (80 if provider == "dealer" else 160) + 2 * (80 + 20 + 5)
+    # 69 elements padded to 128: the AND of the private words (one word each with the
+    # dealer's correlation, a Beaver AND's two without it), then G and P words for 128,
+    # 32 (4 elements a word) and 8 (16 a word) words.
+    assert res["words"] == (128 if provider == "dealer" else 256) + 2 * (128 + 32 + 8)
