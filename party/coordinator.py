@@ -266,6 +266,10 @@ class Leader(_Base):
             log.warning("event=offline_failed session=%s error=%s", session,
                         type(exc).__name__)
             self._forget_prepared()
+            if "unknown weight mask" in str(exc):
+                # The dealer restarted and lost the masks of our weight shares: share
+                # the weights again before the next session instead of failing it.
+                self._set_ready(False)
             return False
         if not reply.get("ok"):
             self._forget_prepared()

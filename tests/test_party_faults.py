@@ -131,3 +131,30 @@ def test_party_killed_mid_request_then_restarted(tls_cluster, pki, victim) -> No
     with client_for(tls_cluster, tls) as client:
         pred = client.infer(image())
     assert pred.logits.shape == (10,) and pred.stats[0].session == pred.stats[1].session
+
+
+def test_dealer_restart_loses_weight_masks_and_the_parties_reshare(tls_cluster, pki) -> None:
+    """The dealer keeps the weight masks in memory; after a restart the parties share the
+    weights again (at most one request fails, with UNAVAILABLE and a clear reason)."""
+    tls = good_client_tls(pki)
+    creds = pki[0]["client"].channel_credentials()
+    with client_for(tls_cluster, tls) as client:
+        client.infer(image())
+    tls_cluster.kill("dealer")
+    tls_cluster.restart("dealer")
+    failures = []
+    pred = None
+    deadline = time.monotonic() + 240
+    while pred is None and time.monotonic() < deadline:
+        tls_cluster.wait_ready(180, credentials=creds)
+        with client_for(tls_cluster, tls, timeout=120) as client:
+            try:
+                pred = client.infer(image())
+            except (PartyUnavailable, RequestAborted) as exc:
+                failures.append(exc)
+                time.sleep(1.0)
+    assert pred is not None and pred.logits.shape == (10,), failures
+    assert len(failures) <= 1, failures
+    for exc in failures:
+        assert exc.code == grpc.StatusCode.UNAVAILABLE
+        assert "weight" in str(exc) or "dealer" in str(exc)
