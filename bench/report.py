@@ -80,14 +80,17 @@ def section_models(config, log, images: int = 2) -> list[str]:
     return lines
 
 
-def section_networks(config, networks: list[str], log, images: int = 1) -> list[str]:
+def section_networks(config, networks: list[str], log, images: int = 1,
+                     rows: list[int] | None = None) -> list[str]:
     from .network import bench_loopback, bench_network
+
+    specs = [s for i, s in enumerate(SPECS_NETWORKS) if rows is None or i in rows or i == 0]
 
     stock = stock_baseline(config)
     log(f"stock: {stock}")
     out = []
     results = {}
-    for name, att, mu, act in SPECS_NETWORKS:
+    for name, att, mu, act in specs:
         spec = build_spec(config, att, mu, act)
         loop = bench_loopback(config, spec, images=images, progress=log)
         results[(name, "loopback")] = {"measured": loop, "predicted_online_s": loop["online_s"]}
@@ -107,7 +110,7 @@ def section_networks(config, networks: list[str], log, images: int = 1) -> list[
                 "| vs softmax ViT | vs stock CrypTen |", "|---|---|---|---|---|---|---|---|",
                 f"| {label} | {st:.2f} | — | {stock['rounds']} | {_mb(stock['bytes'])} | "
                 f"{st:.2f} | — | 1.00x |"]
-        for name, *_ in SPECS_NETWORKS:
+        for name, *_ in specs:
             r = results[(name, net)]
             m = r["measured"]
             out.append(f"| {name} | {m['online_s']:.2f} | {m['offline_s']:.2f} | {m['rounds']} | "
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", choices=["models", "networks"], required=True)
     p.add_argument("--model", default="vit_7_4_32")
     p.add_argument("--networks", default="loopback,lan,wan")
+    p.add_argument("--rows", default=None,
+                   help="networks: comma-separated row numbers of SPECS_NETWORKS to run "
+                   "(0, the softmax ViT, always runs)")
     p.add_argument("--images", type=int, default=None,
                    help="images per row, median reported (default: 2 for models, 1 for "
                    "networks)")
@@ -135,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.section == "models":
         lines = section_models(config, log, args.images or 2)
     else:
-        lines = section_networks(config, args.networks.split(","), log, args.images or 1)
+        rows = None if args.rows is None else [int(r) for r in args.rows.split(",")]
+        lines = section_networks(config, args.networks.split(","), log, args.images or 1,
+                                 rows)
     print("\n".join(lines))
     return 0
 
