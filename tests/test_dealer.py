@@ -175,3 +175,14 @@ def test_private_and_shares_the_product_of_the_parties_masks():
     _parties(state3, "t", world=3)
     with pytest.raises(ValueError, match="two-party"):
         state3.correction(_req("t", "private_and", size, seq=0))
+
+
+@pytest.mark.parametrize("shift", [1, 4, 16])
+def test_carry_products_pack_to_their_output_bits_and_back(shift):
+    g = torch.Generator().manual_seed(shift)
+    words = generate_kbit_random_tensor((3, 8), generator=g)
+    packed = carry.pack_live(words, shift)
+    assert packed.shape == (3, 2)
+    # Only the level's output bits survive, each back in its place.
+    assert torch.equal(carry.unpack_live(packed, shift), words & carry.live_mask(shift))
+    assert bin(carry.live_mask(shift) % (1 << 64)).count("1") == 16
