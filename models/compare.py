@@ -40,11 +40,6 @@ def _crypten():
     return import_crypten()
 
 
-def _live_mask(residues: set[int], modulus: int) -> int:
-    """int64 with the bits at positions ≡ r (mod modulus) for r in ``residues``."""
-    return _signed(sum(1 << i for i in range(64) if i % modulus in residues))
-
-
 def _lsr(v: torch.Tensor, k: int) -> torch.Tensor:
     """Logical right shift of int64 words."""
     return v if k == 0 else (v >> k) & ((1 << (64 - k)) - 1)
@@ -81,18 +76,17 @@ def _carry_tuple(n: int, shift: int, final: bool, rank: int):
     tuples (no communication)."""
     provider = _crypten().mpc.get_default_provider()
     if hasattr(provider, "carry_tuple"):
-        r_g, r_p, rho = provider.carry_tuple((n,), shift, final)
-        return r_g, r_p, carry.unpack_live(rho, shift)
+        return provider.carry_tuple((n,), shift, final)
     from crypten.common.rng import generate_kbit_random_tensor
     from crypten.mpc.primitives import BinarySharedTensor
 
     k = len(carry.carry_monomials(final))
     if rank == 0:
         r_g, r_p = generate_kbit_random_tensor((n,)), generate_kbit_random_tensor((n,))
-        rho = carry.mask_products(r_g, r_p, shift, final)
+        rho = carry.pack_live(carry.mask_products(r_g, r_p, shift, final), shift)
     else:
         r_g = r_p = torch.zeros(n, dtype=torch.long)
-        rho = torch.zeros(k, n, dtype=torch.long)
+        rho = torch.zeros(k, n // 4, dtype=torch.long)
     return tuple(BinarySharedTensor(t, src=0).share for t in (r_g, r_p, rho))
 
 
@@ -107,16 +101,21 @@ def _subsets(names: tuple[str, ...]) -> tuple[tuple[tuple[str, ...], tuple[str, 
 
 
 def _level(g: torch.Tensor, p: torch.Tensor, shift: int, final: bool, rank: int):
-    """One radix-4 level on XOR-shared G/P words (see ``mpc.carry``): one round."""
+    """One radix-4 level on XOR-shared G/P words (see ``mpc.carry``): one round.
+
+    Only the level's output bits matter, so every word is reduced to them
+    (``carry.pack_live``, 4 words to one) before the products: the products run on a
+    quarter of the words, and the packed outputs are already laid out as the next
+    level's input (lane k of 4 moved right by k·shift bits)."""
     r_g, r_p, rho = _carry_tuple(g.numel(), shift, final, rank)
     _, (d_g, d_p) = fused.open_round([], [g ^ r_g, p ^ r_p])
     names = ("Ga", "Gb", "Gc", "Gd", "Pa", "Pb", "Pc", "Pd")
-    public = {v: carry.shifted(d_g, d_p, v, shift) for v in names}
-    mask = {(v,): carry.shifted(r_g, r_p, v, shift) for v in names}
+    public = {v: carry.pack_live(carry.shifted(d_g, d_p, v, shift), shift) for v in names}
+    mask = {(v,): carry.pack_live(carry.shifted(r_g, r_p, v, shift), shift) for v in names}
     mask.update(zip(carry.carry_monomials(final), rho, strict=True))
 
     def product(term: tuple[str, ...]) -> torch.Tensor:
-        out = torch.zeros_like(g)
+        out = torch.zeros_like(public["Ga"])
         for sub, rest in _subsets(term):
             pub = None
             for v in rest:
@@ -128,28 +127,17 @@ def _level(g: torch.Tensor, p: torch.Tensor, shift: int, final: bool, rank: int)
             out ^= mask[sub] if pub is None else pub & mask[sub]
         return out
 
-    g_out = g.clone()
+    g_out = carry.pack_live(g, shift)
     for term in carry.GENERATE_TERMS:
         g_out ^= product(term)
     p_out = None if final else product(carry.PROPAGATE)
     return g_out, p_out
 
 
-def _pack(words: torch.Tensor, lanes: int, stride: int, live: int) -> torch.Tensor:
-    """Interleave ``lanes`` contiguous blocks of ``words``: block k moves right by
-    k·stride bits, keeping only its ``live`` bits (the blocks' bits are disjoint)."""
-    blocks = words.reshape(lanes, -1)
-    out = torch.zeros_like(blocks[0])
-    for k in range(lanes):
-        out |= _lsr(blocks[k], k * stride) & _signed((live % (1 << 64)) >> (k * stride))
-    return out
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-_SHIFTS = (63 - torch.arange(4).reshape(4, 1, 1) - 4 * torch.arange(4).reshape(1, 4, 1))
+# Level 3's packed output: element j·n/4 + k·n/16 + m·n/64 + w sits in word w at bit
+# 63 − j − 4k − 16m (each level's packing moved block k of its input right by k·shift).
+_SHIFTS = (63 - torch.arange(4).reshape(4, 1, 1, 1) - 4 * torch.arange(4).reshape(1, 4, 1, 1)
+           - 16 * torch.arange(4).reshape(1, 1, 4, 1))
 
 
 def sign_bits(share: torch.Tensor) -> torch.Tensor:
@@ -157,7 +145,7 @@ def sign_bits(share: torch.Tensor) -> torch.Tensor:
     ``share`` (padded to a multiple of 64 elements; the padding's bits are junk)."""
     rank = _crypten().communicator.get().get_rank()
     n = share.numel()
-    pad = (-n) % 64  # level 3 runs on n/16 words, and the dealer packs them 4 to one
+    pad = (-n) % 64  # each level packs 4 words to one
     if pad:
         share = torch.cat([share, share.new_zeros(pad)])
     g = _private_and(share, rank)
@@ -167,12 +155,8 @@ def sign_bits(share: torch.Tensor) -> torch.Tensor:
     p &= ~TOP
     if rank == 0:
         p ^= TOP
-    g, p = _level(g, p, 1, False, rank)  # groups of 4 bits: live at ≡ 3 (mod 4)
-    live4 = _live_mask({3}, 4)
-    g, p = _pack(g, 4, 1, live4), _pack(p, 4, 1, live4)
-    g, p = _level(g, p, 4, False, rank)  # lane j live at ≡ 15 − j (mod 16)
-    live16 = _live_mask({12, 13, 14, 15}, 16)
-    g, p = _pack(g, 4, 4, live16), _pack(p, 4, 4, live16)
-    g, _ = _level(g, p, 16, True, rank)  # lane 4k + j at bit 63 − 4k − j
-    carry_bits = ((g.reshape(1, 1, -1) >> _SHIFTS) & 1).reshape(-1)
+    g, p = _level(g, p, 1, False, rank)  # n/4 words: groups of 4 bits
+    g, p = _level(g, p, 4, False, rank)  # n/16 words: groups of 16 bits
+    g, _ = _level(g, p, 16, True, rank)  # n/64 words: the carry into bit 63
+    carry_bits = ((g.reshape(1, 1, 1, -1) >> _SHIFTS) & 1).reshape(-1)
     return carry_bits ^ sign_in
