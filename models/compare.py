@@ -109,9 +109,16 @@ def _level(g: torch.Tensor, p: torch.Tensor, shift: int, final: bool, rank: int)
     level's input (lane k of 4 moved right by k·shift bits)."""
     r_g, r_p, rho = _carry_tuple(g.numel(), shift, final, rank)
     _, (d_g, d_p) = fused.open_round([], [g ^ r_g, p ^ r_p])
-    names = ("Ga", "Gb", "Gc", "Gd", "Pa", "Pb", "Pc", "Pd")
-    public = {v: carry.pack_live(carry.shifted(d_g, d_p, v, shift), shift) for v in names}
-    mask = {(v,): carry.pack_live(carry.shifted(r_g, r_p, v, shift), shift) for v in names}
+    # Every variable (G or P at offset 0, s, 2s, 3s), opened and masked, in one stack:
+    # (public/mask, G/P, offset, n) shifted and packed at once.
+    words = torch.stack([torch.stack([d_g, d_p]), torch.stack([r_g, r_p])])
+    offsets = torch.arange(4).reshape(4, 1) * shift
+    packed = carry.pack_live(words.unsqueeze(2) << offsets, shift)
+    public, mask = {}, {}
+    for gp, kind in enumerate("GP"):
+        for k, off in enumerate("abcd"):
+            public[kind + off] = packed[0, gp, k]
+            mask[(kind + off,)] = packed[1, gp, k]
     mask.update(zip(carry.carry_monomials(final), rho, strict=True))
 
     def product(term: tuple[str, ...]) -> torch.Tensor:

@@ -75,23 +75,28 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+@cache
 def live_mask(shift: int) -> int:
     """The level's output bits: the top ``shift`` bits of every block of 4·shift."""
     return _signed(sum(1 << i for i in range(64) if i % (4 * shift) >= 3 * shift))
 
 
-def _lsr(v: torch.Tensor, k: int) -> torch.Tensor:
-    return v if k == 0 else (v >> k) & ((1 << (64 - k)) - 1)
+@cache
+def _lane_masks(shift: int) -> tuple[int, ...]:
+    """The output bits after an arithmetic right shift by k·shift (a logical shift)."""
+    live = live_mask(shift) % (1 << 64)
+    return tuple(_signed(live >> (k * shift)) for k in range(4))
 
 
 def pack_live(words: torch.Tensor, shift: int) -> torch.Tensor:
-    """Keep only the output bits of (…, n) words, 4 words to one: (…, n/4).  Only those
-    bits of a mask product are ever used, so the dealer sends a quarter of the words."""
+    """Keep only the output bits of (…, n) words, 4 words to one: (…, n/4), block k of
+    the n words moved right by k·shift bits.  Only those bits of a mask product are
+    ever used, so the dealer sends a quarter of the words."""
     blocks = words.reshape(*words.shape[:-1], 4, -1)
-    live = live_mask(shift)
-    out = torch.zeros_like(blocks[..., 0, :])
-    for k in range(4):
-        out |= _lsr(blocks[..., k, :] & live, k * shift)
+    masks = _lane_masks(shift)
+    out = blocks[..., 0, :] & masks[0]
+    for k in range(1, 4):
+        out |= (blocks[..., k, :] >> (k * shift)) & masks[k]
     return out
 
 
