@@ -54,15 +54,25 @@ class MaskedWeight:
 
     @classmethod
     def share(cls, weight: Tensor) -> MaskedWeight | None:
-        """Mask a shared weight (an ``MPCTensor``, torch layout); one round, at load time.
-        None when the provider cannot keep masks."""
+        """Mask one shared weight (an ``MPCTensor``, torch layout); one round, at load
+        time.  None when the provider cannot keep masks."""
+        masked = cls.share_many([weight])
+        return None if masked is None else masked[0]
+
+    @classmethod
+    def share_many(cls, weights: list[Tensor]) -> list[MaskedWeight] | None:
+        """Mask several shared weights, all opened in ONE round."""
         provider = _mask_provider()
         if provider is None:
             return None
-        matrix = weight._tensor.share.reshape(weight.shape[0], -1).t().contiguous()
-        mask_share, handle = provider.weight_mask(matrix.shape)
-        (opened,), _ = fused.open_round([matrix - mask_share])
-        return cls(tuple(weight.shape), opened, mask_share, handle, weight.encoder)
+        matrices, masks = [], []
+        for w in weights:
+            matrix = w._tensor.share.reshape(w.shape[0], -1).t().contiguous()
+            matrices.append(matrix)
+            masks.append(provider.weight_mask(matrix.shape))
+        opened, _ = fused.open_round([m - b for m, (b, _) in zip(matrices, masks, strict=True)])
+        return [cls(tuple(w.shape), e, b, handle, w.encoder)
+                for w, e, (b, handle) in zip(weights, opened, masks, strict=True)]
 
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
@@ -94,16 +104,15 @@ class MaskedWeight:
 
 def mask_weights(root) -> int:
     """Replace the weight of every mirrored linear layer (and the patch embedding's conv)
-    under the ``SecureModule`` tree ``root`` by a :class:`MaskedWeight`, one round each.
+    under the ``SecureModule`` tree ``root`` by a :class:`MaskedWeight`, all in one round.
     Returns how many were masked (0 when the provider keeps no masks)."""
     from torch import nn
 
     if _mask_provider() is None:
         return 0
-    count = 0
+    layers = []
 
     def visit(node) -> None:
-        nonlocal count
         if isinstance(node, list):
             for child in node:
                 visit(child)
@@ -111,11 +120,13 @@ def mask_weights(root) -> int:
         if not hasattr(node, "_cls"):
             return
         if issubclass(node._cls, nn.Linear | nn.Conv2d) and hasattr(node.weight, "_tensor"):
-            node.weight = MaskedWeight.share(node.weight)
-            count += 1
+            layers.append(node)
         for value in list(vars(node).values()):
             if isinstance(value, list) or hasattr(value, "_cls"):
                 visit(value)
 
     visit(root)
-    return count
+    masked = MaskedWeight.share_many([layer.weight for layer in layers]) if layers else []
+    for layer, weight in zip(layers, masked or [], strict=True):
+        layer.weight = weight
+    return len(layers)

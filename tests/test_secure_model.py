@@ -332,6 +332,9 @@ def _masked_party() -> dict[str, object]:
                      "got": reveal_float(y)}
     with torch.no_grad():
         out["want"] = layer(x)
+    comm.reset_communication_stats()
+    share_module(Block(SMALL, LayerSpec(("scale",) * 4, "relu")))  # qkv, proj, fc1, fc2
+    out["block_mask_rounds"] = comm.get_communication_stats()["rounds"]
     return out
 
 
@@ -352,6 +355,8 @@ def test_masked_weights_open_only_the_input():
     # Beaver opens x - a and W - b; a masked weight opens only x - a.
     x_elems, w_elems = 2 * 9 * 48, 48 * 24
     assert p0[True]["bytes"] * (x_elems + w_elems) == p0[False]["bytes"] * x_elems
+    # Sharing a block masks its four weights in one round.
+    assert p0["block_mask_rounds"] == 1
 
 
 EDGE_VALUES = [0, 1, -1, 2, -2, 2**62, -(2**62), 2**63 - 1, -(2**63), 2**63 - 2,
