@@ -19,6 +19,10 @@ class PeerDisconnected(PeerError):
     """A peer's stream closed (crashed, killed or shut down) during a session."""
 
 
+class PeerAborted(PeerError):
+    """A peer gave up the session (its own part failed) and said so."""
+
+
 class ProtocolViolation(PeerError):
     """A peer sent something the protocol does not allow (wrong sequence, shape, ...)."""
 

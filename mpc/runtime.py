@@ -28,7 +28,7 @@ from . import compat
 from .communicator import GrpcCommunicator
 from .config import ProviderSpec
 from .dealer import DealerProvider
-from .errors import MpcRuntimeError
+from .errors import MpcRuntimeError, PeerAborted
 from .transport import PeerTransport
 
 log = logging.getLogger("mpcvit.runtime")
@@ -143,6 +143,13 @@ def crypten_session(
                 _dealer_provider.begin(session_id, comm.rank, comm.world_size, provider)
                 dealer_open = True
             yield comm
+        except BaseException as exc:
+            if not isinstance(exc, PeerAborted):
+                # Our part failed (dealer, a bug, a stuck peer, an interrupt): tell the
+                # peers now rather than leave them waiting for the receive timeout.  The
+                # reason names the error type only; messages could carry values.
+                transport.abort_session(session_id, type(exc).__name__)
+            raise
         finally:
             if dealer_open:
                 _dealer_provider.end()

@@ -8,7 +8,9 @@ and a ViT inference sends over a thousand messages.
 Every message carries (session, seq, src).  The receiver files it under (session, src)
 and hands it out strictly in sequence, so concurrent or aborted sessions never cross.
 Every wait is bounded by a timeout, and a peer whose stream closes wakes every waiter
-with :class:`PeerDisconnected` instead of letting it sit until the timeout.
+with :class:`PeerDisconnected` instead of letting it sit until the timeout.  A peer whose
+own part of a session failed sends an ABORT frame (:meth:`PeerTransport.abort_session`),
+which wakes a waiter in that session with :class:`PeerAborted` at once.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 
 from ..proto.generated import peer_pb2, peer_pb2_grpc
 from .config import Timeouts, TlsConfig
-from .errors import PeerDisconnected, PeerError, PeerTimeout, ProtocolViolation
+from .errors import PeerAborted, PeerDisconnected, PeerError, PeerTimeout, ProtocolViolation
 
 log = logging.getLogger("mpcvit.transport")
 
@@ -87,6 +89,8 @@ class Mailbox:
         self._queues: dict[tuple[str, int], collections.deque[Message]] = {}
         self._next_seq: dict[tuple[str, int], int] = {}
         self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # session -> (src, reason) of a peer that gave the session up
+        self._aborted: collections.OrderedDict[str, tuple[int, str]] = collections.OrderedDict()
         self._peers = [_PeerState() for _ in range(world_size)]
 
     # -- peer connection state ---------------------------------------------------------
@@ -123,6 +127,13 @@ class Mailbox:
         with self._cond:
             if msg.session in self._closed:
                 return  # late message of an aborted session: drop it
+            if msg.kind == _Kind.ABORT:
+                reason = bytes(msg.payload[:200]).decode("utf-8", "replace")
+                self._aborted.setdefault(msg.session, (msg.src, reason))
+                while len(self._aborted) > _CLOSED_SESSIONS_KEPT:
+                    self._aborted.popitem(last=False)
+                self._cond.notify_all()
+                return
             self._queues.setdefault((msg.session, msg.src), collections.deque()).append(msg)
             self._cond.notify_all()
 
@@ -140,7 +151,7 @@ class Mailbox:
 
             def ready() -> bool:
                 q = self._queues.get(key)
-                if q:
+                if q or session in self._aborted:
                     return True
                 state = self._peers[src]
                 return generation is not None and (
@@ -152,6 +163,9 @@ class Mailbox:
                     f"party {src} sent nothing for session {session!r} in {timeout:.1f} s"
                 )
             q = self._queues.get(key)
+            if not q and session in self._aborted:
+                who, reason = self._aborted[session]
+                raise PeerAborted(f"party {who} aborted session {session!r}: {reason}")
             if not q:
                 raise PeerDisconnected(
                     f"party {src} disconnected during session {session!r}"
@@ -173,6 +187,7 @@ class Mailbox:
             for key in [k for k in self._next_seq if k[0] == session]:
                 del self._next_seq[key]
             self._closed[session] = None
+            self._aborted.pop(session, None)
             while len(self._closed) > _CLOSED_SESSIONS_KEPT:
                 self._closed.popitem(last=False)
 
@@ -385,6 +400,22 @@ class PeerTransport:
         with self._lock:
             for key in [k for k in self._seq if k[0] == session]:
                 del self._seq[key]
+
+    def abort_session(self, session: str, reason: str) -> None:
+        """Tell every connected peer that this party gave ``session`` up (best effort:
+        a peer that is down learns it from its stream instead).  ``reason`` must not
+        carry data: it is logged and shown by the peer."""
+        frame_reason = reason.encode("utf-8")[:200]
+        with self._lock:
+            links = list(self._links.items())
+        for dst, link in links:
+            try:
+                link.put(peer_pb2.PeerFrame(session=session, seq=0, src=self.rank, chunk=0,
+                                            chunks=1, kind=_Kind.ABORT,
+                                            payload=frame_reason))
+            except PeerError:
+                log.info("could not tell party %d that session %s was aborted", dst,
+                         session[:16])
 
     def _next_seq(self, session: str, dst: int) -> int:
         with self._lock:

@@ -86,6 +86,17 @@ def die_midway(rank_to_die: int = 1) -> torch.Tensor:
     return y.get_plain_text()
 
 
+def fail_midway(rank_to_fail: int = 0) -> torch.Tensor:
+    """One party's own part of the session fails (an exception, not a crash)."""
+    x = crypten.cryptensor(X, src=0)
+    y = x * x
+    if crypten.communicator.get().get_rank() == rank_to_fail:
+        raise RuntimeError("this party's part failed")
+    for _ in range(5):
+        y = y * x
+    return y.get_plain_text()
+
+
 def stall(rank_to_stall: int = 1, seconds: float = 30.0) -> torch.Tensor:
     """One party goes silent (alive, connected) for longer than the recv timeout."""
     x = crypten.cryptensor(X, src=0)

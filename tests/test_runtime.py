@@ -66,6 +66,18 @@ def test_killed_peer_fails_the_survivor_with_a_clear_error():
     assert "PeerTimeout" not in errors[0]
 
 
+def test_failed_party_aborts_the_session_for_its_peer():
+    with pytest.raises(PartyFailure) as info:
+        run_parties(progs.fail_midway, 0, recv_timeout=120, timeout=200)
+    errors = info.value.errors
+    assert "this party's part failed" in errors[0]
+    # The peer hears the abort (and the error's type, never its message) at once,
+    # instead of waiting 120 s for a message that will not come.
+    assert "PeerAborted" in errors[1] and "aborted session" in errors[1]
+    assert "RuntimeError" in errors[1] and "this party's part failed" not in errors[1]
+    assert "PeerTimeout" not in errors[1]
+
+
 def test_silent_peer_times_out_with_a_clear_error():
     with pytest.raises(PartyFailure) as info:
         run_parties(progs.stall, 1, 8.0, recv_timeout=2.0, timeout=120)

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from mpcvit.mpc.config import Timeouts
-from mpcvit.mpc.errors import PeerDisconnected, PeerTimeout, ProtocolViolation
+from mpcvit.mpc.errors import PeerAborted, PeerDisconnected, PeerTimeout, ProtocolViolation
 from mpcvit.mpc.transport import PeerTransport
 from mpcvit.proto.generated.peer_pb2 import PeerFrame
 
@@ -117,3 +117,20 @@ def test_hello_from_a_stranger_is_refused(pair):
         link._future.result(timeout=5)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     link.close()
+
+
+def test_abort_wakes_the_peer_waiting_in_that_session_only(pair):
+    t0, t1, *_ = pair
+    t0.send_array("s", 1, np.array([7], dtype=np.int64))
+    t0.abort_session("s", "DealerError")
+    # Messages sent before the abort are still handed out; then the wait fails at once
+    # (well before the 10 s timeout) with the sender's reason.
+    assert int(t1.recv("s", 0, timeout=10).tensor_array()[0]) == 7
+    with pytest.raises(PeerAborted, match="party 0 aborted session 's': DealerError"):
+        t1.recv("s", 0, timeout=10)
+    # Another session is untouched, and closing the aborted one forgets the abort.
+    t0.send_array("t", 1, np.array([8], dtype=np.int64))
+    assert int(t1.recv("t", 0, timeout=10).tensor_array()[0]) == 8
+    t1.end_session("s")
+    with pytest.raises(PeerTimeout):
+        t1.recv("s", 0, timeout=0.3)

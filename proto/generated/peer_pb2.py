@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\tmpcvit.v1\"\x8b\x02\n\tPeerFrame\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0b\n\x03src\x18\x03 \x01(\r\x12\r\n\x05\x63hunk\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.mpcvit.v1.PeerFrame.Kind\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\r\n\x05shape\x18\x08 \x03(\x03\x12\x0f\n\x07payload\x18\t \x01(\x0c\x12\x0f\n\x07\x63luster\x18\n \x01(\t\x12\x13\n\x0bincarnation\x18\x0b \x01(\t\"6\n\x04Kind\x12\n\n\x06TENSOR\x10\x00\x12\n\n\x06OBJECT\x10\x01\x12\x0b\n\x07\x43ONTROL\x10\x02\x12\t\n\x05HELLO\x10\x03\"#\n\x11PeerStreamSummary\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x04\x32M\n\x0bPeerService\x12>\n\x06Stream\x12\x14.mpcvit.v1.PeerFrame\x1a\x1c.mpcvit.v1.PeerStreamSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\tmpcvit.v1\"\x96\x02\n\tPeerFrame\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0b\n\x03src\x18\x03 \x01(\r\x12\r\n\x05\x63hunk\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.mpcvit.v1.PeerFrame.Kind\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\r\n\x05shape\x18\x08 \x03(\x03\x12\x0f\n\x07payload\x18\t \x01(\x0c\x12\x0f\n\x07\x63luster\x18\n \x01(\t\x12\x13\n\x0bincarnation\x18\x0b \x01(\t\"A\n\x04Kind\x12\n\n\x06TENSOR\x10\x00\x12\n\n\x06OBJECT\x10\x01\x12\x0b\n\x07\x43ONTROL\x10\x02\x12\t\n\x05HELLO\x10\x03\x12\t\n\x05\x41\x42ORT\x10\x04\"#\n\x11PeerStreamSummary\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x04\x32M\n\x0bPeerService\x12>\n\x06Stream\x12\x14.mpcvit.v1.PeerFrame\x1a\x1c.mpcvit.v1.PeerStreamSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PEERFRAME']._serialized_start=26
-  _globals['_PEERFRAME']._serialized_end=293
+  _globals['_PEERFRAME']._serialized_end=304
   _globals['_PEERFRAME_KIND']._serialized_start=239
-  _globals['_PEERFRAME_KIND']._serialized_end=293
-  _globals['_PEERSTREAMSUMMARY']._serialized_start=295
-  _globals['_PEERSTREAMSUMMARY']._serialized_end=330
-  _globals['_PEERSERVICE']._serialized_start=332
-  _globals['_PEERSERVICE']._serialized_end=409
+  _globals['_PEERFRAME_KIND']._serialized_end=304
+  _globals['_PEERSTREAMSUMMARY']._serialized_start=306
+  _globals['_PEERSTREAMSUMMARY']._serialized_end=341
+  _globals['_PEERSERVICE']._serialized_start=343
+  _globals['_PEERSERVICE']._serialized_end=420
 # @@protoc_insertion_point(module_scope)

@@ -15,10 +15,12 @@ class PeerFrame(_message.Message):
         OBJECT: _ClassVar[PeerFrame.Kind]
         CONTROL: _ClassVar[PeerFrame.Kind]
         HELLO: _ClassVar[PeerFrame.Kind]
+        ABORT: _ClassVar[PeerFrame.Kind]
     TENSOR: PeerFrame.Kind
     OBJECT: PeerFrame.Kind
     CONTROL: PeerFrame.Kind
     HELLO: PeerFrame.Kind
+    ABORT: PeerFrame.Kind
     SESSION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
