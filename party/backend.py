@@ -36,7 +36,7 @@ def _code_fingerprint() -> str:
     h = hashlib.sha256()
     for name in ("mpcvit.models.ops", "mpcvit.models.fused", "mpcvit.models.masked",
                  "mpcvit.models.compare", "mpcvit.mpc.carry", "mpcvit.models.vit",
-                 "mpcvit.models.secure", "mpcvit.mpc.communicator"):
+                 "mpcvit.models.secure", "mpcvit.mpc.communicator", "mpcvit.mpc.transport"):
         module = importlib.import_module(name)
         h.update(name.encode())
         h.update(open(module.__file__, "rb").read())  # noqa: SIM115
