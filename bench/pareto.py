@@ -255,22 +255,18 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
     for mu in MUS:
         models[f"mu{mu:g}"] = {"spec": out / "specs" / f"mu{mu:g}.yaml", "group": "searched",
                                "dep": "binarise"}
-    plus_spec = out / "specs" / "plus.yaml"
-    jobs.append(Job("search_plus", plus_spec, ["profile"], argv=lambda: _cli(
-        "search", *search_common, "--network", args.plus_network, "--latency-budget",
-        f"{_plus_budget(costs, args.plus_network):.6f}",
-        "--activations", "gelu,relu,quad,identity", "--out", str(plus_spec), "--pareto",
-        str(out / "search_plus_pareto.csv"))))
-    models["plus"] = {"spec": plus_spec, "group": "mpcvit+", "dep": "search_plus"}
-    # A second MPCViT+ point held to the target itself: a third of the softmax ViT's
-    # predicted latency (the search fails if the fixed part makes that unreachable).
-    plus3_spec = out / "specs" / "plus3x.yaml"
-    jobs.append(Job("search_plus3x", plus3_spec, ["profile"], argv=lambda: _cli(
-        "search", *search_common, "--network", args.plus_network, "--latency-budget",
-        f"{_plus_budget(costs, args.plus_network, fraction=1 / 3):.6f}",
-        "--activations", "gelu,relu,quad,identity", "--out", str(plus3_spec), "--pareto",
-        str(out / "search_plus3x_pareto.csv"))))
-    models["plus3x"] = {"spec": plus3_spec, "group": "mpcvit+", "dep": "search_plus3x"}
+    # MPCViT+ (attention and activations searched) under two budgets: the default one,
+    # and a point held to the target itself, a third of the softmax ViT's predicted
+    # latency (that search fails if the fixed part makes it unreachable).
+    for name, fraction in (("plus", None), ("plus3x", 1 / 3)):
+        spec_path = out / "specs" / f"{name}.yaml"
+        jobs.append(Job(f"search_{name}", spec_path, ["profile"], argv=lambda n=name,
+                        f=fraction, sp=spec_path: _cli(
+            "search", *search_common, "--network", args.plus_network, "--latency-budget",
+            f"{_plus_budget(costs, args.plus_network, fraction=f):.6f}",
+            "--activations", "gelu,relu,quad,identity", "--out", str(sp), "--pareto",
+            str(out / f"search_{n}_pareto.csv"))))
+        models[name] = {"spec": spec_path, "group": "mpcvit+", "dep": f"search_{name}"}
 
     teacher = args.teacher or out / "ckpt" / "softmax.pt"
     teacher_dep = [] if args.teacher else ["train_softmax"]
