@@ -28,16 +28,11 @@ from functools import cache
 
 import torch
 from mpcvit.mpc import carry
+from mpcvit.mpc.compat import import_crypten
 
 from . import fused
 
 TOP = -(1 << 63)
-
-
-def _crypten():
-    from mpcvit.mpc.compat import import_crypten
-
-    return import_crypten()
 
 
 def _lsr(v: torch.Tensor, k: int) -> torch.Tensor:
@@ -47,7 +42,7 @@ def _lsr(v: torch.Tensor, k: int) -> torch.Tensor:
 
 def _beaver_and(x: torch.Tensor, y: torch.Tensor, rank0: bool) -> torch.Tensor:
     """XOR shares of x ∧ y (one round)."""
-    provider = _crypten().mpc.get_default_provider()
+    provider = import_crypten().mpc.get_default_provider()
     a, b, c = provider.generate_binary_triple(x.size(), y.size())
     _, (e, f) = fused.open_round([], [x ^ a.share, y ^ b.share])
     z = c.share ^ (e & b.share) ^ (f & a.share)
@@ -59,7 +54,7 @@ def _private_and(own: torch.Tensor, rank: int) -> torch.Tensor:
     party sends its word masked once (u for party 0, v for party 1, from the dealer),
     half the bytes of a Beaver AND on the sharings (A, 0) and (0, B).  Under a provider
     without this correlation, a Beaver AND."""
-    crypten = _crypten()
+    crypten = import_crypten()
     provider = crypten.mpc.get_default_provider()
     if not hasattr(provider, "private_and"):
         zero = torch.zeros_like(own)
@@ -74,7 +69,7 @@ def _carry_tuple(n: int, shift: int, final: bool, rank: int):
     """(r_G, r_P, ρ) shares for one level: from the dealer, or, under CrypTen's
     trusted-first-party provider, drawn by party 0 and shared like CrypTen's own TFP
     tuples (no communication)."""
-    provider = _crypten().mpc.get_default_provider()
+    provider = import_crypten().mpc.get_default_provider()
     if hasattr(provider, "carry_tuple"):
         return provider.carry_tuple((n,), shift, final)
     from crypten.common.rng import generate_kbit_random_tensor
@@ -150,7 +145,7 @@ _SHIFTS = (63 - torch.arange(4).reshape(4, 1, 1, 1) - 4 * torch.arange(4).reshap
 def sign_bits(share: torch.Tensor) -> torch.Tensor:
     """XOR shares of [x < 0] in bit 0 of one word per element of the flat int64
     ``share`` (padded to a multiple of 64 elements; the padding's bits are junk)."""
-    rank = _crypten().communicator.get().get_rank()
+    rank = import_crypten().communicator.get().get_rank()
     n = share.numel()
     pad = (-n) % 64  # each level packs 4 words to one
     if pad:

@@ -22,21 +22,16 @@ import math
 from typing import Any
 
 import torch
+from mpcvit.mpc.compat import import_crypten
 
 from . import fused
 
 Tensor = Any  # crypten MPCTensor
 
 
-def _crypten():
-    from mpcvit.mpc.compat import import_crypten
-
-    return import_crypten()
-
-
 def _mask_provider():
     """The default provider if it keeps weight masks (the dealer), else None."""
-    provider = _crypten().mpc.get_default_provider()
+    provider = import_crypten().mpc.get_default_provider()
     return provider if hasattr(provider, "masked_matmul") else None
 
 
