@@ -100,13 +100,6 @@ def pack_live(words: torch.Tensor, shift: int) -> torch.Tensor:
     return out
 
 
-def unpack_live(packed: torch.Tensor, shift: int) -> torch.Tensor:
-    """Inverse of :func:`pack_live` (the other bits come back as 0)."""
-    live = live_mask(shift)
-    blocks = [(packed << (k * shift)) & live for k in range(4)]
-    return torch.stack(blocks, dim=-2).reshape(*packed.shape[:-1], -1)
-
-
 def validate(shift: int, final: bool) -> None:
     if not isinstance(shift, int) or not 1 <= shift <= 21:
         raise ValueError("carry level shift must be an integer in 1..21")
