@@ -363,6 +363,12 @@ def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
     return Cost(float(stats["rounds"]), float(stats["bytes"]), statistics.median(times), dealer)
 
 
+def _difference(a: Cost, b: Cost) -> Cost:
+    """``a - b``, seconds floored at 0 (both are noisy medians)."""
+    return Cost(a.rounds - b.rounds, a.bytes - b.bytes, max(0.0, a.compute_s - b.compute_s),
+                a.dealer_requests - b.dealer_requests)
+
+
 def _model_for(config: ViTConfig, seed: int):
     from .secure import fold_norms
     from .vit import ViT
@@ -382,7 +388,7 @@ def profile_blocks_party(
     evaluated by the model's own modules and ``models.ops``/``models.vit.attend``."""
     from . import ops
     from .secure import share_module
-    from .vit import attend
+    from .vit import Block, attend, normed_linear
 
     crypten = _crypten()
     cfg = ViTConfig.from_dict(config_dict)
@@ -408,13 +414,7 @@ def profile_blocks_party(
         fn = ops.ACTIVATION_FNS[ActivationKind(kind).value]
         out[f"activation.{kind}"] = measure(lambda fn=fn: fn(hidden), repeats).to_dict()
 
-    ln = share_module(blk.norm1 if hasattr(blk, "norm1") else blk.pre_norm)
     x = enc(1, n, d, std=2.0)
-    out["layernorm"] = measure(lambda: ln(x), repeats).to_dict()
-    final = share_module(model.norm)
-    xc = enc(1, d, std=2.0)
-    out["layernorm.final"] = measure(lambda: final(xc), repeats).to_dict()
-
     qkv, proj = share_module(blk.attn.qkv), share_module(blk.attn.proj)
     fc1, fc2 = share_module(blk.mlp.fc1), share_module(blk.mlp.fc2)
     xh = enc(1, n, cfg.mlp_hidden)
@@ -426,6 +426,24 @@ def profile_blocks_party(
         fc2(xh)
 
     out["linear"] = measure(linears, repeats).to_dict()
+    # A folded LayerNorm shares rounds with the linear layer it feeds
+    # (``vit.normed_linear``), so its cost is what the pair costs beyond the layer alone;
+    # ``layernorm`` is the mean of a block's two.
+    if isinstance(blk, Block):
+        norm1, norm2 = share_module(blk.norm1), share_module(blk.norm2)
+        pair = measure(lambda: (normed_linear(qkv, x, norm1), normed_linear(fc1, x, norm2)),
+                       repeats)
+        alone = measure(lambda: (qkv(x), fc1(x)), repeats)
+    else:  # CCT: pre_norm feeds qkv; norm1 keeps its affine part (it feeds the residual)
+        pre_norm, norm1 = share_module(blk.pre_norm), share_module(blk.norm1)
+        pair = measure(lambda: (normed_linear(qkv, x, pre_norm), norm1(x)), repeats)
+        alone = measure(lambda: qkv(x), repeats)
+    out["layernorm"] = _difference(pair, alone).scale(0.5).to_dict()
+    norm = share_module(model.norm)
+    xc = enc(1, d, std=2.0)
+    head_only = share_module(model.head)
+    final = measure(lambda: normed_linear(head_only, xc, norm), repeats)
+    out["layernorm.final"] = _difference(final, measure(lambda: head_only(xc), repeats)).to_dict()
     embed, head = share_module(model.patch_embed), share_module(model.head)
     img = enc(1, cfg.in_chans, cfg.image_size, cfg.image_size)
 

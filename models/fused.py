@@ -20,7 +20,7 @@ communicator accounting: one round is one ``all_gather`` of a single flat tensor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -148,13 +148,46 @@ def sum_squares(x: Tensor) -> Tensor:
     """Σ x² over the last dim (keepdim) in one round that opens x once (CrypTen's square
     protocol), where a (1×D)(D×1) matmul opens x twice.  The squares are summed at the
     product's double scale and truncated once, as the matmul would be."""
+    return in_one_round([sum_squares_part(x)])[0]
+
+
+# A product whose masked operands can share a round with others: the tensors to open
+# and what turns their opened values into the product.
+Part = tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Tensor]]
+
+
+def in_one_round(parts: Sequence[Part]) -> list[Tensor]:
+    """Open the masked operands of every part in one exchange, then finish each."""
+    opens = [t for tensors, _ in parts for t in tensors]
+    vals, _ = open_round(opens)
+    out, k = [], 0
+    for tensors, finish in parts:
+        out.append(finish(vals[k : k + len(tensors)]))
+        k += len(tensors)
+    return out
+
+
+def sum_squares_part(x: Tensor) -> Part:
+    """:func:`sum_squares` as a :data:`Part`."""
     provider = _crypten().mpc.get_default_provider()
     r, r2 = provider.square(x.size())
-    (eps,), _ = open_round([x._tensor.share - r.share])
-    z = r2.share + 2 * r.share * eps
-    if _rank() == 0:
-        z = z + eps * eps
-    return _wrap(z.sum(-1, keepdim=True), x, None)
+
+    def finish(vals: list[torch.Tensor]) -> Tensor:
+        (eps,) = vals
+        z = r2.share + 2 * r.share * eps
+        if _rank() == 0:
+            z = z + eps * eps
+        return _wrap(z.sum(-1, keepdim=True), x, None)
+
+    return [x._tensor.share - r.share], finish
+
+
+def products_part(items: Sequence[tuple[Tensor, Tensor | None, str]]) -> Part:
+    """:func:`mul_many` as a :data:`Part` (its result is the list of products)."""
+    provider = _crypten().mpc.get_default_provider()
+    opens: list[torch.Tensor] = []
+    plans = _request(items, provider, opens)
+    return opens, lambda vals: _finish(items, plans, vals, 0, _rank() == 0)
 
 
 def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],

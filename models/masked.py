@@ -86,15 +86,23 @@ class MaskedWeight:
 
     def linear(self, x: Tensor) -> Tensor:
         """``x @ Wᵀ`` for a shared ``x`` (…, in): one round, opening only ``x − a``."""
+        return fused.in_one_round([self.linear_part(x)])[0]
+
+    def linear_part(self, x: Tensor) -> fused.Part:
+        """:meth:`linear` as a ``fused.Part``, to share its round with other products."""
         provider = _mask_provider()
         if provider is None:
             raise RuntimeError("weights were masked with the dealer; the session's provider "
                                "is another one")
         a, c = provider.masked_matmul(tuple(x.size()), tuple(self.opened.shape), self.handle)
-        (delta,), _ = fused.open_round([x._tensor.share - a])
-        left = delta + a if fused._rank() == 0 else a
-        share = torch.matmul(left, self.opened) + torch.matmul(delta, self.mask_share) + c
-        return fused._wrap(share, x, self)
+
+        def finish(vals: list[torch.Tensor]) -> Tensor:
+            (delta,) = vals
+            left = delta + a if fused._rank() == 0 else a
+            share = torch.matmul(left, self.opened) + torch.matmul(delta, self.mask_share) + c
+            return fused._wrap(share, x, self)
+
+        return [x._tensor.share - a], finish
 
 
 def mask_weights(root) -> int:

@@ -39,6 +39,7 @@ QUAD2_C = 5.0
 # Input ranges the secure iterative functions are built for (powers of two).
 RECIP_RANGE = (-8, 14)  # reciprocal: denominators in [2**-8, 2**14]
 INV_SQRT_RANGE = (-14, 16)  # LayerNorm variance + eps in [2**-14, 2**16]
+INV_SQRT_SUB = 3  # secure 1/sqrt: pieces per octave (relative error 1.1e-4)
 GELU_CUTOFF = 4.0  # secure GeLU: exact relu outside [-4, 4]
 GELU_DEGREE = 7
 
@@ -51,6 +52,10 @@ def _crypten():
     from mpcvit.mpc.compat import import_crypten
 
     return import_crypten()
+
+
+def _rank() -> int:
+    return _crypten().communicator.get().get_rank()
 
 
 # --------------------------------------------------------------------------- structure
@@ -116,25 +121,50 @@ def identity(x: Tensor) -> Tensor:
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     if is_plain(x):
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    mu = x.mean(-1, keepdim=True)
-    xc = x - mu
     # xc / sqrt(var + eps) = xc·sqrt(D) / sqrt(ss + D·eps) with ss the sum of squares:
     # ss keeps log2(D) more significant bits than var (a variance of 1e-3 is only 65
     # fixed-point ulps), and ``fused.sum_squares`` truncates it once per row rather than
     # D times with a bias.
-    # Rounds (9): ss (1), the range comparison (4 + 1 merged with the rescaling),
-    # u², u³/u⁴ and the product (3).  With the affine part folded into the next linear
-    # layer (``secure.fold_norms``) there is no further multiplication.
-    d = x.shape[-1]
+    # Rounds (8): ss (1), then div_sqrt (7).  With the affine part folded into the next
+    # linear layer (``secure.fold_norms``) there is no further multiplication, and
+    # ``norm_linear`` also overlaps that layer's round.
+    xc = x - x.mean(-1, keepdim=True)
     ss = fused.sum_squares(xc)
-    lo = INV_SQRT_RANGE[0] + math.floor(math.log2(d))
-    hi = INV_SQRT_RANGE[1] + math.ceil(math.log2(d))
-    y = div_sqrt(xc * math.sqrt(d), ss + d * eps, lo, hi)
+    y = _normalize(xc * math.sqrt(x.shape[-1]), ss, x.shape[-1], eps)
     if weight is not None:
         y = y * weight
     if bias is not None:
         y = y + bias
     return y
+
+
+def norm_linear(x: Tensor, eps: float, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """linear(layer_norm(x)) for a LayerNorm without affine part (folded away).
+
+    The norm scales each row by 1/sqrt(var + eps), which commutes with the linear layer:
+    under MPC the layer's product xc·Wᵀ shares the first round with Σ xc², and the
+    scale is applied to its output.  A LayerNorm plus a linear layer then take 8 rounds
+    instead of 9, at the price of scaling the (wider) output rather than the input.
+    """
+    if is_plain(x):
+        return linear(F.layer_norm(x, x.shape[-1:], None, None, eps), weight, bias)
+    d = x.shape[-1]
+    xc = x - x.mean(-1, keepdim=True)
+    if hasattr(weight, "linear_part"):  # a MaskedWeight
+        prod = weight.linear_part(xc)
+    else:
+        prod = fused.products_part([(xc, weight.t(), "matmul")])
+    ss, h = fused.in_one_round([fused.sum_squares_part(xc), prod])
+    h = h if hasattr(weight, "linear_part") else h[0]
+    y = _normalize(h * math.sqrt(d), ss, d, eps)
+    return y if bias is None else y + bias
+
+
+def _normalize(num: Tensor, ss: Tensor, d: int, eps: float) -> Tensor:
+    """num / sqrt(ss + D·eps) on the range a LayerNorm over D features needs."""
+    lo = INV_SQRT_RANGE[0] + math.floor(math.log2(d))
+    hi = INV_SQRT_RANGE[1] + math.ceil(math.log2(d))
+    return div_sqrt(num, ss + d * eps, lo, hi)
 
 
 # --------------------------------------------------------------------------- attention maps
@@ -291,36 +321,24 @@ def _poly(coeffs: Sequence[float], powers: Sequence[Tensor]) -> Tensor:
     return sum((c * p for c, p in zip(coeffs[1:], powers, strict=True)), coeffs[0])
 
 
-def _scaled_unit_power(num: Tensor, x: Tensor, power: float, lo: int, hi: int,
-                       degree: int) -> Tensor:
-    """num · x**power for positive x in [2**lo, 2**hi] (power -1 or -1/2).
+def _scaled_reciprocal(num: Tensor, x: Tensor, lo: int, hi: int, degree: int) -> Tensor:
+    """num / x for positive x in [2**lo, 2**hi].
 
     x = 2**e·t: the range comparison gives u = t - 1.5 and the bits that select the
-    public 2**(e·power); t**power is a polynomial in u whose powers come in
-    ceil(log2 degree) rounds, the first shared with num·2**(e·power); one last product.
-    Rounds: 5 + ceil(log2 degree) + 1.  2**(e·power) is applied as an exact power of
-    two times a factor in [1, 2) (√2 for odd e when power = -1/2), the factor in the
-    second round: a lone fixed-point 2**-10.5 would carry a 0.5% rounding error.
+    exact power of two 2**-e; 1/t is a polynomial in u whose powers come in
+    ceil(log2 degree) rounds, the first shared with num·2**-e; one last product.
+    Rounds: 5 + ceil(log2 degree) + 1.
     """
     u, bits, exps = _unit_range(x, lo, hi)
-    whole = {k: math.floor(k * power) for k in exps}
-    s = _select(bits, exps, lambda k: 2.0 ** whole[k])
-    pending = []
-    if any(k * power != whole[k] for k in exps):
-        f = _select(bits, exps, lambda k: 2.0 ** (k * power - whole[k]))
-        pending = [f]
+    s = _select(bits, exps, lambda k: 2.0**-k)
     u2, ns = fused.mul_many([(u, None, "mul"), (num, s, "mul")])
     pw = [u, u2]  # pw[i] = u**(i + 1)
-    while len(pw) < degree or pending:
+    while len(pw) < degree:
         top = len(pw)
         need = [i for i in range(1, top + 1) if top + i <= degree]
-        items = [(pw[i - 1], pw[top - 1], "mul") if i != top else (pw[top - 1], None, "mul")
-                 for i in need]
-        res = fused.mul_many(items + [(ns, f, "mul") for f in pending])
-        if pending:
-            ns, res, pending = res[-1], res[:-1], []
-        pw += res
-    return ns * _poly(_unit_poly(power, degree), pw[:degree])
+        pw += fused.mul_many([(pw[i - 1], pw[top - 1], "mul") if i != top
+                              else (pw[top - 1], None, "mul") for i in need])
+    return ns * _poly(_unit_poly(-1.0, degree), pw[:degree])
 
 
 def divide(num: Tensor, den: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
@@ -333,7 +351,7 @@ def divide(num: Tensor, den: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_R
     """
     if is_plain(num) and is_plain(den):
         return num / den
-    return _scaled_unit_power(num, den, -1.0, lo, hi, degree)
+    return _scaled_reciprocal(num, den, lo, hi, degree)
 
 
 def reciprocal(x: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1]) -> Tensor:
@@ -344,16 +362,101 @@ def reciprocal(x: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1]) ->
 
 
 def div_sqrt(num: Tensor, x: Tensor, lo: int = INV_SQRT_RANGE[0],
-             hi: int = INV_SQRT_RANGE[1], degree: int = 4) -> Tensor:
+             hi: int = INV_SQRT_RANGE[1], sub: int = INV_SQRT_SUB) -> Tensor:
     """num / sqrt(x) for positive x in [2**lo, 2**hi].
 
-    Under MPC (8 rounds): x = 2**e·t, then (num·2**(-e/2))·p(t - 1.5) with p of degree
-    4 (relative error 9e-5).  CrypTen's inv_sqrt is off by up to ~79% below 0.01 and
-    above ~200.
+    Under MPC (7 rounds): one comparison against every 2**(k/sub) splits x into
+    2**E·t with E even and t in one of 2·sub pieces of [1, 4); t**-1/2 is a quadratic
+    on each piece (relative error 1.1e-4 for sub = 3), whose square term comes in the
+    round that also forms num·2**(-E/2).  CrypTen's inv_sqrt is off by up to ~79% below
+    0.01 and above ~200.
     """
     if is_plain(num) and is_plain(x):
         return num * x.rsqrt()
-    return _scaled_unit_power(num, x, -0.5, lo, hi, degree)
+    return _div_sqrt_pieces(num, x, lo, hi, sub)
+
+
+@cache
+def _inv_sqrt_pieces(sub: int) -> tuple[tuple[float, float, float, float], ...]:
+    """(c, a, b, g) for each of the 2·sub pieces [2**(m/sub), 2**((m+1)/sub)) of [1, 4):
+    t**-1/2 ~ a + b·(t - c) + (g·(t - c))², least squares in relative error on
+    Chebyshev nodes (close to minimax).  t**-1/2 is convex, so the square term has a
+    positive coefficient g²: the per-piece quadratics come from ONE secure square of
+    v = sum_m [t in piece m]·g_m·(t - c_m), the pieces' indicators being one-hot."""
+    out = []
+    for m in range(2 * sub):
+        left, right = 2.0 ** (m / sub), 2.0 ** ((m + 1) / sub)
+        c, h = (left + right) / 2, (right - left) / 2
+        # A little beyond the piece: fixed-point thresholds are rounded to 2**-16.
+        u = -h * 1.002 * np.cos(np.linspace(0.0, math.pi, 2001))
+        f = (c + u) ** -0.5
+        a = np.stack([u**i for i in range(3)], 1) / f[:, None]
+        c0, c1, c2 = np.linalg.lstsq(a, np.ones_like(u), rcond=None)[0]
+        out.append((c, float(c0), float(c1), math.sqrt(c2)))
+    return tuple(out)
+
+
+def _div_sqrt_pieces(num: Tensor, x: Tensor, lo: int, hi: int, sub: int) -> Tensor:
+    """Secure :func:`div_sqrt`; see there.  Rounds: comparison (4 + 1 with the
+    products [x >= 2**(k/sub)]·x), then {num·s, v²}, then the product."""
+    from crypten.encoder import FixedPointEncoder
+    from crypten.mpc import MPCTensor
+
+    crypten = _crypten()
+    lo -= lo % 2  # even, so every double octave [2**E, 2**(E+2)) starts at an even E
+    hi += hi % 2
+    n = (hi - lo) * sub  # pieces of x's range; piece j = [2**(lo + j/sub), ...)
+    shape = (-1, *([1] * x.dim()))
+    thresholds = torch.tensor([2.0 ** (lo + k / sub) for k in range(1, n)]).reshape(shape)
+    xs = crypten.stack([x] * (n - 1))  # a real stack (stride-0 shares compare slowly)
+    below, (below_x,), _ = ltz_products(xs - thresholds, [xs])
+    # One-hot piece indicators o_j = ge_j - ge_(j+1), ge_k = [x >= threshold k] with
+    # ge_0 = 1 and ge_n = 0; integer-scale shares, and the same for o_j·x.
+    rank0 = _rank() == 0
+    one = torch.ones_like(x._tensor.share) if rank0 else torch.zeros_like(x._tensor.share)
+    ge = torch.cat([one.unsqueeze(0), one.unsqueeze(0) - below._tensor.share,
+                    torch.zeros_like(one).unsqueeze(0)])
+    xsh = x._tensor.share.unsqueeze(0)
+    ge_x = torch.cat([xsh, xsh - below_x._tensor.share, torch.zeros_like(xsh)])
+    onehot, onehot_x = ge[:-1] - ge[1:], ge_x[:-1] - ge_x[1:]
+    exps = [lo + 2 * ((j // sub) // 2) for j in range(n)]  # E_j, even
+    piece = [j % (2 * sub) for j in range(n)]  # which piece of [1, 4)
+    top = exps[-1]
+    scale = FixedPointEncoder().scale
+    pieces = _inv_sqrt_pieces(sub)
+
+    def column(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).reshape(shape)
+
+    # s = 2**(-E/2): exact fixed-point encodings (E/2 <= 16), selected linearly.
+    s_share = (onehot * column([round(2.0 ** (-e / 2) * scale) for e in exps])).sum(0)
+    # Per piece m: h_m = [t in m] and w_m = h_m·t = sum over its j of o_j·x·2**-E_j,
+    # the power of two applied as the exact integer 2**(top - E_j) and one division.
+    h_shares, w_shares = [], []
+    for m in range(2 * sub):
+        sel = column([1 if piece[j] == m else 0 for j in range(n)])
+        h_shares.append((onehot * sel).sum(0))
+        ups = column([2 ** (top - exps[j]) if piece[j] == m else 0 for j in range(n)])
+        w_shares.append((onehot_x * ups).sum(0))
+    w = MPCTensor.from_shares(torch.stack(w_shares), precision=0)
+    w.encoder = x.encoder
+    w = w.div(2**top)._tensor.share  # h_m·t at the fixed-point scale, (2·sub, ...)
+    # lin = sum_m h_m·(a_m - b_m·c_m) + b_m·w_m and v = sum_m g_m·(w_m - c_m·h_m), both
+    # summed at the double scale and truncated once.
+    lin_share = torch.zeros_like(w[0])
+    v_share = torch.zeros_like(w[0])
+    for m, (c, a, b, g) in enumerate(pieces):
+        lin_share += round(b * scale) * w[m] + round((a - b * c) * scale * scale) * h_shares[m]
+        v_share += round(g * scale) * w[m] - round(g * c * scale * scale) * h_shares[m]
+
+    def fixed(share: torch.Tensor, divisor: int = 1) -> Tensor:
+        t = MPCTensor.from_shares(share, precision=0)
+        t.encoder = FixedPointEncoder()
+        return t.div(divisor) if divisor > 1 else t
+
+    lin, v, s = fixed(lin_share, scale), fixed(v_share, scale), fixed(s_share)
+    ns, v2 = fused.mul_many([(num, s, "mul"), (v, None, "mul")])
+    return ns * (lin + v2)
 
 
 def inv_sqrt(x: Tensor, lo: int = INV_SQRT_RANGE[0], hi: int = INV_SQRT_RANGE[1]) -> Tensor:

@@ -36,7 +36,7 @@ from .costs import CostModel, NetworkModel
 from .data import DataBundle, Split
 from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
 from .train import augment_batch, evaluate, iterate_batches, warmup_cosine
-from .vit import Attention, Mlp, ViT, attend
+from .vit import Attention, Mlp, ViT, attend, normed_linear
 
 # ----------------------------------------------------------------------------- mixing
 
@@ -59,9 +59,10 @@ class MixedAttention(nn.Module):
         """(heads, kinds) mixing weights."""
         return self.alpha.softmax(-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = normed_linear(self.qkv, x, norm)
+        qkv = qkv.reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
         outs = torch.stack([attend(kind, q, k, v, self.eps) for kind in self.kinds])
         o = torch.einsum("kbhnd,hk->bhnd", outs, self.weights())
@@ -80,8 +81,8 @@ class MixedMlp(nn.Module):
     def weights(self) -> torch.Tensor:
         return self.beta.softmax(-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        h = normed_linear(self.fc1, x, norm)
         w = self.weights()
         y = sum(w[i] * ops.ACTIVATION_FNS[k.value](h) for i, k in enumerate(self.kinds))
         return self.fc2(y)

@@ -29,6 +29,20 @@ class LayerNorm(nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+def normed_linear(linear, x, norm=None):
+    """``linear(norm(x))``, or ``linear(x)`` without a norm.
+
+    Under MPC a LayerNorm without an affine part (``secure.fold_norms`` moves it into
+    the linear layer) is fused with the layer (``ops.norm_linear``): one round fewer.
+    In plaintext the modules are called as such, so forward hooks on them still fire.
+    """
+    if norm is None:
+        return linear(x)
+    if ops.is_plain(x) or norm.weight is not None or norm.bias is not None:
+        return linear(norm(x))
+    return ops.norm_linear(x, norm.eps, linear.weight, linear.bias)
+
+
 class PatchEmbed(nn.Module):
     """Conv tokenizer with kernel = stride = patch, evaluated as patchify + matmul."""
 
@@ -97,9 +111,11 @@ class Attention(nn.Module):
             self.groups.append((kind, start, start + len(hs)))
             start += len(hs)
 
-    def forward(self, x):
+    def forward(self, x, norm=None):
+        """Attention over ``norm(x)`` (``x`` itself without a norm)."""
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = normed_linear(self.qkv, x, norm)
+        qkv = qkv.reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.perm is not None:
             qkv = qkv.index_select(2, torch.tensor(self.perm))
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
@@ -118,8 +134,10 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden, dim)
         self.activation = ActivationKind(activation)
 
-    def forward(self, x):
-        return self.fc2(ops.ACTIVATION_FNS[self.activation.value](self.fc1(x)))
+    def forward(self, x, norm=None):
+        """The MLP of ``norm(x)`` (``x`` itself without a norm)."""
+        h = normed_linear(self.fc1, x, norm)
+        return self.fc2(ops.ACTIVATION_FNS[self.activation.value](h))
 
 
 class Block(nn.Module):
@@ -134,8 +152,8 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn(x, norm=self.norm1)
+        return x + self.mlp(x, norm=self.norm2)
 
 
 class CCTBlock(nn.Module):
@@ -150,7 +168,7 @@ class CCTBlock(nn.Module):
         self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation)
 
     def forward(self, x):
-        x = x + self.attn(self.pre_norm(x))
+        x = x + self.attn(x, norm=self.pre_norm)
         x = self.norm1(x)
         return x + self.mlp(x)
 
@@ -199,16 +217,20 @@ class ViT(nn.Module):
             blk.mlp.activation = layer.activation
         self.spec = spec
 
-    def forward_features(self, x):
+    def class_token(self, x):
+        """The class token after the last block, before the final LayerNorm."""
         t = self.patch_embed(x)
         cls = self.cls_token.expand(t.shape[0], -1, -1)
         x = ops.cat([cls, t], dim=1) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x[:, 0])
+        return x[:, 0]
+
+    def forward_features(self, x):
+        return self.norm(self.class_token(x))
 
     def forward(self, x):
-        return self.head(self.forward_features(x))
+        return normed_linear(self.head, self.class_token(x), self.norm)
 
 
 def build_model(config: ViTConfig | str, spec: ArchSpec | None = None) -> ViT:

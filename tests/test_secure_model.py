@@ -70,6 +70,10 @@ def _ops_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     ew, eb = _enc(crypten, w), _enc(crypten, b)
     got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5)
     out["layer_norm"] = (reveal_float(got), F.layer_norm(h, (64,), w, b, 1e-5))
+    # A LayerNorm without affine part fused with the linear layer it feeds.
+    lw, lb = 0.3 * torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    got = ops.norm_linear(_enc(crypten, h), 1e-5, _enc(crypten, lw), _enc(crypten, lb))
+    out["norm_linear"] = (reveal_float(got), F.linear(F.layer_norm(h, (64,), eps=1e-5), lw, lb))
     h = torch.randn(2, 4, 64, generator=g) * 0.03 + 3
     got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5)
     out["layer_norm_tiny_var"] = (reveal_float(got), F.layer_norm(h, (64,), w, b, 1e-5))
@@ -197,6 +201,7 @@ OP_TOLERANCE = {  # max absolute error on the ranges above (measured: about 1/3 
     "quad": 5e-4,
     "layer_norm": 1e-3,
     "layer_norm_tiny_var": 3e-3,
+    "norm_linear": 3e-3,  # outputs up to ~10
     "row_max": 1e-4,
     "softmax": 3e-3,
     "relu_softmax": 2e-4,
@@ -273,6 +278,7 @@ def _rounds_party() -> dict[str, object]:
         "relu": rounds(lambda: ops.relu(x)),
         "ltz": rounds(lambda: ops.ltz(x)),
         "layer_norm": rounds(lambda: ops.layer_norm(x, None, None, 1e-5)),
+        "norm_linear": rounds(lambda: ops.norm_linear(x, 1e-5, w.t())),
         "divide": rounds(lambda: ops.divide(x, pos)),
         "mul_many": rounds(lambda: fused.mul_many([(x, x, "mul"), (x, w, "matmul"),
                                                     (pos, None, "mul")])),
@@ -304,7 +310,8 @@ def test_secure_function_round_counts(rounds_results):
     # that follows (models/fused.py).
     assert rounds_results["ltz"] == 5
     assert rounds_results["relu"] == 5
-    assert rounds_results["layer_norm"] == 9  # sum of squares + 5 + u², u³/u⁴, product
+    assert rounds_results["layer_norm"] == 8  # sum of squares + 5 + {num·2^-E/2, v²} + product
+    assert rounds_results["norm_linear"] == 8  # the linear layer rides the first round
     assert rounds_results["divide"] == 9  # 5 + u², u³/u⁴, u⁵/u⁶ + product
 
 
