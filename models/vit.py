@@ -7,6 +7,8 @@ mirror of the module tree whose parameters are secret shares.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -33,12 +35,17 @@ def normed_linear(linear, x, norm=None):
     """``linear(norm(x))``, or ``linear(x)`` without a norm.
 
     Under MPC a LayerNorm without an affine part (``secure.fold_norms`` moves it into
-    the linear layer) is fused with the layer (``ops.norm_linear``): one round fewer.
-    In plaintext the modules are called as such, so forward hooks on them still fire.
+    the linear layer) is fused with a layer at most ``ops.FUSE_MAX_WIDEN`` times wider
+    than its input (``ops.norm_linear``): one round fewer, two more products on the
+    wider output.  In plaintext the modules are called as such, so forward hooks on
+    them still fire.
     """
     if norm is None:
         return linear(x)
-    if ops.is_plain(x) or norm.weight is not None or norm.bias is not None:
+    out_features, in_features = linear.weight.shape[0], linear.weight.shape[1]
+    extra = 2 * max(0, out_features - in_features) * math.prod(x.shape[:-1])
+    if (ops.is_plain(x) or norm.weight is not None or norm.bias is not None
+            or extra > ops.FUSE_MAX_EXTRA):
         return linear(norm(x))
     return ops.norm_linear(x, norm.eps, linear.weight, linear.bias)
 
