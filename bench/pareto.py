@@ -34,7 +34,10 @@ from ..models.costs import NETWORKS, CostModel, ops_fingerprint
 from ..models.spec import ArchSpec
 
 MUS = (0.1, 0.3, 0.5, 0.7)
-BASELINES = ("softmax", "relu_softmax", "scale")
+# Hand-picked uniform models: name -> (attention kind, activation kind).  scale_relu is
+# the cheapest one whose every activation is a comparison (no polynomial stand-in).
+BASELINES = {"softmax": ("softmax", "gelu"), "relu_softmax": ("relu_softmax", "gelu"),
+             "scale": ("scale", "gelu"), "scale_relu": ("scale", "relu")}
 BEGIN, END = "<!-- pareto:begin -->", "<!-- pareto:end -->"
 
 
@@ -239,11 +242,12 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
                                             args.network, "--repeats", "3", "--out",
                                             str(costs)))]
     models: dict[str, dict] = {}
-    for kind in BASELINES:
-        spec = out / "specs" / f"{kind}.yaml"
+    for name, (attention, activation) in BASELINES.items():
+        spec = out / "specs" / f"{name}.yaml"
         if not spec.exists():
-            spec.write_text(ArchSpec.uniform(cfg.depth, cfg.heads, kind, "gelu").to_yaml())
-        models[kind] = {"spec": spec, "group": "baseline"}
+            spec.write_text(ArchSpec.uniform(cfg.depth, cfg.heads, attention,
+                                             activation).to_yaml())
+        models[name] = {"spec": spec, "group": "baseline"}
     # searches: attention only (mu sweep) and MPCViT+ (attention + activations, budget)
     jobs.append(Job("search_attn", out / "specs" / "search_attn.yaml", ["profile"],
                     argv=_cli("search", *search_common, "--mu", "0.5", "--out",
@@ -271,7 +275,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
     teacher = args.teacher or out / "ckpt" / "softmax.pt"
     teacher_dep = [] if args.teacher else ["train_softmax"]
     order = ["softmax", "mu0.5", "plus", "mu0.1", "relu_softmax", "scale", "mu0.3", "mu0.7",
-             "plus3x"]
+             "plus3x", "scale_relu"]
     for name in order:
         m = models[name]
         deps = [m["dep"]] if "dep" in m else []
