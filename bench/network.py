@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from ..mpc.compat import import_crypten
 from ..mpc.launcher import run_parties
 from ..mpc.netem import EmulatedNetwork, NetworkProfile
 
@@ -22,25 +21,17 @@ def network_party(config_dict: dict, spec_dict: dict, state_dict: dict | None,
                   images: torch.Tensor, offline: bool) -> list[dict[str, Any]]:
     """Party program: warm-up forward (records the tuple trace), then each image, with
     its correlated randomness prepared offline first when ``offline``."""
-    from mpcvit.models.costs import build_secure, timed_forward
+    from mpcvit.models.costs import build_secure, prepare_offline, timed_forward
     from mpcvit.mpc import runtime
 
-    crypten = import_crypten()
-    comm = crypten.communicator.get()
     provider = runtime.dealer_provider()
     secure = build_secure(config_dict, spec_dict, state_dict)
     start = len(provider.state.trace)
     timed_forward(secure, images[:1])
     trace = list(provider.state.trace[start:])
-    spec, rank = provider.state.spec, comm.get_rank()
     rows = []
     for i in range(len(images)):
-        offline_s = 0.0
-        if offline:
-            session = f"{comm.session}/offline-{i}"
-            provider.end()
-            offline_s = provider.prepare(session, rank, comm.get_world_size(), spec, trace)
-            provider.begin(session, rank, comm.get_world_size(), spec)
+        offline_s = prepare_offline(provider, trace) if offline else 0.0
         row = timed_forward(secure, images[i : i + 1])
         row.pop("logits")
         row["offline_s"] = offline_s
