@@ -388,8 +388,11 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"distillation teacher: {_teacher_desc(args)}. "
         f"Measured = a real 2-party CrypTen run over gRPC with the dealer on this machine "
         f"(loopback, 2 shared cores, niced), batch 1, median of {args.images} test images "
-        f"after one warm-up; LAN/WAN columns price the measured rounds and bytes with the "
-        f"network model on top of the measured loopback seconds.",
+        f"after one warm-up; online seconds: as in the party service, the dealer prepares "
+        f"each image's correlated randomness before the image arrives. LAN/WAN columns "
+        f"price the measured rounds and bytes with the network model on top of the "
+        f"measured loopback seconds. The MPCViT+ budgets are priced on "
+        f"`{args.plus_network}`.",
         "",
         "| model | kinds | acc | acc (distilled) | rounds meas / pred | MB meas / pred "
         "| loopback s meas / pred | speed-up vs softmax | LAN s | WAN s | secure = plain argmax |",

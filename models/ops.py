@@ -401,6 +401,47 @@ def _inv_sqrt_pieces(sub: int) -> tuple[tuple[float, float, float, float], ...]:
     return tuple(out)
 
 
+@cache
+def _pieces_plan(lo: int, hi: int, sub: int) -> dict[str, torch.Tensor | int]:
+    """The public constants of :func:`_div_sqrt_pieces` for x in [2**lo, 2**hi] (lo, hi
+    even), as integer tensors over the n = (hi - lo)·sub pieces j of x's range.
+
+    Piece j lies in the double octave starting at E_j = lo + 2·floor(j / 2sub) and is
+    piece m_j = j mod 2sub of [1, 4) after scaling by 2**-E_j."""
+    from crypten.encoder import FixedPointEncoder
+
+    scale = FixedPointEncoder().scale
+    n = (hi - lo) * sub
+    exps = [lo + 2 * (j // (2 * sub)) for j in range(n)]
+    piece = [j % (2 * sub) for j in range(n)]
+    top = exps[-1]
+    coeffs = _inv_sqrt_pieces(sub)
+    return {
+        "n": n,
+        "top": top,
+        "thresholds": torch.tensor([2.0 ** (lo + k / sub) for k in range(1, n)]),
+        # s = 2**(-E/2): exact fixed-point encodings (E/2 <= 16).
+        "s": torch.tensor([round(2.0 ** (-e / 2) * scale) for e in exps]),
+        # select[m, j] = [m_j = m]; ups[m, j] = [m_j = m]·2**(top - E_j) (exact integers)
+        "select": torch.tensor([[int(piece[j] == m) for j in range(n)]
+                                for m in range(2 * sub)]),
+        "ups": torch.tensor([[2 ** (top - exps[j]) if piece[j] == m else 0 for j in range(n)]
+                             for m in range(2 * sub)]),
+        # per piece m, at the fixed-point scale of w_m and the double scale of h_m:
+        # lin = b_m·w_m + (a_m - b_m·c_m)·h_m and v = g_m·w_m - g_m·c_m·h_m
+        "lin_w": torch.tensor([round(b * scale) for c, a, b, g in coeffs]),
+        "lin_h": torch.tensor([round((a - b * c) * scale * scale) for c, a, b, g in coeffs]),
+        "v_w": torch.tensor([round(g * scale) for c, a, b, g in coeffs]),
+        "v_h": torch.tensor([-round(g * c * scale * scale) for c, a, b, g in coeffs]),
+    }
+
+
+def _combine(weights: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[..., j]·shares[j] for integer ``weights`` (exact in the ring)."""
+    w = weights.reshape(*weights.shape, *([1] * (shares.dim() - 1)))
+    return (w * shares.unsqueeze(0) if weights.dim() == 2 else w * shares).sum(-shares.dim())
+
+
 def _div_sqrt_pieces(num: Tensor, x: Tensor, lo: int, hi: int, sub: int) -> Tensor:
     """Secure :func:`div_sqrt`; see there.  Rounds: comparison (4 + 1 with the
     products [x >= 2**(k/sub)]·x), then {num·s, v²}, then the product."""
@@ -408,57 +449,37 @@ def _div_sqrt_pieces(num: Tensor, x: Tensor, lo: int, hi: int, sub: int) -> Tens
     from crypten.mpc import MPCTensor
 
     crypten = _crypten()
-    lo -= lo % 2  # even, so every double octave [2**E, 2**(E+2)) starts at an even E
-    hi += hi % 2
-    n = (hi - lo) * sub  # pieces of x's range; piece j = [2**(lo + j/sub), ...)
-    shape = (-1, *([1] * x.dim()))
-    thresholds = torch.tensor([2.0 ** (lo + k / sub) for k in range(1, n)]).reshape(shape)
+    # even bounds, so every double octave [2**E, 2**(E+2)) starts at an even E
+    plan = _pieces_plan(lo - lo % 2, hi + hi % 2, sub)
+    n, top = plan["n"], plan["top"]
     xs = crypten.stack([x] * (n - 1))  # a real stack (stride-0 shares compare slowly)
+    thresholds = plan["thresholds"].reshape(-1, *([1] * x.dim()))
     below, (below_x,), _ = ltz_products(xs - thresholds, [xs])
     # One-hot piece indicators o_j = ge_j - ge_(j+1), ge_k = [x >= threshold k] with
     # ge_0 = 1 and ge_n = 0; integer-scale shares, and the same for o_j·x.
-    rank0 = _rank() == 0
-    one = torch.ones_like(x._tensor.share) if rank0 else torch.zeros_like(x._tensor.share)
-    ge = torch.cat([one.unsqueeze(0), one.unsqueeze(0) - below._tensor.share,
-                    torch.zeros_like(one).unsqueeze(0)])
+    one = x._tensor.share.new_full((1, *x.shape), int(_rank() == 0))
+    zero = torch.zeros_like(one)
+    ge = torch.cat([one, one - below._tensor.share, zero])
     xsh = x._tensor.share.unsqueeze(0)
-    ge_x = torch.cat([xsh, xsh - below_x._tensor.share, torch.zeros_like(xsh)])
+    ge_x = torch.cat([xsh, xsh - below_x._tensor.share, zero])
     onehot, onehot_x = ge[:-1] - ge[1:], ge_x[:-1] - ge_x[1:]
-    exps = [lo + 2 * ((j // sub) // 2) for j in range(n)]  # E_j, even
-    piece = [j % (2 * sub) for j in range(n)]  # which piece of [1, 4)
-    top = exps[-1]
-    scale = FixedPointEncoder().scale
-    pieces = _inv_sqrt_pieces(sub)
-
-    def column(values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).reshape(shape)
-
-    # s = 2**(-E/2): exact fixed-point encodings (E/2 <= 16), selected linearly.
-    s_share = (onehot * column([round(2.0 ** (-e / 2) * scale) for e in exps])).sum(0)
-    # Per piece m: h_m = [t in m] and w_m = h_m·t = sum over its j of o_j·x·2**-E_j,
-    # the power of two applied as the exact integer 2**(top - E_j) and one division.
-    h_shares, w_shares = [], []
-    for m in range(2 * sub):
-        sel = column([1 if piece[j] == m else 0 for j in range(n)])
-        h_shares.append((onehot * sel).sum(0))
-        ups = column([2 ** (top - exps[j]) if piece[j] == m else 0 for j in range(n)])
-        w_shares.append((onehot_x * ups).sum(0))
-    w = MPCTensor.from_shares(torch.stack(w_shares), precision=0)
+    s_share = _combine(plan["s"], onehot)
+    # Per piece m of [1, 4): h_m = [t in m] and w_m = h_m·t, the powers of two 2**-E_j
+    # applied as exact integers 2**(top - E_j) and one division.
+    h = _combine(plan["select"], onehot)
+    w = MPCTensor.from_shares(_combine(plan["ups"], onehot_x), precision=0)
     w.encoder = x.encoder
-    w = w.div(2**top)._tensor.share  # h_m·t at the fixed-point scale, (2·sub, ...)
-    # lin = sum_m h_m·(a_m - b_m·c_m) + b_m·w_m and v = sum_m g_m·(w_m - c_m·h_m), both
-    # summed at the double scale and truncated once.
-    lin_share = torch.zeros_like(w[0])
-    v_share = torch.zeros_like(w[0])
-    for m, (c, a, b, g) in enumerate(pieces):
-        lin_share += round(b * scale) * w[m] + round((a - b * c) * scale * scale) * h_shares[m]
-        v_share += round(g * scale) * w[m] - round(g * c * scale * scale) * h_shares[m]
+    w = w.div(2**top)._tensor.share
+    # lin and v at the double scale, truncated once each.
+    lin_share = _combine(plan["lin_w"], w) + _combine(plan["lin_h"], h)
+    v_share = _combine(plan["v_w"], w) + _combine(plan["v_h"], h)
 
     def fixed(share: torch.Tensor, divisor: int = 1) -> Tensor:
         t = MPCTensor.from_shares(share, precision=0)
         t.encoder = FixedPointEncoder()
         return t.div(divisor) if divisor > 1 else t
 
+    scale = FixedPointEncoder().scale
     lin, v, s = fixed(lin_share, scale), fixed(v_share, scale), fixed(s_share)
     ns, v2 = fused.mul_many([(num, s, "mul"), (v, None, "mul")])
     return ns * (lin + v2)
