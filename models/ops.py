@@ -40,6 +40,12 @@ QUAD2_C = 5.0
 RECIP_RANGE = (-8, 14)  # reciprocal: denominators in [2**-8, 2**14]
 INV_SQRT_RANGE = (-14, 16)  # LayerNorm variance + eps in [2**-14, 2**16]
 INV_SQRT_SUB = 4  # secure 1/sqrt: pieces per octave (relative error 5.3e-5)
+# The pieces save a round over octaves with a polynomial but compare each value against
+# (sub - 1)·octaves more thresholds.  At batch 1 (50-65 tokens, ~5000 extra comparisons
+# per LayerNorm) that breaks even on loopback and gains a little on WAN; with pieces at
+# every batch size, 32 clients' batched throughput fell from 5.8-6.3 to 4.9 images/s.
+# So: pieces up to this many extra compared elements, octaves beyond.
+PIECES_MAX_EXTRA = 8192
 # ``norm_linear`` saves a round but scales the layer's output (twice: by 2**-E/2, then
 # by the polynomial) instead of its input: 2·(out − in) more opened elements per row.
 # On the WAN preset (100 Mbps, 40 ms) a round costs as much as ~31k opened elements
@@ -326,24 +332,36 @@ def _poly(coeffs: Sequence[float], powers: Sequence[Tensor]) -> Tensor:
     return sum((c * p for c, p in zip(coeffs[1:], powers, strict=True)), coeffs[0])
 
 
-def _scaled_reciprocal(num: Tensor, x: Tensor, lo: int, hi: int, degree: int) -> Tensor:
-    """num / x for positive x in [2**lo, 2**hi].
+def _scaled_unit_power(num: Tensor, x: Tensor, power: float, lo: int, hi: int,
+                       degree: int) -> Tensor:
+    """num · x**power for positive x in [2**lo, 2**hi] (power -1 or -1/2).
 
     x = 2**e·t: the range comparison gives u = t - 1.5 and the bits that select the
-    exact power of two 2**-e; 1/t is a polynomial in u whose powers come in
-    ceil(log2 degree) rounds, the first shared with num·2**-e; one last product.
-    Rounds: 5 + ceil(log2 degree) + 1.
+    public 2**(e·power); t**power is a polynomial in u whose powers come in
+    ceil(log2 degree) rounds, the first shared with num·2**(e·power); one last product.
+    Rounds: 5 + ceil(log2 degree) + 1.  2**(e·power) is applied as an exact power of
+    two times a factor in [1, 2) (√2 for odd e when power = -1/2), the factor in the
+    second round: a lone fixed-point 2**-10.5 would carry a 0.5% rounding error.
     """
     u, bits, exps = _unit_range(x, lo, hi)
-    s = _select(bits, exps, lambda k: 2.0**-k)
+    whole = {k: math.floor(k * power) for k in exps}
+    s = _select(bits, exps, lambda k: 2.0 ** whole[k])
+    pending = []
+    if any(k * power != whole[k] for k in exps):
+        f = _select(bits, exps, lambda k: 2.0 ** (k * power - whole[k]))
+        pending = [f]
     u2, ns = fused.mul_many([(u, None, "mul"), (num, s, "mul")])
     pw = [u, u2]  # pw[i] = u**(i + 1)
-    while len(pw) < degree:
+    while len(pw) < degree or pending:
         top = len(pw)
         need = [i for i in range(1, top + 1) if top + i <= degree]
-        pw += fused.mul_many([(pw[i - 1], pw[top - 1], "mul") if i != top
-                              else (pw[top - 1], None, "mul") for i in need])
-    return ns * _poly(_unit_poly(-1.0, degree), pw[:degree])
+        items = [(pw[i - 1], pw[top - 1], "mul") if i != top else (pw[top - 1], None, "mul")
+                 for i in need]
+        res = fused.mul_many(items + [(ns, f, "mul") for f in pending])
+        if pending:
+            ns, res, pending = res[-1], res[:-1], []
+        pw += res
+    return ns * _poly(_unit_poly(power, degree), pw[:degree])
 
 
 def divide(num: Tensor, den: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
@@ -356,7 +374,7 @@ def divide(num: Tensor, den: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_R
     """
     if is_plain(num) and is_plain(den):
         return num / den
-    return _scaled_reciprocal(num, den, lo, hi, degree)
+    return _scaled_unit_power(num, den, -1.0, lo, hi, degree)
 
 
 def reciprocal(x: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1]) -> Tensor:
@@ -370,15 +388,19 @@ def div_sqrt(num: Tensor, x: Tensor, lo: int = INV_SQRT_RANGE[0],
              hi: int = INV_SQRT_RANGE[1], sub: int = INV_SQRT_SUB) -> Tensor:
     """num / sqrt(x) for positive x in [2**lo, 2**hi].
 
-    Under MPC (7 rounds): one comparison against every 2**(k/sub) splits x into
-    2**E·t with E even and t in one of 2·sub pieces of [1, 4); t**-1/2 is a quadratic
-    on each piece (relative error 5.3e-5 for sub = 4), whose square term comes in the
-    round that also forms num·2**(-E/2).  CrypTen's inv_sqrt is off by up to ~79% below
-    0.01 and above ~200.
+    Under MPC, for few values x (``PIECES_MAX_EXTRA``), 7 rounds: one comparison
+    against every 2**(k/sub) splits x into 2**E·t with E even and t in one of 2·sub
+    pieces of [1, 4); t**-1/2 is a quadratic on each piece (relative error 5.3e-5 for
+    sub = 4), whose square term comes in the round that also forms num·2**(-E/2).
+    Otherwise 8 rounds: x = 2**e·t with t in [1, 2) from one comparison per octave,
+    and a degree-4 polynomial in t (relative error 8.6e-5), whose powers take a round
+    more.  CrypTen's inv_sqrt is off by up to ~79% below 0.01 and above ~200.
     """
     if is_plain(num) and is_plain(x):
         return num * x.rsqrt()
-    return _div_sqrt_pieces(num, x, lo, hi, sub)
+    if x.numel() * (sub - 1) * (hi - lo) <= PIECES_MAX_EXTRA:
+        return _div_sqrt_pieces(num, x, lo, hi, sub)
+    return _scaled_unit_power(num, x, -0.5, lo, hi, degree=4)
 
 
 @cache

@@ -77,6 +77,11 @@ def _ops_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     h = torch.randn(2, 4, 64, generator=g) * 0.03 + 3
     got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5)
     out["layer_norm_tiny_var"] = (reveal_float(got), F.layer_norm(h, (64,), w, b, 1e-5))
+    # Many tokens (a batch): the octave + polynomial path of ops.div_sqrt.
+    std = torch.logspace(-1.0, 2.23, 240).reshape(2, 120, 1)
+    h = torch.randn(2, 120, 64, generator=g) * std + 50 * torch.randn(2, 120, 1, generator=g)
+    got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5)
+    out["layer_norm_many_rows"] = (reveal_float(got), F.layer_norm(h, (64,), w, b, 1e-5))
 
     # Attention scores: 3 scales (std 0.5, 4, 12 -> max ~±40) x 2 heads x 33 tokens.
     scale = torch.tensor([0.5, 4.0, 12.0]).reshape(3, 1, 1, 1)
@@ -202,6 +207,7 @@ OP_TOLERANCE = {  # max absolute error on the ranges above (measured: about 1/3 
     "layer_norm": 1e-3,
     "layer_norm_tiny_var": 3e-3,
     "norm_linear": 3e-3,  # outputs up to ~10
+    "layer_norm_many_rows": 1e-3,
     "row_max": 1e-4,
     "softmax": 3e-3,
     "relu_softmax": 2e-4,
@@ -279,6 +285,9 @@ def _rounds_party() -> dict[str, object]:
         "ltz": rounds(lambda: ops.ltz(x)),
         "layer_norm": rounds(lambda: ops.layer_norm(x, None, None, 1e-5)),
         "norm_linear": rounds(lambda: ops.norm_linear(x, 1e-5, w.t())),
+        # 480 tokens: past ops.PIECES_MAX_EXTRA, octaves and a degree-4 polynomial
+        "layer_norm_many_rows": rounds(lambda: ops.layer_norm(
+            _enc(crypten, torch.randn(8, 60, 16, generator=g)), None, None, 1e-5)),
         "divide": rounds(lambda: ops.divide(x, pos)),
         "mul_many": rounds(lambda: fused.mul_many([(x, x, "mul"), (x, w, "matmul"),
                                                     (pos, None, "mul")])),
@@ -312,6 +321,7 @@ def test_secure_function_round_counts(rounds_results):
     assert rounds_results["relu"] == 5
     assert rounds_results["layer_norm"] == 8  # sum of squares + 5 + {num·2^-E/2, v²} + product
     assert rounds_results["norm_linear"] == 8  # the linear layer rides the first round
+    assert rounds_results["layer_norm_many_rows"] == 9  # ss + 5 + u², u³/u⁴ + product
     assert rounds_results["divide"] == 9  # 5 + u², u³/u⁴, u⁵/u⁶ + product
 
 
