@@ -136,9 +136,9 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     # ss keeps log2(D) more significant bits than var (a variance of 1e-3 is only 65
     # fixed-point ulps), and ``fused.sum_squares`` truncates it once per row rather than
     # D times with a bias.
-    # Rounds (8): ss (1), then div_sqrt (7).  With the affine part folded into the next
-    # linear layer (``secure.fold_norms``) there is no further multiplication, and
-    # ``norm_linear`` also overlaps that layer's round.
+    # Rounds: ss (1), then div_sqrt (7 for a batch-1 input, 8 for larger ones).  With
+    # the affine part folded into the next linear layer (``secure.fold_norms``) there is
+    # no further multiplication, and ``norm_linear`` also overlaps that layer's round.
     xc = x - x.mean(-1, keepdim=True)
     ss = fused.sum_squares(xc)
     y = _normalize(xc * math.sqrt(x.shape[-1]), ss, x.shape[-1], eps)
@@ -154,8 +154,8 @@ def norm_linear(x: Tensor, eps: float, weight: Tensor, bias: Tensor | None = Non
 
     The norm scales each row by 1/sqrt(var + eps), which commutes with the linear layer:
     under MPC the layer's product xc·Wᵀ shares the first round with Σ xc², and the
-    scale is applied to its output.  A LayerNorm plus a linear layer then take 8 rounds
-    instead of 9, at the price of scaling the (wider) output rather than the input.
+    scale is applied to its output.  The pair takes one round fewer, at the price of
+    scaling the (wider) output rather than the input (``vit.normed_linear`` decides).
     """
     if is_plain(x):
         return linear(F.layer_norm(x, x.shape[-1:], None, None, eps), weight, bias)

@@ -35,10 +35,10 @@ def normed_linear(linear, x, norm=None):
     """``linear(norm(x))``, or ``linear(x)`` without a norm.
 
     Under MPC a LayerNorm without an affine part (``secure.fold_norms`` moves it into
-    the linear layer) is fused with a layer at most ``ops.FUSE_MAX_WIDEN`` times wider
-    than its input (``ops.norm_linear``): one round fewer, two more products on the
-    wider output.  In plaintext the modules are called as such, so forward hooks on
-    them still fire.
+    the linear layer) is fused with the layer (``ops.norm_linear``: one round fewer)
+    when the 2·(out − in) more opened elements per row that this costs stay within
+    ``ops.FUSE_MAX_EXTRA``; the decision uses public shapes only.  In plaintext the
+    modules are called as such, so forward hooks on them still fire.
     """
     if norm is None:
         return linear(x)
