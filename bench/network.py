@@ -21,14 +21,12 @@ def network_party(config_dict: dict, spec_dict: dict, state_dict: dict | None,
                   images: torch.Tensor, offline: bool) -> list[dict[str, Any]]:
     """Party program: warm-up forward (records the tuple trace), then each image, with
     its correlated randomness prepared offline first when ``offline``."""
-    from mpcvit.models.costs import build_secure, prepare_offline, timed_forward
+    from mpcvit.models.costs import build_secure, prepare_offline, record_trace, timed_forward
     from mpcvit.mpc import runtime
 
     provider = runtime.dealer_provider()
     secure = build_secure(config_dict, spec_dict, state_dict)
-    start = len(provider.state.trace)
-    timed_forward(secure, images[:1])
-    trace = list(provider.state.trace[start:])
+    trace = record_trace(provider, lambda: timed_forward(secure, images[:1]))
     rows = []
     for i in range(len(images)):
         offline_s = prepare_offline(provider, trace) if offline else 0.0

@@ -133,17 +133,15 @@ def measure_many_party(blob: bytes, images: torch.Tensor) -> dict[str, list[dict
     hundreds of tensors (each would cost the process launch a shared-memory handle)."""
     import io
 
-    from ..models.costs import build_secure, prepare_offline, timed_forward
+    from ..models.costs import build_secure, prepare_offline, record_trace, timed_forward
     from ..mpc import runtime
 
     provider = runtime.dealer_provider()
     entries = torch.load(io.BytesIO(blob), weights_only=True)
     secures = {name: build_secure(*e) for name, e in entries.items()}
-    traces = {}
-    for name, sec in secures.items():  # warm-up; records each model's tuple trace
-        start = len(provider.state.trace)
-        timed_forward(sec, images[:1])
-        traces[name] = list(provider.state.trace[start:])
+    # warm-up; records each model's tuple trace
+    traces = {name: record_trace(provider, lambda sec=sec: timed_forward(sec, images[:1]))
+              for name, sec in secures.items()}
     names = list(secures)
     rows: dict[str, list[dict]] = {n: [] for n in names}
     for i in range(len(images)):

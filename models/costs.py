@@ -359,6 +359,17 @@ def _open_dealer():
     return provider
 
 
+def record_trace(provider, fn: Callable[[], Any]) -> list:
+    """Run ``fn`` once and return the dealer tuple requests it made ([] without a
+    dealer): what an offline phase must prepare for its next run."""
+    if provider is None:
+        fn()
+        return []
+    start = len(provider.state.trace)
+    fn()
+    return list(provider.state.trace[start:])
+
+
 def prepare_offline(provider, trace: list) -> float:
     """The offline phase for the next run of a program whose tuple requests were
     ``trace``, as the party service runs it before each request: every party calls this
@@ -382,9 +393,7 @@ def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
     repeat (outside the timed region)."""
     comm = _crypten().communicator.get()
     provider = _open_dealer()
-    start = len(provider.state.trace) if provider is not None else 0
-    fn()
-    trace = list(provider.state.trace[start:]) if provider is not None else []
+    trace = record_trace(provider, fn)
     times, stats, dealer = [], None, 0.0
     for _ in range(max(1, repeats)):
         if provider is not None:
@@ -604,10 +613,7 @@ def secure_forward_party(
     """
     secure = build_secure(config_dict, spec_dict, state_dict)
     provider = _open_dealer()
-    start = len(provider.state.trace) if provider is not None else 0
-    if warmup:
-        timed_forward(secure, images[:1])
-    trace = list(provider.state.trace[start:]) if provider is not None else []
+    trace = record_trace(provider, lambda: timed_forward(secure, images[:1])) if warmup else []
     rows = []
     for i in range(len(images)):
         offline_s = prepare_offline(provider, trace) if provider is not None and trace else 0.0

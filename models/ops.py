@@ -65,10 +65,6 @@ def _crypten():
     return import_crypten()
 
 
-def _rank() -> int:
-    return _crypten().communicator.get().get_rank()
-
-
 # --------------------------------------------------------------------------- structure
 
 
@@ -161,14 +157,17 @@ def norm_linear(x: Tensor, eps: float, weight: Tensor, bias: Tensor | None = Non
         return linear(F.layer_norm(x, x.shape[-1:], None, None, eps), weight, bias)
     d = x.shape[-1]
     xc = x - x.mean(-1, keepdim=True)
-    if hasattr(weight, "linear_part"):  # a MaskedWeight
-        prod = weight.linear_part(xc)
-    else:
-        prod = fused.products_part([(xc, weight.t(), "matmul")])
-    ss, h = fused.in_one_round([fused.sum_squares_part(xc), prod])
-    h = h if hasattr(weight, "linear_part") else h[0]
+    ss, h = fused.in_one_round([fused.sum_squares_part(xc), _linear_part(xc, weight)])
     y = _normalize(h * math.sqrt(d), ss, d, eps)
     return y if bias is None else y + bias
+
+
+def _linear_part(x: Tensor, weight: Tensor) -> fused.Part:
+    """x @ weightᵀ (secure, no bias) as a ``fused.Part`` whose result is the product."""
+    if hasattr(weight, "linear_part"):  # a MaskedWeight: only x's mask is opened
+        return weight.linear_part(x)
+    opens, finish = fused.products_part([(x, weight.t(), "matmul")])
+    return opens, lambda vals: finish(vals)[0]
 
 
 def _normalize(num: Tensor, ss: Tensor, d: int, eps: float) -> Tensor:
@@ -479,7 +478,7 @@ def _div_sqrt_pieces(num: Tensor, x: Tensor, lo: int, hi: int, sub: int) -> Tens
     below, (below_x,), _ = ltz_products(xs - thresholds, [xs])
     # One-hot piece indicators o_j = ge_j - ge_(j+1), ge_k = [x >= threshold k] with
     # ge_0 = 1 and ge_n = 0; integer-scale shares, and the same for o_j·x.
-    one = x._tensor.share.new_full((1, *x.shape), int(_rank() == 0))
+    one = x._tensor.share.new_full((1, *x.shape), int(fused._rank() == 0))
     zero = torch.zeros_like(one)
     ge = torch.cat([one, one - below._tensor.share, zero])
     xsh = x._tensor.share.unsqueeze(0)
