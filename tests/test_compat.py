@@ -67,3 +67,22 @@ def test_config_cache_follows_writes_and_overrides():
     finally:
         cfg.mpc.provider = provider
     assert cfg.mpc.provider == provider
+
+
+def test_placeholder_mpc_tensor_shares_nothing():
+    import_crypten()
+    from crypten.mpc import MPCTensor
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+    from crypten.mpc.ptype import ptype as Ptype
+
+    # CrypTen's constructor meant this branch (``tensor is []`` never matched): without
+    # the fix an empty-list MPCTensor encodes and zero-shares [] through a communicator,
+    # which this test process never initialised.
+    t = MPCTensor([])
+    assert type(t._tensor) is torch.Tensor and t._tensor.numel() == 0
+    assert t.ptype is Ptype.arithmetic and not t.requires_grad
+    share = torch.tensor([3, -5, 1 << 40])
+    s = MPCTensor.from_shares(share, precision=0)
+    assert isinstance(s._tensor, ArithmeticSharedTensor) and torch.equal(s.share, share)
+    c, sc = s.clone(), s.shallow_copy()
+    assert torch.equal(c.share, share) and c.share is not share and sc._tensor is s._tensor
