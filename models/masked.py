@@ -10,7 +10,10 @@ Each inference then draws a fresh ``a`` with ``c = a·b`` and opens only ``δ = 
 with ``X_0 = δ + a_0`` and ``X_i = a_i`` otherwise.  ``E`` is uniformly random to both
 parties (``b`` is unknown to each of them), ``δ`` is masked by a fresh ``a``, and ``c`` is
 a fresh sharing, so nothing new is revealed; per product the opened bytes drop from
-``|x| + |W|`` to ``|x|``, and each party multiplies twice instead of three times.
+``|x| + |W|`` to ``|x|``.  Regrouped, party i's share is ``δ·W'_i + (a_i·E + c_i)`` with
+``W'_0 = E + b_0`` and ``W'_i = b_i`` fixed at load; the bracket does not depend on ``x``,
+so a session prepared offline computes it then (``DealerProvider.register_public_factor``)
+and the online phase multiplies once per layer (twice when not prepared).
 
 Only the dealer provider keeps masks; with another provider the weights stay ordinary
 ``MPCTensor``s and CrypTen's Beaver products run as before.
@@ -18,6 +21,7 @@ Only the dealer provider keeps masks; with another provider the weights stay ord
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -35,6 +39,9 @@ def _mask_provider():
     return provider if hasattr(provider, "masked_matmul") else None
 
 
+_keys = itertools.count()
+
+
 class MaskedWeight:
     """A shared weight of torch layout ``shape`` (out first) used as the right factor
     ``Wᵀ`` (in × out) of products, with ``Wᵀ − b`` public and ``b`` shared."""
@@ -46,6 +53,12 @@ class MaskedWeight:
         self.mask_share = mask_share  # this party's share of b, (in, out)
         self.handle = handle  # the dealer's name for b (party 0 only)
         self.encoder = encoder
+        # W'_i: what the opened δ multiplies (module doc).
+        self.online_factor = opened + mask_share if fused._rank() == 0 else mask_share
+        self.key = f"w{next(_keys)}"  # this process's name for E in tuple requests
+        provider = _mask_provider()
+        if provider is not None:
+            provider.register_public_factor(self.key, self.opened)
 
     @classmethod
     def share(cls, weight: Tensor) -> MaskedWeight | None:
@@ -94,12 +107,13 @@ class MaskedWeight:
         if provider is None:
             raise RuntimeError("weights were masked with the dealer; the session's provider "
                                "is another one")
-        a, c = provider.masked_matmul(tuple(x.size()), tuple(self.opened.shape), self.handle)
+        a, c, folded = provider.masked_matmul(tuple(x.size()), tuple(self.opened.shape),
+                                              self.handle, self.key)
 
         def finish(vals: list[torch.Tensor]) -> Tensor:
             (delta,) = vals
-            left = delta + a if fused._rank() == 0 else a
-            share = torch.matmul(left, self.opened) + torch.matmul(delta, self.mask_share) + c
+            share = torch.matmul(delta, self.online_factor)
+            share += c if folded else torch.matmul(a, self.opened) + c
             return fused._wrap(share, x, self)
 
         return [x._tensor.share - a], finish

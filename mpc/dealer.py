@@ -15,7 +15,10 @@ the parties draw shares of a random mask ``b`` (party 0 registers it; the dealer
 ``b`` and answers with a random handle that only party 0 learns) and open ``E = W − b``
 once.  Each later product ``x·W`` then needs a fresh ``a`` and ``c = a·b`` for that
 stored ``b`` and opens only ``x − a``.  Without the handle nobody, party 1 included, can
-ask the dealer for products with ``b``.
+ask the dealer for products with ``b``.  Party ``i``'s share of ``x·W`` is then
+``δ·W'_i + (a_i·E + c_i)``; the second term does not depend on ``x``, so when a session is
+prepared offline each party also computes it then (:meth:`DealerProvider.register_public_factor`),
+leaving one matrix product per layer for the online phase instead of two.
 
 The dealer never sees inputs, weights or outputs; it must not collude with a party.
 """
@@ -28,6 +31,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -147,6 +151,9 @@ class DealerProvider(TupleProvider):
         super().__init__()
         self._state: _PartyState | None = None
         self._prepared: dict[str, _PartyState] = {}
+        # Public right factors E of masked products, by the weight key of their requests.
+        self._factors: weakref.WeakValueDictionary[str, torch.Tensor] = (
+            weakref.WeakValueDictionary())
         self.last_trace: list[TupleRequest] = []
         self.last_stats: dict[str, float] = {}
 
@@ -203,7 +210,7 @@ class DealerProvider(TupleProvider):
                     batch, elements = [], 0
         for req in trace:
             fetch = corrections.popleft if rank == 0 else None
-            state.prepared.append((req, self._draw(state, req, fetch)))
+            state.prepared.append((req, self._fold(req, self._draw(state, req, fetch))))
         state.offline_seconds = time.perf_counter() - tic
         self._prepared[session] = state
         return state.offline_seconds
@@ -319,6 +326,18 @@ class DealerProvider(TupleProvider):
             return first, correction()
         return first, generate_random_ring_element(req.size0, generator=g)
 
+    def _fold(self, req: TupleRequest, tensors: tuple) -> tuple:
+        """Offline: a masked product's ``(a, c)`` becomes ``(a, a·E + c, True)`` when its
+        weight registered its public factor ``E``; other tuples pass unchanged."""
+        if req.kind != "masked_matmul":
+            return tensors
+        key = json.loads(req.kwargs_json).get("weight")
+        factor = self._factors.get(key) if key is not None else None
+        if factor is None:
+            return tensors
+        a, c = tensors
+        return a, torch.matmul(a, factor) + c, True
+
     def _tuple(self, req: TupleRequest) -> tuple[torch.Tensor, ...]:
         s = self.state
         s.trace.append(req)
@@ -387,12 +406,23 @@ class DealerProvider(TupleProvider):
             return b, ""
         return b, "".join(f"{int(v) & (2**64 - 1):016x}" for v in handle.reshape(-1))
 
-    def masked_matmul(self, size0, size1, handle: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def register_public_factor(self, key: str, factor: torch.Tensor) -> None:
+        """Let the offline phase fold ``a @ factor`` into the masked products whose
+        requests name weight ``key`` (held weakly: it goes when the weight goes)."""
+        self._factors[key] = factor
+
+    def masked_matmul(self, size0, size1, handle: str, key: str = ""
+                      ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Shares of a fresh ``a`` of ``size0`` and of ``c = a @ b`` for the mask ``b``
-        (of ``size1``) registered under ``handle`` (party 0's; others pass "")."""
-        kwargs = json.dumps({"mask": handle}) if self.state.rank == 0 else "{}"
-        return self._tuple(TupleRequest("masked_matmul", tuple(size0), tuple(size1),
-                                        "matmul", kwargs))
+        (of ``size1``) registered under ``handle`` (party 0's; others pass ""), and
+        False; or, when the session was prepared offline and weight ``key`` registered
+        its public factor ``E``, ``(a, a @ E + c, True)``."""
+        fields = {"mask": handle} if self.state.rank == 0 else {}
+        if key:
+            fields["weight"] = key
+        a, c, *folded = self._tuple(TupleRequest("masked_matmul", tuple(size0), tuple(size1),
+                                                 "matmul", json.dumps(fields, sort_keys=True)))
+        return a, c, bool(folded)
 
 
 # ----------------------------------------------------------------------------------

@@ -347,6 +347,15 @@ def _masked_party() -> dict[str, object]:
                      "handle": getattr(secure.weight, "handle", None),
                      "rounds": stats["rounds"], "bytes": stats["bytes"],
                      "got": reveal_float(y)}
+    # Prepared offline, the x-independent part a·E + c is folded into the tuple.
+    from mpcvit.models.costs import _open_dealer, prepare_offline, record_trace
+
+    provider = _open_dealer()
+    secure = share_module(layer, mask=True)
+    prepare_offline(provider, record_trace(provider, lambda: secure(enc)))
+    folded = [t[2:] == (True,) for req, t in provider.state.prepared
+              if req.kind == "masked_matmul"]
+    out["prepared"] = {"folded": folded, "got": reveal_float(secure(enc))}
     with torch.no_grad():
         out["want"] = layer(x)
     comm.reset_communication_stats()
@@ -366,6 +375,9 @@ def test_masked_weights_open_only_the_input():
         assert err < 1e-3, (mask, err)
         assert p0[mask]["rounds"] == 1
     assert p0[True]["masked"] and p1[True]["masked"] and not p0[False]["masked"]
+    # prepared offline: one matmul online, the same product
+    assert p0["prepared"]["folded"] == p1["prepared"]["folded"] == [True]
+    assert (p0["prepared"]["got"] - want).abs().max().item() < 1e-3
     # Only party 0 holds the dealer's handle for the mask; party 1 could not ask for
     # products with it.
     assert len(p0[True]["handle"]) == 32 and p1[True]["handle"] == ""
