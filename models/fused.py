@@ -41,17 +41,21 @@ def open_round(arith: Sequence[torch.Tensor], binary: Sequence[torch.Tensor] = (
     parts = [t.reshape(-1) for t in (*arith, *binary)]
     if not parts:
         return [], []
-    flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+    # all_gather returns fresh tensors (its own part cloned), so nothing here copies twice
+    flat = torch.cat(parts) if len(parts) > 1 else parts[0]
     gathered = crypten.communicator.get().all_gather(flat)
-    add, xor = gathered[0].clone(), gathered[0].clone()
+    n_arith = sum(t.nelement() for t in arith)
+    add, xor = gathered[0][:n_arith], gathered[0][n_arith:]
     for other in gathered[1:]:
-        add += other
-        xor ^= other
+        add += other[:n_arith]
+        xor ^= other[n_arith:]
     out_a, out_b, offset = [], [], 0
     for i, t in enumerate((*arith, *binary)):
         n = t.nelement()
-        src = add if i < len(arith) else xor
-        (out_a if i < len(arith) else out_b).append(src[offset : offset + n].view(t.shape))
+        if i < len(arith):
+            out_a.append(add[offset : offset + n].view(t.shape))
+        else:
+            out_b.append(xor[offset - n_arith : offset - n_arith + n].view(t.shape))
         offset += n
     return out_a, out_b
 
