@@ -4,6 +4,9 @@
 on loopback for every attention kind with GeLU and with ReLU, plus stock CrypTen.
 ``python -m mpcvit.bench.report --section networks``: softmax ViT, MPCViT mixes and
 MPCViT+ on loopback, LAN and WAN (emulated links), with the stock-CrypTen baseline.
+``python -m mpcvit.bench.report --section ceiling``: from a fresh block profile, how far
+the speed-up of scale + ReLU over softmax + GeLU can go while every architecture keeps
+paying for its LayerNorms and linear layers.
 Prints Markdown tables; every figure comes from a run made by this command.
 """
 
@@ -54,6 +57,18 @@ def stock_baseline(config) -> dict:
                        timeout=3600)[0]
 
 
+def stock_over_link(config, profile) -> dict:
+    """Stock CrypTen's protocols across an emulated link.  Gloo's peer-to-peer sockets
+    cannot be routed through the delaying relays, so the same program runs over our gRPC
+    communicator (same rounds and bytes as gloo, section 1 of the benchmarks)."""
+    from ..mpc.netem import EmulatedNetwork
+    from .stock import stock_vit_party
+
+    with EmulatedNetwork(profile) as net:
+        return run_parties(stock_vit_party, config.to_dict(), backend="grpc", provider="tfp",
+                           network=net, timeout=7200, recv_timeout=600)[0]
+
+
 def _mb(b: float) -> str:
     return f"{b / 1e6:.1f}"
 
@@ -100,16 +115,20 @@ def section_networks(config, networks: list[str], log, images: int = 1,
                                                      loopback=loop, progress=log)
     for net in networks:
         p = PRESETS[net]
-        st = stock["online_s"] + p.mpc_seconds(stock["bytes"], stock["rounds"])
-        soft = results[(SPECS_NETWORKS[0][0], net)]["measured"]["online_s"]
+        predicted = stock["online_s"] + p.mpc_seconds(stock["bytes"], stock["rounds"])
         label = "stock CrypTen (softmax + erf GeLU, gloo, TFP)"
+        st = stock["online_s"]
         if net != "loopback":
-            label += ", predicted from its loopback run"
+            log(f"stock CrypTen over {p.describe()}...")
+            st = stock_over_link(config, p)["online_s"]
+            log(f"  {st:.2f} s")
+            label = "stock CrypTen (softmax + erf GeLU, TFP; over gRPC across the link)"
+        soft = results[(SPECS_NETWORKS[0][0], net)]["measured"]["online_s"]
         out += [f"\n**{p.describe()}**\n",
                 "| model | online s/image | offline s/image | rounds | MB | predicted online s "
                 "| vs softmax ViT | vs stock CrypTen |", "|---|---|---|---|---|---|---|---|",
                 f"| {label} | {st:.2f} | — | {stock['rounds']} | {_mb(stock['bytes'])} | "
-                f"{st:.2f} | — | 1.00x |"]
+                f"{predicted:.2f} | — | 1.00x |"]
         for name, *_ in specs:
             r = results[(name, net)]
             m = r["measured"]
@@ -119,11 +138,48 @@ def section_networks(config, networks: list[str], log, images: int = 1,
     return out
 
 
+def section_ceiling(config, networks: list[str], log, target: float = 4.0) -> list[str]:
+    """Speed-up of scale + ReLU (and grouped MPCViT+) over softmax + GeLU as the cost
+    model predicts it from a fresh profile, then with the LayerNorms, then also the
+    linear layers, made free, and how much cheaper those shared parts would have to be
+    for a speed-up of ``target``.  Rounds and bytes are exact; seconds are the profile's
+    loopback medians."""
+    from mpcvit.models import costs
+
+    log(f"profiling {config.name}...")
+    model = costs.profile(config)
+    blocks = model.blocks()
+    shared_ln, shared_lin = blocks["layernorm"], blocks["linear"]
+    specs = [("scale + relu", build_spec(config, "scale", 0.0, "relu")),
+             ("MPCViT+ μ=0.25 grouped + relu", build_spec(config, "grouped", 0.25, "relu"))]
+    base = model.predict(build_spec(config, "softmax", 0.0, "gelu"))
+    out = [f"Profile of {config.name} (batch 1): softmax + gelu costs {int(base.rounds)} "
+           f"rounds and {_mb(base.bytes)} MB; the LayerNorms {int(shared_ln.rounds)} rounds "
+           f"and {_mb(shared_ln.bytes)} MB, the linear layers {int(shared_lin.rounds)} "
+           f"rounds and {_mb(shared_lin.bytes)} MB, in every architecture.\n",
+           "| network | model | speed-up vs softmax + gelu | LayerNorms free | LayerNorms "
+           f"and linear layers free | shared parts must shrink for {target:g}x by |",
+           "|---|---|---|---|---|---|"]
+    shared = shared_ln + shared_lin
+    for net in networks:
+        nm = costs.NetworkModel.from_link(PRESETS[net])
+        b = nm.seconds(base)
+        for name, spec in specs:
+            c = nm.seconds(model.predict(spec))
+            s_ln, s_all = nm.seconds(shared_ln), nm.seconds(shared)
+            # (b - S + S/k) / (c - S + S/k) = t  =>  S/k = (b - S - t(c - S)) / (t - 1)
+            room = (b - s_all - target * (c - s_all)) / (target - 1)
+            need = f"{s_all / room:.1f}x" if room > 0 else "unreachable"
+            out.append(f"| {net} | {name} | {b / c:.2f}x | {(b - s_ln) / (c - s_ln):.2f}x | "
+                       f"{(b - s_all) / (c - s_all):.2f}x | {need} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from mpcvit.models.configs import CONFIGS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--section", choices=["models", "networks"], required=True)
+    p.add_argument("--section", choices=["models", "networks", "ceiling"], required=True)
     p.add_argument("--model", default="vit_7_4_32")
     p.add_argument("--networks", default="loopback,lan,wan")
     p.add_argument("--rows", default=None,
@@ -132,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=None,
                    help="images per row, median reported (default: 2 for models, 1 for "
                    "networks)")
+    p.add_argument("--target", type=float, default=4.0,
+                   help="ceiling: the speed-up the shared parts are sized for")
     args = p.parse_args(argv)
+    if args.target <= 1:
+        p.error("--target must be above 1")
     config = CONFIGS[args.model]
 
     def log(msg: str) -> None:
@@ -140,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.section == "models":
         lines = section_models(config, log, args.images or 2)
+    elif args.section == "ceiling":
+        lines = section_ceiling(config, args.networks.split(","), log, args.target)
     else:
         rows = None if args.rows is None else [int(r) for r in args.rows.split(",")]
         lines = section_networks(config, args.networks.split(","), log, args.images or 1,
