@@ -167,12 +167,21 @@ def section_ceiling(config, networks: list[str], log, target: float = 4.0) -> li
         for name, spec in specs:
             c = nm.seconds(model.predict(spec))
             s_ln, s_all = nm.seconds(shared_ln), nm.seconds(shared)
-            # (b - S + S/k) / (c - S + S/k) = t  =>  S/k = (b - S - t(c - S)) / (t - 1)
-            room = (b - s_all - target * (c - s_all)) / (target - 1)
-            need = f"{s_all / room:.1f}x" if room > 0 else "unreachable"
+            k = shrink_needed(b, c, s_all, target)
+            need = f"{k:.1f}x" if k is not None else "unreachable"
             out.append(f"| {net} | {name} | {b / c:.2f}x | {(b - s_ln) / (c - s_ln):.2f}x | "
                        f"{(b - s_all) / (c - s_all):.2f}x | {need} |")
     return out
+
+
+def shrink_needed(base: float, cheap: float, shared: float, target: float) -> float | None:
+    """By what factor k the ``shared`` part of both costs must shrink for
+    ``(base - shared + shared/k) / (cheap - shared + shared/k) == target``; None when even
+    k = infinity (shared part free) falls short; 1.0 when the target is already met."""
+    if base / cheap >= target:
+        return 1.0
+    room = (base - shared - target * (cheap - shared)) / (target - 1)
+    return shared / room if room > 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:
