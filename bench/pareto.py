@@ -385,7 +385,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"(10% held out), search priced on `{args.network}`, "
         f"distillation teacher: {_teacher_desc(args)}. "
         f"Measured = a real 2-party CrypTen run over gRPC with the dealer on this machine "
-        f"(loopback, 2 shared cores, niced), batch 1, median of {args.images} test images "
+        f"(loopback, 2 shared cores), batch 1, median of {args.images} test images "
         f"after one warm-up; online seconds: as in the party service, the dealer prepares "
         f"each image's correlated randomness before the image arrives. LAN/WAN columns "
         f"price the measured rounds and bytes with the network model on top of the "
