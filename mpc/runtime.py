@@ -28,7 +28,7 @@ from . import compat
 from .communicator import GrpcCommunicator
 from .config import ProviderSpec
 from .dealer import DealerProvider
-from .errors import MpcRuntimeError, PeerAborted
+from .errors import DealerError, MpcRuntimeError, PeerAborted
 from .transport import PeerTransport
 
 log = logging.getLogger("mpcvit.runtime")
@@ -147,8 +147,12 @@ def crypten_session(
             if not isinstance(exc, PeerAborted):
                 # Our part failed (dealer, a bug, a stuck peer, an interrupt): tell the
                 # peers now rather than leave them waiting for the receive timeout.  The
-                # reason names the error type only; messages could carry values.
-                transport.abort_session(session_id, type(exc).__name__)
+                # reason names the error type only, since messages could carry values;
+                # a DealerError's message is the dealer's status and our own text.
+                reason = type(exc).__name__
+                if isinstance(exc, DealerError):
+                    reason = f"{reason}: {exc}"[:300]
+                transport.abort_session(session_id, reason)
             raise
         finally:
             if dealer_open:
