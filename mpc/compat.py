@@ -195,12 +195,19 @@ def patch_crypten(crypten) -> None:
         CrypTensor.__getattribute__ = getattr_fn.__wrapped__
 
 
+_PATCHED: list = []  # the patched crypten module, once patch_crypten has run
+
+
 def import_crypten():
-    """Return the ``crypten`` module, installing the compat shim first."""
+    """Return the ``crypten`` module, installing the compat shim and the fixes first
+    (once: the secure ops call this hundreds of times per forward)."""
+    if _PATCHED:
+        return _PATCHED[0]
     install()
     import crypten
 
     patch_crypten(crypten)
+    _PATCHED[:] = [crypten]
     return crypten
 
 
