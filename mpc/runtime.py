@@ -149,9 +149,10 @@ def crypten_session(
                 # peers now rather than leave them waiting for the receive timeout.  The
                 # reason names the error type only, since messages could carry values;
                 # a DealerError's message is the dealer's status and our own text.
+                # (abort_session bounds its length.)
                 reason = type(exc).__name__
                 if isinstance(exc, DealerError):
-                    reason = f"{reason}: {exc}"[:300]
+                    reason = f"{reason}: {exc}"
                 transport.abort_session(session_id, reason)
             raise
         finally:
