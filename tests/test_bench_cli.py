@@ -30,3 +30,30 @@ def test_ceiling_shrink_factor():
     assert abs(shrink_needed(10.0, 4.0, 3.0, 4.0) - 3.0) < 1e-9
     assert shrink_needed(10.0, 2.0, 1.0, 4.0) == 1.0  # already 5x
     assert shrink_needed(10.0, 4.0, 1.0, 4.0) is None  # 9/3 = 3x even with it free
+
+
+def test_pareto_scores_every_checkpoint_on_the_whole_test_set(tmp_path):
+    """The Pareto table's accuracies come from all 10,000 test images, not the
+    training run's own --test-limit sample."""
+    import json
+
+    import torch
+    from mpcvit.bench import pareto
+    from mpcvit.models.checkpoint import save_checkpoint
+    from mpcvit.models.data import load_dataset
+    from mpcvit.models.train import evaluate
+    from mpcvit.models.vit import build_model
+
+    (tmp_path / "ckpt").mkdir()
+    torch.manual_seed(0)
+    model = build_model("demo").eval()
+    ckpt = tmp_path / "ckpt" / "m.pt"
+    save_checkpoint(model, ckpt, extra={"test_acc": 0.5})
+    assert pareto._acc(ckpt) == 0.5  # not evaluated yet: the training run's own score
+    pareto.evaluate_step(tmp_path)()
+    res = json.loads((tmp_path / "eval" / "m.json").read_text())
+    x, y = load_dataset("fashion-mnist").test.tensors()
+    with torch.no_grad():
+        _, want = evaluate(model, x, y)
+    assert res == {"accuracy": want, "images": 10000}
+    assert pareto._acc(ckpt) == want != 0.5
