@@ -215,6 +215,10 @@ class DealerProvider(TupleProvider):
         self._prepared[session] = state
         return state.offline_seconds
 
+    def is_prepared(self, session: str) -> bool:
+        """Whether :meth:`prepare` ran for ``session`` and :meth:`begin` has not used it."""
+        return session in self._prepared
+
     def discard_prepared(self) -> None:
         for state in self._prepared.values():
             state.channel.close()

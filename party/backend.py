@@ -113,7 +113,8 @@ class CrypTenBackend:
     """One party's secure model; every method runs inside its own CrypTen session."""
 
     def __init__(self, transport: Any, provider: Any, *, rank: int,
-                 model: Any = None, facts: ModelFacts | None = None) -> None:
+                 model: Any = None, facts: ModelFacts | None = None,
+                 bulk_prepare_max_batch: int = 0) -> None:
         if rank == 0 and (model is None or facts is None):
             raise ValueError("party 0 needs the plaintext model and its public facts")
         self.transport = transport
@@ -121,6 +122,9 @@ class CrypTenBackend:
         self.rank = rank
         self._model = model  # party 0 only; never leaves this process in the clear
         self.facts = facts
+        # A session of up to this many images that finds nothing prepared fetches its
+        # randomness in bulk first.
+        self.bulk_prepare_max_batch = bulk_prepare_max_batch
         self._secure = None
         self.precision_bits = int(crypten.encoder.FixedPointEncoder().scale).bit_length() - 1
         # Tuple traces of past sessions by batch size: what an offline phase must prepare.
@@ -194,6 +198,19 @@ class CrypTenBackend:
         if self._secure is None:
             raise RuntimeError("no weight shares: the start-up session has not run")
         start = time.perf_counter()
+        if len(inputs) <= self.bulk_prepare_max_batch and self.can_prepare(len(inputs)):
+            from mpcvit.mpc.runtime import dealer_provider
+
+            if not dealer_provider().is_prepared(session):
+                # Nothing was prepared while idle (a busy service): fetch this session's
+                # randomness now in a few bulk requests, not tuple by tuple during the
+                # online phase.  Each party decides alone: a party's tuples are the same
+                # whether drawn ahead or online, so the two need not agree.
+                try:
+                    self.prepare(session, len(inputs))
+                except Exception as exc:  # noqa: BLE001 - the online phase fetches instead
+                    log.warning("event=bulk_prepare_failed session=%s error=%s", session,
+                                type(exc).__name__)
         with crypten_session(self.transport, session, self.provider) as comm:
             x = MPCTensor.from_shares(torch.from_numpy(np.ascontiguousarray(inputs)),
                                       precision=self.precision_bits)

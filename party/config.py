@@ -40,8 +40,14 @@ class ServiceLimits:
     max_batch: int = 1  # requests per secure session (issue 6 raises this)
     max_wait: float = 0.0  # seconds the leader waits for a batch to fill
     # Single-image sessions whose correlated randomness the parties fetch from the
-    # dealer while idle (offline phase); 0 fetches it online, tuple by tuple.
+    # dealer while idle (offline phase); 0 prepares none.
     offline_sessions: int = 0
+    # A session of at most this many images that finds nothing prepared (a busy
+    # service) fetches its randomness in a few bulk requests just before its online
+    # phase; larger ones, or all with 0, fetch it during the online phase, tuple by
+    # tuple.  Measured (docs/benchmarks.md): bulk wins for single images; at 8 it made
+    # no difference.
+    bulk_prepare_max_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1024:
@@ -54,6 +60,8 @@ class ServiceLimits:
             raise ConfigError("limits.max_wait must be >= 0")
         if not 0 <= int(self.offline_sessions) <= 64:
             raise ConfigError("limits.offline_sessions must be between 0 and 64")
+        if int(self.bulk_prepare_max_batch) < 0:
+            raise ConfigError("limits.bulk_prepare_max_batch must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,8 @@ class PartyServer:
         self.transport = PeerTransport(config.rank, 2, tls=config.tls, timeouts=config.timeouts,
                                        chunk_bytes=config.chunk_bytes)
         self.backend = CrypTenBackend(self.transport, config.provider, rank=config.rank,
-                                      model=model, facts=facts)
+                                      model=model, facts=facts,
+                                      bulk_prepare_max_batch=config.limits.bulk_prepare_max_batch)
         st = config.service_timeouts
         self.queue = InferenceQueue(request_timeout=st.request,
                                     max_pending=config.limits.max_pending)

@@ -61,3 +61,49 @@ def test_prepared_sessions_serve_requests_correctly(tmp_path):
         want = model(torch.from_numpy(x)).numpy()
     got = np.stack([p.logits for p in (first, second, third)])
     np.testing.assert_allclose(got, want, atol=0.05)
+
+
+def _prepared_batches(cluster: LocalCluster, who: int) -> dict[str, int]:
+    text = (cluster.workdir / f"party{who}.log").read_text()
+    return {s: int(b) for s, b in
+            re.findall(r"event=offline_prepared session=(\S+) batch=(\d+)", text)}
+
+
+def test_a_busy_service_fetches_a_sessions_randomness_in_bulk(tmp_path):
+    """Idle parties prepare single-image sessions only; with bulk_prepare_max_batch 2, a
+    batch-2 session that follows another one (whose tuple trace the parties keep) is
+    prepared in bulk just before it runs, by each party on its own, and still computes
+    the right logits."""
+    import torch
+    from mpcvit.models.checkpoint import save_checkpoint
+    from mpcvit.models.vit import build_model
+    from mpcvit.party.infer import load_images
+
+    model = build_model("demo").eval()
+    save_checkpoint(model, tmp_path / "model.pt", extra={"dataset": "fashion-mnist"})
+    cluster = LocalCluster(tmp_path / "c", model=str(tmp_path / "model.pt"), log_format="text",
+                           party_overrides={"limits": {"offline_sessions": 1, "max_batch": 2,
+                                                       "max_wait": 2.0,
+                                                       "bulk_prepare_max_batch": 2}})
+    cluster.start()
+    try:
+        cluster.wait_ready(180)
+        ims = load_images(["fashion-mnist:test:0-3"])
+        with PrivateInferenceClient(cluster.party_addresses, timeout=300) as client:
+            info = client.model_info()
+            first = client.infer_batch([im.pixels for im in ims[:2]])  # online: the trace
+            second = client.infer_batch([im.pixels for im in ims[2:]])
+    finally:
+        cluster.stop()
+    s1, s2 = first[0].stats[0].session, second[0].stats[0].session
+    assert all(p.stats[0].batch_size == 2 for p in first + second)
+    assert [p.stats[0].session for p in second] == [s2, s2]
+    for who in (0, 1):
+        prepared = _prepared_batches(cluster, who)
+        assert s1 not in prepared
+        assert prepared.get(s2) == 2, cluster.logs(who)
+    x = np.stack([info.preprocess(im.pixels) for im in ims])
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    got = np.stack([p.logits for p in first + second])
+    np.testing.assert_allclose(got, want, atol=0.05)
