@@ -194,23 +194,28 @@ class DealerProvider(TupleProvider):
     ) -> float:
         """Offline phase for a future ``session`` that will make exactly ``trace``'s requests.
 
-        Every party calls it with the same session id and trace.  Returns seconds spent.
+        A party's tuples are the same whether it prepares them or draws them during the
+        session, so the parties may decide this each on its own.  Returns seconds spent.
         """
         tic = time.perf_counter()
         state = self._open(session, rank, world_size, spec)
-        corrections: collections.deque = collections.deque()
-        if rank == 0:
-            batch: list[dealer_pb2.CorrectionRequest] = []
-            elements = 0
-            for seq, req in enumerate(trace):
-                batch.append(req.message(session, seq))
-                elements += req.result_elements()
-                if elements >= self.BATCH_ELEMENTS or seq == len(trace) - 1:
-                    corrections.extend(self._fetch_batch(state, batch))
-                    batch, elements = [], 0
-        for req in trace:
-            fetch = corrections.popleft if rank == 0 else None
-            state.prepared.append((req, self._fold(req, self._draw(state, req, fetch))))
+        try:
+            corrections: collections.deque = collections.deque()
+            if rank == 0:
+                batch: list[dealer_pb2.CorrectionRequest] = []
+                elements = 0
+                for seq, req in enumerate(trace):
+                    batch.append(req.message(session, seq))
+                    elements += req.result_elements()
+                    if elements >= self.BATCH_ELEMENTS or seq == len(trace) - 1:
+                        corrections.extend(self._fetch_batch(state, batch))
+                        batch, elements = [], 0
+            for req in trace:
+                fetch = corrections.popleft if rank == 0 else None
+                state.prepared.append((req, self._fold(req, self._draw(state, req, fetch))))
+        except BaseException:
+            state.channel.close()  # nothing prepared: do not leak the session's channel
+            raise
         state.offline_seconds = time.perf_counter() - tic
         self._prepared[session] = state
         return state.offline_seconds

@@ -138,6 +138,23 @@ def offline_phase() -> dict:
     }
 
 
+def offline_phase_one_party(prepared_rank: int) -> torch.Tensor:
+    """Only ``prepared_rank`` prepares the second session; the other party draws (and,
+    as party 0, fetches) its tuples during it.  The result must not change."""
+    from mpcvit.mpc import runtime
+
+    provider = runtime.dealer_provider()
+    rank = crypten.communicator.get().get_rank()
+    _mixed_work()
+    state = provider.state
+    trace, spec = list(state.trace), state.spec
+    provider.end()
+    if rank == prepared_rank:
+        provider.prepare("half-prepared", rank, 2, spec, trace)
+    provider.begin("half-prepared", rank, 2, spec)
+    return _mixed_work()
+
+
 def plain_mixed_work() -> torch.Tensor:
     return ((X @ Y.t()).relu() + (X * Y).sum()).softmax(dim=-1)
 

@@ -113,6 +113,16 @@ def test_offline_dealer_phase_removes_online_dealer_calls():
     assert r1["offline_calls"] == 0
 
 
+@pytest.mark.parametrize("prepared_rank", [0, 1])
+def test_one_party_may_prepare_a_session_the_other_runs_online(prepared_rank):
+    # The service lets each party decide alone whether to bulk-fetch a session's tuples
+    # before it (party.backend): a party's tuples must not depend on that choice.
+    r0, r1 = run_parties(progs.offline_phase_one_party, prepared_rank, provider="dealer")
+    want = progs.plain_mixed_work()
+    for r in (r0, r1):
+        assert torch.allclose(r, want, atol=2e-2)
+
+
 def test_launch_from_yaml_with_fixed_ports_and_mutual_tls_to_parties_and_dealer(tmp_path):
     import socket
 
