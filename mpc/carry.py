@@ -61,14 +61,23 @@ def shifted(g: torch.Tensor, p: torch.Tensor, name: str, shift: int) -> torch.Te
 
 def mask_products(r_g: torch.Tensor, r_p: torch.Tensor, shift: int, final: bool
                   ) -> torch.Tensor:
-    """ρ_T for every monomial of :func:`carry_monomials`, stacked: (monomials, *shape)."""
-    words = []
-    for mono in carry_monomials(final):
-        w = shifted(r_g, r_p, mono[0], shift)
-        for name in mono[1:]:
-            w = w & shifted(r_g, r_p, name, shift)
-        words.append(w)
-    return torch.stack(words)
+    """ρ_T for every monomial of :func:`carry_monomials`, stacked: (monomials, *shape).
+
+    Each variable's word is shifted once, and each monomial is its prefix's product
+    times one more word (every prefix of a monomial comes earlier in the list)."""
+    monos = carry_monomials(final)
+    out = torch.empty((len(monos), *r_g.shape), dtype=r_g.dtype)
+    words: dict[str, torch.Tensor] = {}
+    done: dict[tuple[str, ...], torch.Tensor] = {}
+    for i, mono in enumerate(monos):
+        for name in mono:
+            if name not in words:
+                words[name] = shifted(r_g, r_p, name, shift)
+        prefix = mono[:-1]
+        left = done[prefix] if len(prefix) > 1 else words[prefix[0]]
+        torch.bitwise_and(left, words[mono[-1]], out=out[i])
+        done[mono] = out[i]
+    return out
 
 
 def _signed(v: int) -> int:
