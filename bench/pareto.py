@@ -222,12 +222,11 @@ def evaluate_step(out: Path) -> Callable[[], None]:
         x, y = load_dataset("fashion-mnist").test.tensors()
         (out / "eval").mkdir(exist_ok=True)
         for ckpt in sorted((out / "ckpt").glob("*.pt")):
-            dest = out / "eval" / f"{ckpt.stem}.json"
-            if dest.exists() and dest.stat().st_mtime >= ckpt.stat().st_mtime:
+            if _fresh_eval(ckpt) is not None:
                 continue
             with torch.no_grad():
                 _, acc = evaluate(load_model(str(ckpt)), x, y)
-            dest.write_text(json.dumps({"accuracy": acc, "images": len(y)}))
+            _eval_path(ckpt).write_text(json.dumps({"accuracy": acc, "images": len(y)}))
         (out / "eval" / "all.json").write_text(json.dumps(
             sorted(p.stem for p in (out / "ckpt").glob("*.pt"))))
 
@@ -353,6 +352,16 @@ def _plus_budget(costs: Path, network: str, fraction: float | None = None) -> fl
 # ----------------------------------------------------------------------------- report
 
 
+def _eval_path(ckpt: Path) -> Path:
+    return ckpt.parent.parent / "eval" / f"{ckpt.stem}.json"
+
+
+def _fresh_eval(ckpt: Path) -> Path | None:
+    """The whole-test-set score of ``ckpt`` if it was written after the checkpoint."""
+    path = _eval_path(ckpt)
+    return path if path.exists() and path.stat().st_mtime >= ckpt.stat().st_mtime else None
+
+
 def _acc(ckpt: Path) -> float | None:
     """Accuracy on the whole test set (``evaluate_step``) when it was evaluated, else the
     training run's own score on ``--test-limit`` images."""
@@ -360,8 +369,8 @@ def _acc(ckpt: Path) -> float | None:
 
     if not ckpt.exists():
         return None
-    full = ckpt.parent.parent / "eval" / f"{ckpt.stem}.json"
-    if full.exists() and full.stat().st_mtime >= ckpt.stat().st_mtime:
+    full = _fresh_eval(ckpt)
+    if full is not None:
         return json.loads(full.read_text())["accuracy"]
     return read_checkpoint(ckpt)["extra"].get("test_acc")
 

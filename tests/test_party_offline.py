@@ -13,9 +13,15 @@ from mpcvit.party.local import LocalCluster
 pytestmark = pytest.mark.slow
 
 
-def _prepared_sessions(cluster: LocalCluster, who: int) -> list[str]:
+def _prepared(cluster: LocalCluster, who: int) -> list[tuple[str, int]]:
+    """(session, batch size) of every offline_prepared event in a party's log, in order."""
     text = (cluster.workdir / f"party{who}.log").read_text()
-    return re.findall(r"event=offline_prepared session=(\S+)", text)
+    return [(s, int(b)) for s, b in
+            re.findall(r"event=offline_prepared session=(\S+) batch=(\d+)", text)]
+
+
+def _prepared_sessions(cluster: LocalCluster, who: int) -> list[str]:
+    return [s for s, _ in _prepared(cluster, who)]
 
 
 def _wait_prepared(cluster: LocalCluster, count: int, limit: float = 120.0) -> None:
@@ -27,16 +33,32 @@ def _wait_prepared(cluster: LocalCluster, count: int, limit: float = 120.0) -> N
     raise AssertionError(f"parties did not prepare {count} session(s):\n{cluster.logs(0)}")
 
 
-def test_prepared_sessions_serve_requests_correctly(tmp_path):
-    import torch
+def _demo_cluster(tmp_path, limits: dict):
+    """A random demo model (party 0's checkpoint) and a local cluster serving it."""
     from mpcvit.models.checkpoint import save_checkpoint
     from mpcvit.models.vit import build_model
-    from mpcvit.party.infer import load_images
 
     model = build_model("demo").eval()
     save_checkpoint(model, tmp_path / "model.pt", extra={"dataset": "fashion-mnist"})
     cluster = LocalCluster(tmp_path / "c", model=str(tmp_path / "model.pt"), log_format="text",
-                           party_overrides={"limits": {"offline_sessions": 1}})
+                           party_overrides={"limits": limits})
+    return model, cluster
+
+
+def _assert_plaintext_logits(model, info, ims, predictions) -> None:
+    import torch
+
+    x = np.stack([info.preprocess(im.pixels) for im in ims])
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    got = np.stack([p.logits for p in predictions])
+    np.testing.assert_allclose(got, want, atol=0.05)
+
+
+def test_prepared_sessions_serve_requests_correctly(tmp_path):
+    from mpcvit.party.infer import load_images
+
+    model, cluster = _demo_cluster(tmp_path, {"offline_sessions": 1})
     cluster.start()
     try:
         cluster.wait_ready(180)
@@ -56,17 +78,7 @@ def test_prepared_sessions_serve_requests_correctly(tmp_path):
     assert first.stats[0].session not in prepared0
     assert second.stats[0].session == prepared0[0]  # served by the prepared session
     assert third.stats[0].session == prepared0[1]
-    x = np.stack([info.preprocess(im.pixels) for im in ims])
-    with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy()
-    got = np.stack([p.logits for p in (first, second, third)])
-    np.testing.assert_allclose(got, want, atol=0.05)
-
-
-def _prepared_batches(cluster: LocalCluster, who: int) -> dict[str, int]:
-    text = (cluster.workdir / f"party{who}.log").read_text()
-    return {s: int(b) for s, b in
-            re.findall(r"event=offline_prepared session=(\S+) batch=(\d+)", text)}
+    _assert_plaintext_logits(model, info, ims, (first, second, third))
 
 
 def test_a_busy_service_fetches_a_sessions_randomness_in_bulk(tmp_path):
@@ -74,17 +86,10 @@ def test_a_busy_service_fetches_a_sessions_randomness_in_bulk(tmp_path):
     batch-2 session that follows another one (whose tuple trace the parties keep) is
     prepared in bulk just before it runs, by each party on its own, and still computes
     the right logits."""
-    import torch
-    from mpcvit.models.checkpoint import save_checkpoint
-    from mpcvit.models.vit import build_model
     from mpcvit.party.infer import load_images
 
-    model = build_model("demo").eval()
-    save_checkpoint(model, tmp_path / "model.pt", extra={"dataset": "fashion-mnist"})
-    cluster = LocalCluster(tmp_path / "c", model=str(tmp_path / "model.pt"), log_format="text",
-                           party_overrides={"limits": {"offline_sessions": 1, "max_batch": 2,
-                                                       "max_wait": 2.0,
-                                                       "bulk_prepare_max_batch": 2}})
+    model, cluster = _demo_cluster(tmp_path, {"offline_sessions": 1, "max_batch": 2,
+                                              "max_wait": 2.0, "bulk_prepare_max_batch": 2})
     cluster.start()
     try:
         cluster.wait_ready(180)
@@ -99,11 +104,7 @@ def test_a_busy_service_fetches_a_sessions_randomness_in_bulk(tmp_path):
     assert all(p.stats[0].batch_size == 2 for p in first + second)
     assert [p.stats[0].session for p in second] == [s2, s2]
     for who in (0, 1):
-        prepared = _prepared_batches(cluster, who)
+        prepared = dict(_prepared(cluster, who))
         assert s1 not in prepared
         assert prepared.get(s2) == 2, cluster.logs(who)
-    x = np.stack([info.preprocess(im.pixels) for im in ims])
-    with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy()
-    got = np.stack([p.logits for p in first + second])
-    np.testing.assert_allclose(got, want, atol=0.05)
+    _assert_plaintext_logits(model, info, ims, first + second)
