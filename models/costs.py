@@ -435,7 +435,7 @@ def profile_blocks_party(
     evaluated by the model's own modules and ``models.ops``/``models.vit.attend``."""
     from . import ops
     from .secure import share_module
-    from .vit import Block, attend, normed_linear
+    from .vit import Block, Linear, attend, normed_linear
 
     crypten = _crypten()
     cfg = ViTConfig.from_dict(config_dict)
@@ -457,14 +457,27 @@ def profile_blocks_party(
                            repeats)
             out[f"attention.{kind}.{label}"] = cost.to_dict()
     hidden = enc(1, n, cfg.mlp_hidden, std=1.5)
-    for kind in activation_kinds:
-        fn = ops.ACTIVATION_FNS[ActivationKind(kind).value]
-        out[f"activation.{kind}"] = measure(lambda fn=fn: fn(hidden), repeats).to_dict()
-
     x = enc(1, n, d, std=2.0)
     qkv, proj = share_module(blk.attn.qkv), share_module(blk.attn.proj)
     fc1, fc2 = share_module(blk.mlp.fc1), share_module(blk.mlp.fc2)
     xh = enc(1, n, cfg.mlp_hidden)
+    for kind in activation_kinds:
+        act = ActivationKind(kind)
+        if act.bias_free and isinstance(blk, Block):
+            # Its ReLU rides in the norm2 -> fc1 pair (``vit.normed_linear``): the cost is
+            # what the rectified pair costs beyond the plain one.
+            norm2 = share_module(blk.norm2)
+            free = Linear(d, cfg.mlp_hidden, bias=False)
+            free.weight = blk.mlp.fc1.weight
+            fc1_free = share_module(free)
+            cost = _difference(
+                measure(lambda f=fc1_free, n=norm2: normed_linear(f, x, n, rectify=True),
+                        repeats),
+                measure(lambda n=norm2: normed_linear(fc1, x, n), repeats))
+        else:
+            fn = ops.ACTIVATION_FNS[act.value]
+            cost = measure(lambda fn=fn: fn(hidden), repeats)
+        out[f"activation.{kind}"] = cost.to_dict()
 
     def linears() -> None:
         qkv(x)

@@ -145,20 +145,27 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     return y
 
 
-def norm_linear(x: Tensor, eps: float, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """linear(layer_norm(x)) for a LayerNorm without affine part (folded away).
+def norm_linear(x: Tensor, eps: float, weight: Tensor, bias: Tensor | None = None,
+                rectify: bool = False) -> Tensor:
+    """linear(layer_norm(x)) for a LayerNorm without affine part (folded away); with
+    ``rectify``, relu of it (the layer must then have no bias).
 
     The norm scales each row by 1/sqrt(var + eps), which commutes with the linear layer:
     under MPC the layer's product xc·Wᵀ shares the first round with Σ xc², and the
     scale is applied to its output.  The pair takes one round fewer, at the price of
     scaling the (wider) output rather than the input (``vit.normed_linear`` decides).
+    The positive scale also commutes with a ReLU when there is no bias in between, so
+    the ReLU's sign test joins the norm's range comparison: no round of its own.
     """
+    if rectify and bias is not None:
+        raise ValueError("rectify needs a linear layer without bias")
     if is_plain(x):
-        return linear(F.layer_norm(x, x.shape[-1:], None, None, eps), weight, bias)
+        y = linear(F.layer_norm(x, x.shape[-1:], None, None, eps), weight, bias)
+        return F.relu(y) if rectify else y
     d = x.shape[-1]
     xc = x - x.mean(-1, keepdim=True)
     ss, h = fused.in_one_round([fused.sum_squares_part(xc), _linear_part(xc, weight)])
-    y = _normalize(h * math.sqrt(d), ss, d, eps)
+    y = _normalize(h * math.sqrt(d), ss, d, eps, rectify)
     return y if bias is None else y + bias
 
 
@@ -170,11 +177,12 @@ def _linear_part(x: Tensor, weight: Tensor) -> fused.Part:
     return opens, lambda vals: finish(vals)[0]
 
 
-def _normalize(num: Tensor, ss: Tensor, d: int, eps: float) -> Tensor:
-    """num / sqrt(ss + D·eps) on the range a LayerNorm over D features needs."""
+def _normalize(num: Tensor, ss: Tensor, d: int, eps: float, rectify: bool = False) -> Tensor:
+    """num / sqrt(ss + D·eps) (relu(num) with ``rectify``) on the range a LayerNorm over
+    D features needs."""
     lo = INV_SQRT_RANGE[0] + math.floor(math.log2(d))
     hi = INV_SQRT_RANGE[1] + math.ceil(math.log2(d))
-    return div_sqrt(num, ss + d * eps, lo, hi)
+    return div_sqrt(num, ss + d * eps, lo, hi, rectify=rectify)
 
 
 # --------------------------------------------------------------------------- attention maps
@@ -296,10 +304,37 @@ def _select(bits: Tensor, exps: range, value) -> Tensor:
     return out
 
 
-def _unit_range(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor, range]:
+def _range_comparison(d: Tensor, v: Tensor, rectify: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(b, b·v)`` for b = [d < 0] (``ltz_products``) and, given ``rectify``,
+    relu(rectify) from the same comparison: one sign test on both sets of elements, so
+    the ReLU costs bytes but no round (the comparison's cost is mostly per round)."""
+    if rectify is None:
+        below, (below_v,), _ = ltz_products(d, [v])
+        return below, below_v, None
+    from crypten.mpc import MPCTensor
+
+    if rectify.encoder.scale != d.encoder.scale or v.encoder.scale != d.encoder.scale:
+        raise ValueError("rectify must share the compared tensor's fixed-point scale")
+
+    def flat(a: Tensor, b: Tensor) -> Tensor:
+        t = MPCTensor.from_shares(
+            torch.cat([a._tensor.share.reshape(-1), b._tensor.share.reshape(-1)]), precision=0)
+        t.encoder = a.encoder
+        return t
+
+    n = d.numel()
+    below, (below_v,), _ = ltz_products(flat(d, rectify), [flat(v, rectify)])
+    negative = below_v[n:].reshape(rectify.shape)  # [r < 0]·r
+    return below[:n].reshape(d.shape), below_v[:n].reshape(d.shape), rectify - negative
+
+
+def _unit_range(x: Tensor, lo: int, hi: int, rectify: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, range, Tensor | None]:
     """Write positive x in [2**lo, 2**hi] as 2**e · t with t in [1, 2).
 
-    Returns (u = t - 1.5, bits [x >= 2**k] for k = lo+1 .. hi-1, exponents lo .. hi-1).
+    Returns (u = t - 1.5, bits [x >= 2**k] for k = lo+1 .. hi-1, exponents lo .. hi-1,
+    relu(rectify) or None).
     One batched comparison; the products [x < 2**k]·x that give t = x · 2**(top - e) /
     2**top ride in its last round, so t costs no round of its own.  x · 2**(top - e) is
     an exact integer multiple of x's shares (2**-e itself would need fixed-point values
@@ -312,7 +347,7 @@ def _unit_range(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor, range]:
     shape = (-1, *([1] * x.dim()))
     thresholds = torch.tensor([2.0**k for k in ks]).reshape(shape)
     xs = _repeat(x, len(ks))
-    below, (below_x,), _ = ltz_products(xs - thresholds, [xs])
+    below, below_x, rectified = _range_comparison(xs - thresholds, xs, rectify)
     top = exps[-1]
     ups = [2 ** (top - e) for e in exps]
     steps = torch.tensor([ups[i + 1] - ups[i] for i in range(len(ks))]).reshape(shape)
@@ -320,7 +355,7 @@ def _unit_range(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor, range]:
     share = x._tensor.share * ups[-1] - (below_x._tensor.share * steps).sum(0)
     scaled = MPCTensor.from_shares(share, precision=0)
     scaled.encoder = x.encoder
-    return scaled.div(2**top) - 1.5, 1 - below, exps
+    return scaled.div(2**top) - 1.5, 1 - below, exps, rectified
 
 
 def _repeat(x: Tensor, k: int) -> Tensor:
@@ -341,7 +376,7 @@ def _poly(coeffs: Sequence[float], powers: Sequence[Tensor]) -> Tensor:
 
 
 def _scaled_unit_power(num: Tensor, x: Tensor, power: float, lo: int, hi: int,
-                       degree: int) -> Tensor:
+                       degree: int, rectify: bool = False) -> Tensor:
     """num · x**power for positive x in [2**lo, 2**hi] (power -1 or -1/2).
 
     x = 2**e·t: the range comparison gives u = t - 1.5 and the bits that select the
@@ -350,8 +385,11 @@ def _scaled_unit_power(num: Tensor, x: Tensor, power: float, lo: int, hi: int,
     Rounds: 5 + ceil(log2 degree) + 1.  2**(e·power) is applied as an exact power of
     two times a factor in [1, 2) (√2 for odd e when power = -1/2), the factor in the
     second round: a lone fixed-point 2**-10.5 would carry a 0.5% rounding error.
+    With ``rectify``, relu(num) replaces num, its sign test in the range comparison.
     """
-    u, bits, exps = _unit_range(x, lo, hi)
+    u, bits, exps, rectified = _unit_range(x, lo, hi, num if rectify else None)
+    if rectify:
+        num = rectified
     whole = {k: math.floor(k * power) for k in exps}
     s = _select(bits, exps, lambda k: 2.0 ** whole[k])
     pending = []
@@ -393,8 +431,10 @@ def reciprocal(x: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1]) ->
 
 
 def div_sqrt(num: Tensor, x: Tensor, lo: int = INV_SQRT_RANGE[0],
-             hi: int = INV_SQRT_RANGE[1], sub: int = INV_SQRT_SUB) -> Tensor:
-    """num / sqrt(x) for positive x in [2**lo, 2**hi].
+             hi: int = INV_SQRT_RANGE[1], sub: int = INV_SQRT_SUB,
+             rectify: bool = False) -> Tensor:
+    """num / sqrt(x) for positive x in [2**lo, 2**hi]; relu(num) / sqrt(x) with
+    ``rectify``, whose sign test rides in the range comparison below (no extra round).
 
     Under MPC, for few values x (``PIECES_MAX_EXTRA``), 7 rounds: one comparison
     against every 2**(k/sub) splits x into 2**E·t with E even and t in one of 2·sub
@@ -405,10 +445,10 @@ def div_sqrt(num: Tensor, x: Tensor, lo: int = INV_SQRT_RANGE[0],
     more.  CrypTen's inv_sqrt is off by up to ~79% below 0.01 and above ~200.
     """
     if is_plain(num) and is_plain(x):
-        return num * x.rsqrt()
+        return (F.relu(num) if rectify else num) * x.rsqrt()
     if x.numel() * (sub - 1) * (hi - lo) <= PIECES_MAX_EXTRA:
-        return _div_sqrt_pieces(num, x, lo, hi, sub)
-    return _scaled_unit_power(num, x, -0.5, lo, hi, degree=4)
+        return _div_sqrt_pieces(num, x, lo, hi, sub, rectify)
+    return _scaled_unit_power(num, x, -0.5, lo, hi, degree=4, rectify=rectify)
 
 
 @cache
@@ -472,7 +512,8 @@ def _combine(weights: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
     return (w * shares.unsqueeze(0) if weights.dim() == 2 else w * shares).sum(-shares.dim())
 
 
-def _div_sqrt_pieces(num: Tensor, x: Tensor, lo: int, hi: int, sub: int) -> Tensor:
+def _div_sqrt_pieces(num: Tensor, x: Tensor, lo: int, hi: int, sub: int,
+                     rectify: bool = False) -> Tensor:
     """Secure :func:`div_sqrt`; see there.  Rounds: comparison (4 + 1 with the
     products [x >= 2**(k/sub)]·x), then {num·s, v²}, then the product."""
     from crypten.encoder import FixedPointEncoder
@@ -483,7 +524,10 @@ def _div_sqrt_pieces(num: Tensor, x: Tensor, lo: int, hi: int, sub: int) -> Tens
     n, top = plan["n"], plan["top"]
     xs = _repeat(x, n - 1)
     thresholds = plan["thresholds"].reshape(-1, *([1] * x.dim()))
-    below, (below_x,), _ = ltz_products(xs - thresholds, [xs])
+    below, below_x, rectified = _range_comparison(xs - thresholds, xs,
+                                                  num if rectify else None)
+    if rectify:
+        num = rectified
     # One-hot piece indicators o_j = ge_j - ge_(j+1), ge_k = [x >= threshold k] with
     # ge_0 = 1 and ge_n = 0; integer-scale shares, and the same for o_j·x.
     one = x._tensor.share.new_full((1, *x.shape), int(fused._rank() == 0))
@@ -615,4 +659,5 @@ ACTIVATION_FNS = {
     "relu": relu,
     "quad": quad,
     "identity": identity,
+    "relu_nobias": relu,  # the function; the missing biases are the model's (vit.Mlp)
 }

@@ -84,8 +84,17 @@ class MixedMlp(nn.Module):
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         h = normed_linear(self.fc1, x, norm)
         w = self.weights()
-        y = sum(w[i] * ops.ACTIVATION_FNS[k.value](h) for i, k in enumerate(self.kinds))
+        y = sum(w[i] * self._activation(k, h, x, norm) for i, k in enumerate(self.kinds))
         return self.fc2(y)
+
+    def _activation(self, kind: ActivationKind, h: torch.Tensor, x: torch.Tensor,
+                    norm: nn.Module | None) -> torch.Tensor:
+        if not kind.bias_free:
+            return ops.ACTIVATION_FNS[kind.value](h)
+        # As the derived layer computes it: no fc1 bias, no shift in the LayerNorm.
+        if norm is not None:
+            x = F.layer_norm(x, x.shape[-1:], norm.weight, None, norm.eps)
+        return F.relu(F.linear(x, self.fc1.weight))
 
 
 class SuperNet(nn.Module):
@@ -144,8 +153,10 @@ class SuperNet(nn.Module):
     def derive(self, spec: ArchSpec) -> ViT:
         """A plain ViT with ``spec`` carrying the supernet's shared weights."""
         model = ViT(self.config, spec)
+        # bias-free layers (``relu_nobias``) leave out their fc1 and norm2 biases
+        wanted = model.state_dict().keys()
         state = {k.removeprefix("vit."): v for k, v in self.state_dict().items()
-                 if not k.endswith((".alpha", ".beta"))}
+                 if k.removeprefix("vit.") in wanted}
         model.load_state_dict(state)
         return model
 

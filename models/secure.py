@@ -106,11 +106,12 @@ def _fold_into(norm: nn.LayerNorm, linear: nn.Linear) -> None:
         return
     with torch.no_grad():
         w = linear.weight.detach().clone()
-        bias = w @ norm.bias.detach() if norm.bias is not None else torch.zeros(w.shape[0])
+        bias = w @ norm.bias.detach() if norm.bias is not None else None
         if linear.bias is not None:
-            bias += linear.bias.detach()
+            bias = linear.bias.detach().clone() if bias is None else bias + linear.bias.detach()
         linear.weight = nn.Parameter(w * norm.weight.detach())
-        linear.bias = nn.Parameter(bias)
+        # a layer without either bias stays bias-free (``ops.norm_linear(rectify=True)``)
+        linear.bias = None if bias is None else nn.Parameter(bias)
     norm.weight = None
     norm.bias = None
 

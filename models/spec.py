@@ -33,6 +33,14 @@ class ActivationKind(str, Enum):
     RELU = "relu"
     QUAD = "quad"  # MPCFormer: 0.125 x² + 0.25 x + 0.5
     IDENTITY = "identity"
+    # ReLU of a bias-free fc1 fed by a LayerNorm without shift (β): relu(W·x̂), which
+    # commutes with the norm's positive 1/σ, so under MPC its sign test joins the norm's.
+    RELU_NOBIAS = "relu_nobias"
+
+    @property
+    def bias_free(self) -> bool:
+        """Whether the layer's fc1 and the LayerNorm before it carry no bias."""
+        return self is ActivationKind.RELU_NOBIAS
 
 
 def _enum(cls: type[Enum], v: Any, where: str) -> Any:

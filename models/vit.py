@@ -31,23 +31,26 @@ class LayerNorm(nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def normed_linear(linear, x, norm=None):
-    """``linear(norm(x))``, or ``linear(x)`` without a norm.
+def normed_linear(linear, x, norm=None, rectify: bool = False):
+    """``linear(norm(x))``, or ``linear(x)`` without a norm; relu of it with ``rectify``.
 
     Under MPC a LayerNorm without an affine part (``secure.fold_norms`` moves it into
     the linear layer) is fused with the layer (``ops.norm_linear``: one round fewer)
     when the 2·(out − in) more opened elements per row that this costs stay within
     ``ops.FUSE_MAX_EXTRA``; the decision uses public shapes only.  In plaintext the
-    modules are called as such, so forward hooks on them still fire.
+    modules are called as such, so forward hooks on them still fire.  A ReLU after a
+    fused, bias-free layer costs no round of its own (``ops.norm_linear``).
     """
     if norm is None:
-        return linear(x)
+        y = linear(x)
+        return ops.relu(y) if rectify else y
     out_features, in_features = linear.weight.shape[0], linear.weight.shape[1]
     extra = 2 * max(0, out_features - in_features) * math.prod(x.shape[:-1])
     if (ops.is_plain(x) or norm.weight is not None or norm.bias is not None
-            or extra > ops.FUSE_MAX_EXTRA):
-        return linear(norm(x))
-    return ops.norm_linear(x, norm.eps, linear.weight, linear.bias)
+            or extra > ops.FUSE_MAX_EXTRA or (rectify and linear.bias is not None)):
+        y = linear(norm(x))
+        return ops.relu(y) if rectify else y
+    return ops.norm_linear(x, norm.eps, linear.weight, linear.bias, rectify=rectify)
 
 
 class PatchEmbed(nn.Module):
@@ -137,12 +140,14 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: ActivationKind) -> None:
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
         self.activation = ActivationKind(activation)
+        self.fc1 = Linear(dim, hidden, bias=not self.activation.bias_free)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x, norm=None):
         """The MLP of ``norm(x)`` (``x`` itself without a norm)."""
+        if self.activation is ActivationKind.RELU_NOBIAS:
+            return self.fc2(normed_linear(self.fc1, x, norm, rectify=True))
         h = normed_linear(self.fc1, x, norm)
         return self.fc2(ops.ACTIVATION_FNS[self.activation.value](h))
 
@@ -155,7 +160,8 @@ class Block(nn.Module):
         self.norm1 = LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.attn = Attention(cfg.dim, cfg.heads, layer.attention, qkv_bias=qkv_bias,
                               eps=cfg.attn_eps)
-        self.norm2 = LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        # a bias-free MLP needs a LayerNorm without shift before it (see ActivationKind)
+        self.norm2 = LayerNorm(cfg.dim, eps=cfg.ln_eps, bias=not layer.activation.bias_free)
         self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation)
 
     def forward(self, x):
@@ -212,13 +218,21 @@ class ViT(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
 
     def set_spec(self, spec: ArchSpec) -> None:
-        """Switch attention/activation kinds in place (weights are kind-independent)."""
+        """Switch attention/activation kinds in place.  The weights are kind-independent,
+        except that a bias-free activation (``relu_nobias``) has no fc1 and LayerNorm
+        bias: switching to or from it is refused."""
         spec.validate(self.config.depth, self.config.heads)
+        for i, (old, new) in enumerate(zip(self.spec.layers, spec.layers, strict=True)):
+            if old.activation.bias_free != new.activation.bias_free:
+                raise ValueError(f"layer {i}: {old.activation.value} -> "
+                                 f"{new.activation.value} changes the MLP's parameters; "
+                                 "train a model with that spec instead")
         for blk, layer in zip(self.blocks, spec.layers, strict=True):
             blk.attn.set_kinds(layer.attention)
             blk.mlp.activation = layer.activation

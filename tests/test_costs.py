@@ -31,7 +31,7 @@ def _measurements() -> dict[str, dict[str, float]]:
                                            "compute_s": 0.1 * (i + 1)}
         m[f"attention.{kind}.all_heads"] = {"rounds": 80 - 10 * i, "bytes": 3400 * (i + 1),
                                             "compute_s": 0.25 * (i + 1)}
-    for i, kind in enumerate(("gelu", "relu", "quad", "identity")):
+    for i, kind in enumerate(("gelu", "relu", "quad", "identity", "relu_nobias")):
         m[f"activation.{kind}"] = {"rounds": 13 - 3 * i, "bytes": 500 - 100 * i,
                                    "compute_s": 0.05 * (4 - i)}
     m["layernorm"] = {"rounds": 20, "bytes": 300, "compute_s": 0.02}
@@ -168,9 +168,13 @@ def test_profile_cli_reports_every_block(profiled):
         assert set(b) == {"rounds", "bytes", "compute_s", "seconds"}
         assert b["seconds"] >= b["compute_s"] >= 0.0, name
     for name in BLOCK_NAMES:
-        if name != "activation.identity":
+        if name not in ("activation.identity", "activation.relu_nobias"):
             assert report["blocks"][name]["rounds"] > 0, name
     assert report["blocks"]["activation.identity"]["bytes"] == 0
+    # a bias-free ReLU rides in its LayerNorm's comparison: bytes, but no round
+    assert report["blocks"]["activation.relu_nobias"]["rounds"] == 0
+    assert 0 < report["blocks"]["activation.relu_nobias"]["bytes"] \
+        <= report["blocks"]["activation.relu"]["bytes"]
     # MPC cost ordering the search relies on
     b = report["blocks"]
     assert b["attention.softmax"]["rounds"] > b["attention.relu_softmax"]["rounds"] \
@@ -184,7 +188,9 @@ def test_profile_cli_reports_every_block(profiled):
     ArchSpec.uniform(DEMO.depth, DEMO.heads, "softmax", "gelu"),
     ArchSpec(tuple(LayerSpec(("relu_softmax", "scale", "quad2", "scale"), act)
                    for act in ("relu", "quad", "identity", "gelu"))),
-], ids=["softmax", "mixed"])
+    ArchSpec(tuple(LayerSpec(("scale",) * 4, act)
+                   for act in ("relu_nobias", "relu", "relu_nobias", "quad"))),
+], ids=["softmax", "mixed", "bias_free"])
 def test_blocks_predict_whole_model_run(profiled, spec):
     import torch
 

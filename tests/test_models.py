@@ -210,6 +210,42 @@ def test_set_spec_changes_kinds_not_weights():
     assert m.blocks[0].mlp.activation is ActivationKind.RELU
 
 
+def test_relu_nobias_layers_have_no_fc1_or_norm2_bias():
+    spec = ArchSpec((LayerSpec(("scale",) * 4, "relu_nobias"), LayerSpec(("scale",) * 4, "relu")))
+    m = _scaled(build_model(TINY, spec))
+    assert m.blocks[0].mlp.fc1.bias is None and m.blocks[0].norm2.bias is None
+    assert m.blocks[1].mlp.fc1.bias is not None and m.blocks[1].norm2.bias is not None
+    x = torch.randn(2, 2, 8, 8)
+    h = m.class_token(x)  # runs the blocks
+    assert torch.isfinite(h).all()
+    # the MLP is relu(fc1(norm2 t)) with neither bias, then fc2
+    blk = m.blocks[0]
+    t = torch.randn(1, 5, 16)
+    hidden = F.relu(blk.mlp.fc1(blk.norm2(t)))
+    want = blk.mlp.fc2(hidden)
+    torch.testing.assert_close(blk.mlp(t, norm=blk.norm2), want)
+    # switching a layer to or from the bias-free kind would change the parameters
+    with pytest.raises(ValueError, match="changes the MLP's parameters"):
+        m.set_spec(ArchSpec.uniform(2, 4, "scale", "relu"))
+    m.set_spec(ArchSpec((LayerSpec(("softmax",) * 4, "relu_nobias"),
+                         LayerSpec(("scale",) * 4, "gelu"))))
+    assert m.blocks[1].mlp.activation is ActivationKind.GELU
+
+
+def test_fold_norms_keeps_bias_free_layers_bias_free():
+    from mpcvit.models.secure import fold_norms
+
+    spec = ArchSpec.uniform(2, 4, "scale", "relu_nobias")
+    m = _scaled(build_model(TINY, spec))
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.norm2.weight.uniform_(0.5, 1.5)
+    folded = fold_norms(m)
+    assert folded.blocks[0].mlp.fc1.bias is None and folded.blocks[0].norm2.weight is None
+    x = torch.randn(2, 2, 8, 8)
+    torch.testing.assert_close(folded(x), m(x), rtol=1e-4, atol=1e-5)
+
+
 def test_demo_config_forward_and_backward():
     m = build_model("demo", ArchSpec.mix(4, 4))
     x = torch.randn(2, 1, 28, 28)

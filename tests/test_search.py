@@ -57,11 +57,16 @@ def _data(n: int = 384):
 
 def test_one_hot_supernet_equals_derived_vit():
     torch.manual_seed(0)
-    net = SuperNet(TINY, ["softmax", "relu_softmax", "scale"], ["gelu", "relu", "identity"])
+    net = SuperNet(TINY, ["softmax", "relu_softmax", "scale"],
+                   ["gelu", "relu", "identity", "relu_nobias"])
     spec = ArchSpec.from_dict({"version": 1, "layers": [
         {"attention": ["scale", "softmax"], "activation": "relu"},
-        {"attention": ["relu_softmax", "relu_softmax"], "activation": "identity"}]})
+        {"attention": ["relu_softmax", "relu_softmax"], "activation": "relu_nobias"}]})
     with torch.no_grad():
+        # non-zero biases and norm shifts, which the relu_nobias layer must leave out
+        for name, p in net.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
         for blk, layer in zip(net.vit.blocks, spec.layers, strict=True):
             blk.attn.alpha.fill_(-60.0)
             for h, kind in enumerate(layer.attention):

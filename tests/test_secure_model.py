@@ -77,6 +77,12 @@ def _ops_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     lw, lb = 0.3 * torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
     got = ops.norm_linear(_enc(crypten, h), 1e-5, _enc(crypten, lw), _enc(crypten, lb))
     out["norm_linear"] = (reveal_float(got), F.linear(F.layer_norm(h, (64,), eps=1e-5), lw, lb))
+    # ... rectified (a bias-free layer): the ReLU's sign test in the norm's comparison,
+    # on the quarter-octave path and (many rows) on the octave path of ops.div_sqrt.
+    for name, rows in (("norm_linear_relu", h), ("norm_linear_relu_many_rows",
+                                                  torch.cat([h] * 5, dim=1))):
+        got = ops.norm_linear(_enc(crypten, rows), 1e-5, _enc(crypten, lw), rectify=True)
+        out[name] = (reveal_float(got), F.relu(F.linear(F.layer_norm(rows, (64,), eps=1e-5), lw)))
     h = torch.randn(2, 4, 64, generator=g) * 0.03 + 3
     got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5)
     out["layer_norm_tiny_var"] = (reveal_float(got), F.layer_norm(h, (64,), w, b, 1e-5))
@@ -150,6 +156,7 @@ def _block_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         "softmax_gelu": LayerSpec(("softmax",) * 4, "gelu"),
         "mixed_relu": LayerSpec(("relu_softmax", "scale", "softmax", "quad2"), "relu"),
         "scale_quad": LayerSpec(("scale",) * 4, "quad"),
+        "scale_relu_nobias": LayerSpec(("scale",) * 4, "relu_nobias"),
     }
     for style, block_cls in (("prenorm", Block), ("cct", CCTBlock)):
         for name, layer in specs.items():
@@ -189,6 +196,7 @@ MODEL_CASES = {
     "scale_gelu": (SMALL, ArchSpec.uniform(2, 4, "scale", "gelu")),
     "quad2_quad": (SMALL, ArchSpec.uniform(2, 4, "quad2", "quad")),
     "identity": (SMALL, ArchSpec.uniform(2, 4, "scale", "identity")),
+    "relu_nobias": (SMALL, ArchSpec.uniform(2, 4, "scale", "relu_nobias")),
     "mpcvit_mix": (SMALL, ArchSpec.mix(2, 4, activation="gelu")),
     "all_kinds_cct": (
         SMALL.replace(block="cct"),
@@ -222,6 +230,8 @@ OP_TOLERANCE = {  # max absolute error on the ranges above (measured: about 1/3 
     "layer_norm": 1e-3,
     "layer_norm_tiny_var": 3e-3,
     "norm_linear": 3e-3,  # outputs up to ~10
+    "norm_linear_relu": 3e-3,
+    "norm_linear_relu_many_rows": 3e-3,
     "layer_norm_many_rows": 1e-3,
     "div_sqrt_pieces": 2e-4,  # |num / sqrt(x)| <= 1; relative error of 1/sqrt 5.3e-5
     "div_sqrt_octaves": 3e-4,  # 8.6e-5
@@ -255,9 +265,9 @@ def test_secure_attention_rows_sum_to_one(ops_results):
         assert (sums - 1).abs().max() < 5e-3, name
 
 
-@pytest.mark.parametrize("name", ["prenorm_softmax_gelu", "prenorm_mixed_relu",
-                                  "prenorm_scale_quad", "cct_softmax_gelu", "cct_mixed_relu",
-                                  "cct_scale_quad"])
+@pytest.mark.parametrize("name", [f"{style}_{spec}" for style in ("prenorm", "cct")
+                                  for spec in ("softmax_gelu", "mixed_relu", "scale_quad",
+                                               "scale_relu_nobias")])
 def test_secure_block_matches_plaintext(block_results, name):
     got, want = block_results[name]
     err = (got - want).abs().max().item()
@@ -302,6 +312,7 @@ def _rounds_party() -> dict[str, object]:
         "ltz": rounds(lambda: ops.ltz(x)),
         "layer_norm": rounds(lambda: ops.layer_norm(x, None, None, 1e-5)),
         "norm_linear": rounds(lambda: ops.norm_linear(x, 1e-5, w.t())),
+        "norm_linear_relu": rounds(lambda: ops.norm_linear(x, 1e-5, w.t(), rectify=True)),
         # 480 tokens: past ops.PIECES_MAX_EXTRA, octaves and a degree-4 polynomial
         "layer_norm_many_rows": rounds(lambda: ops.layer_norm(
             _enc(crypten, torch.randn(8, 60, 16, generator=g)), None, None, 1e-5)),
@@ -338,6 +349,7 @@ def test_secure_function_round_counts(rounds_results):
     assert rounds_results["relu"] == 5
     assert rounds_results["layer_norm"] == 8  # sum of squares + 5 + {num·2^-E/2, v²} + product
     assert rounds_results["norm_linear"] == 8  # the linear layer rides the first round
+    assert rounds_results["norm_linear_relu"] == 8  # and a bias-free ReLU the comparison
     assert rounds_results["layer_norm_many_rows"] == 9  # ss + 5 + u², u³/u⁴ + product
     assert rounds_results["divide"] == 9  # 5 + u², u³/u⁴, u⁵/u⁶ + product
 
