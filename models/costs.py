@@ -410,9 +410,11 @@ def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
     return Cost(float(stats["rounds"]), float(stats["bytes"]), statistics.median(times), dealer)
 
 
-def _difference(a: Cost, b: Cost) -> Cost:
-    """``a - b``, seconds floored at 0 (both are noisy medians)."""
-    return Cost(a.rounds - b.rounds, a.bytes - b.bytes, max(0.0, a.compute_s - b.compute_s),
+def _difference(a: Cost, b: Cost, floor: bool = True) -> Cost:
+    """``a - b``, seconds floored at 0 unless ``floor`` is False (both are noisy
+    medians; a block that saves has a negative difference)."""
+    seconds = a.compute_s - b.compute_s
+    return Cost(a.rounds - b.rounds, a.bytes - b.bytes, max(0.0, seconds) if floor else seconds,
                 a.dealer_requests - b.dealer_requests)
 
 
@@ -434,7 +436,7 @@ def profile_blocks_party(
     """Party program: every block of one layer at the config's real shapes (batch 1),
     evaluated by the model's own modules and ``models.ops``/``models.vit.attend``."""
     from . import ops
-    from .secure import share_module
+    from .secure import merged_linear, share_module
     from .vit import Block, Linear, attend, normed_linear
 
     crypten = _crypten()
@@ -463,7 +465,20 @@ def profile_blocks_party(
     xh = enc(1, n, cfg.mlp_hidden)
     for kind in activation_kinds:
         act = ActivationKind(kind)
-        if act.bias_free and isinstance(blk, Block):
+        if act is ActivationKind.IDENTITY:
+            # A linear MLP is one merged layer (``secure.merge_linear_mlps``): the cost is
+            # what that layer costs against fc1 and fc2 (negative: it saves).
+            merged = share_module(merged_linear(blk.mlp.fc1, blk.mlp.fc2))
+            if isinstance(blk, Block):
+                norm2 = share_module(blk.norm2)
+                cost = _difference(
+                    measure(lambda m=merged, n=norm2: normed_linear(m, x, n), repeats),
+                    measure(lambda n=norm2: (normed_linear(fc1, x, n), fc2(xh)), repeats),
+                    floor=False)
+            else:
+                cost = _difference(measure(lambda m=merged: m(x), repeats),
+                                   measure(lambda: (fc1(x), fc2(xh)), repeats), floor=False)
+        elif act.bias_free and isinstance(blk, Block):
             # Its ReLU rides in the norm2 -> fc1 pair (``vit.normed_linear``): the cost is
             # what the rectified pair costs beyond the plain one.
             norm2 = share_module(blk.norm2)

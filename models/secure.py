@@ -18,8 +18,8 @@ from torch import nn
 
 from .configs import ViTConfig
 from .masked import MaskedWeight, mask_weights
-from .spec import ArchSpec
-from .vit import Block, CCTBlock, ViT
+from .spec import ActivationKind, ArchSpec
+from .vit import Block, CCTBlock, Linear, ViT
 
 
 def _crypten():
@@ -134,6 +134,39 @@ def fold_norms(model: ViT) -> ViT:
     return model
 
 
+def merge_linear_mlps(model: ViT) -> ViT:
+    """A copy of ``model`` computing the same function whose identity-activation MLPs
+    are one linear layer: fc2(fc1(h)) = (W₂W₁)h + (W₂b₁ + b₂).  Under MPC the layer
+    saves fc2's round, and the LayerNorm fused with it (``vit.normed_linear``) scales a
+    dim-wide output instead of a hidden-wide one.  Run it after :func:`fold_norms`, so
+    that the norm's affine part is inside W₁ and b₁."""
+    model = copy.deepcopy(model)
+    for blk in model.blocks:
+        mlp = blk.mlp
+        if mlp.activation is ActivationKind.IDENTITY and isinstance(mlp.fc2, nn.Linear):
+            mlp.fc1, mlp.fc2 = merged_linear(mlp.fc1, mlp.fc2), nn.Identity()
+    return model
+
+
+def merged_linear(fc1: nn.Linear, fc2: nn.Linear) -> Linear:
+    """One linear layer computing fc2(fc1(h))."""
+    with torch.no_grad():
+        w1, w2 = fc1.weight.detach(), fc2.weight.detach()
+        merged = Linear(w1.shape[1], w2.shape[0])
+        merged.weight = nn.Parameter(w2 @ w1)
+        b = fc2.bias.detach().clone() if fc2.bias is not None else torch.zeros(w2.shape[0])
+        if fc1.bias is not None:
+            b += w2 @ fc1.bias.detach()
+        merged.bias = nn.Parameter(b)
+    return merged
+
+
+def prepare_for_mpc(model: ViT) -> ViT:
+    """The copy of ``model`` that gets shared: norms folded, linear MLPs merged.  Every
+    party prepares its own copy the same way, so the shared structure matches."""
+    return merge_linear_mlps(fold_norms(model))
+
+
 class SecureViT:
     """A ViT whose weights are additive shares; forward maps an MPCTensor image batch
     (B, C, H, W) to MPCTensor logits (B, classes), never revealing anything.
@@ -174,7 +207,7 @@ class SecureViT:
             with torch.random.fork_rng():
                 owner = ViT(config, spec)  # structure only; its weights are never shared
 
-        return cls(config, spec, share_module(fold_norms(owner), src))
+        return cls(config, spec, share_module(prepare_for_mpc(owner), src))
 
     def __call__(self, x):
         return self.root(x)

@@ -246,6 +246,26 @@ def test_fold_norms_keeps_bias_free_layers_bias_free():
     torch.testing.assert_close(folded(x), m(x), rtol=1e-4, atol=1e-5)
 
 
+def test_merge_linear_mlps_computes_the_same_function():
+    from mpcvit.models.secure import prepare_for_mpc
+
+    spec = ArchSpec((LayerSpec(("scale",) * 4, "identity"), LayerSpec(("softmax",) * 4, "gelu")))
+    for block in ("prenorm", "cct"):
+        m = _scaled(build_model(TINY.replace(block=block), spec))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "norm" in name and name.endswith("weight"):
+                    p.uniform_(0.5, 1.5)
+        prepared = prepare_for_mpc(m)
+        mlp = prepared.blocks[0].mlp
+        assert mlp.fc1.weight.shape == (TINY.dim, TINY.dim)  # one dim x dim layer
+        assert isinstance(mlp.fc2, torch.nn.Identity)
+        assert prepared.blocks[1].mlp.fc1.weight.shape == (TINY.mlp_hidden, TINY.dim)
+        assert m.blocks[0].mlp.fc1.weight.shape == (TINY.mlp_hidden, TINY.dim)  # a copy
+        x = torch.randn(2, 2, 8, 8)
+        torch.testing.assert_close(prepared(x), m(x), rtol=1e-4, atol=1e-4)
+
+
 def test_demo_config_forward_and_backward():
     m = build_model("demo", ArchSpec.mix(4, 4))
     x = torch.randn(2, 1, 28, 28)
