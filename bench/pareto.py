@@ -280,8 +280,10 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
                      str(args.threads), "--json"]
     cfg = get_config("demo")
     jobs = [Job("profile", costs, argv=_cli("profile", "--model", "demo", "--network",
-                                            args.network, "--repeats", "3", "--out",
+                                            args.network, "--repeats", "5", "--out",
                                             str(costs)))]
+    # the profile times blocks on loopback: nothing else may share the cores meanwhile
+    alone = ["profile"]
     models: dict[str, dict] = {}
     for name, (attention, activation) in BASELINES.items():
         spec = out / "specs" / f"{name}.yaml"
@@ -322,13 +324,13 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
         deps = [m["dep"]] if "dep" in m else []
         jobs.append(Job(f"train_{name}", out / "ckpt" / f"{name}.pt", deps,
                         argv=_cli("train", *train_common, "--arch", str(m["spec"]),
-                                  "--out", str(out / "ckpt" / f"{name}.pt"))))
+                                  "--out", str(out / "ckpt" / f"{name}.pt")), after=alone))
         if name != "softmax":
             jobs.append(Job(f"distill_{name}", out / "ckpt" / f"{name}_kd.pt",
                             deps + teacher_dep,
                             argv=_cli("train", *train_common, "--arch", str(m["spec"]),
                                       "--teacher", str(teacher), "--out",
-                                      str(out / "ckpt" / f"{name}_kd.pt"))))
+                                      str(out / "ckpt" / f"{name}_kd.pt")), after=alone))
     # Secure measurements last, in one session, so that all models share the same load.
     trainings = [j.name for j in jobs if j.name.startswith(("train_", "distill_"))]
     # always re-run: it skips the checkpoints it has already scored
