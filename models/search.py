@@ -257,6 +257,7 @@ class _Move:
     weight_to: float
     price_from: float
     price_to: float
+    from_cheapest: bool = False  # the slot's current kind is its cheapest candidate
 
 
 class _SpecSpace:
@@ -291,7 +292,7 @@ class _SpecSpace:
                         cand = [r[:] for r in att]
                         cand[layer][h] = k
                         yield _Move(cand, act, float(p[cur]), float(p[k]), self.a_price[cur],
-                                    self.a_price[k])
+                                    self.a_price[k], self.a_price[cur] == min(self.a_price))
             if self.searched:
                 p, cur = self.act_probs[layer], act[layer]
                 for k in range(len(self.f_kinds)):
@@ -299,7 +300,8 @@ class _SpecSpace:
                         cand_act = act[:]
                         cand_act[layer] = k
                         yield _Move(att, cand_act, float(p[cur]), float(p[k]),
-                                    self.f_price[cur], self.f_price[k])
+                                    self.f_price[cur], self.f_price[k],
+                                    self.f_price[cur] == min(self.f_price))
 
 
 def binarize_budget(
@@ -320,7 +322,10 @@ def binarize_budget(
     reaches the budget.  Then spend what is left: while an upgrade (a kind with a higher
     per-head / per-layer price) still fits, take the one whose kind has the most weight.
     A strong latency penalty can leave the argmax far below the budget; the upgrades rank
-    heads as μ top-k does, but stop at the budget instead of at μ."""
+    heads as μ top-k does, but stop at the budget instead of at μ.  The penalty explains
+    only a slot sitting on its cheapest kind: a slot on any other kind moves up only to a
+    kind with more weight (a pricier kind is not a better one: quad costs more than
+    relu_nobias on a WAN, and the search may weight it far lower)."""
     space = _SpecSpace(att_probs, attention_kinds, costs, network, act_probs,
                        activation_kinds, activation)
     att = att_probs.argmax(-1).tolist()
@@ -346,6 +351,8 @@ def binarize_budget(
         best, best_key = None, None
         for mv in space.moves(att, act):
             if mv.price_to <= mv.price_from:
+                continue
+            if not mv.from_cheapest and mv.weight_to <= mv.weight_from:
                 continue
             s = space.seconds(mv.att, mv.act)
             key = (-mv.weight_to, s)

@@ -139,6 +139,36 @@ def test_mu_top_k_keeps_the_right_heads():
         binarize_mu(probs, kinds, 1.5, cheap_index=1)
 
 
+def _with_layer(spec: ArchSpec, index: int, layer: LayerSpec) -> ArchSpec:
+    return ArchSpec(tuple(layer if i == index else old for i, old in enumerate(spec.layers)))
+
+
+def _admissible_upgrades(spec, att, acts, kinds, act_kinds, costs):
+    """Every spec one admissible upgrade away: a head or layer moved to a pricier kind,
+    from its cheapest kind to any, otherwise only to a kind with more weight."""
+    a_price = [costs.head_seconds(k, LAN) for k in kinds]
+    f_price = [costs.activation_seconds(k, LAN) for k in act_kinds]
+    a_idx = {AttentionKind(k): i for i, k in enumerate(kinds)}
+    f_idx = {k: i for i, k in enumerate(act_kinds)}
+
+    def ok(prices, weights, cur, k):
+        return prices[k] > prices[cur] and (prices[cur] == min(prices) or
+                                            weights[k] > weights[cur])
+
+    for li, layer in enumerate(spec.layers):
+        for hj, kind in enumerate(layer.attention):
+            cur = a_idx[kind]
+            for k in range(len(kinds)):
+                if ok(a_price, att[li, hj], cur, k):
+                    heads = list(layer.attention)
+                    heads[hj] = kinds[k]
+                    yield _with_layer(spec, li, LayerSpec(tuple(heads), layer.activation))
+        cur = f_idx[layer.activation.value]
+        for k in range(len(act_kinds)):
+            if ok(f_price, acts[li], cur, k):
+                yield _with_layer(spec, li, LayerSpec(layer.attention, act_kinds[k]))
+
+
 def test_budget_mode_meets_budget():
     costs = _costs(TINY)
     kinds = [AttentionKind.SOFTMAX, AttentionKind.RELU_SOFTMAX, AttentionKind.SCALE]
@@ -152,20 +182,31 @@ def test_budget_mode_meets_budget():
         budget = floor + frac * (top - floor)
         spec = binarize_budget(att, kinds, costs, LAN, budget, acts, act_kinds)
         assert costs.seconds(spec, LAN) <= budget
-        # the rest of the budget is spent: no single upgrade would still fit
-        dearer = [ArchSpec(tuple(
-            LayerSpec(tuple("softmax" if (i, j) == (li, hj) else k
-                            for j, k in enumerate(layer.attention)), layer.activation)
-            for i, layer in enumerate(spec.layers)))
-            for li in range(TINY.depth) for hj in range(TINY.heads)
-            if spec.layers[li].attention[hj] is not AttentionKind.SOFTMAX]
-        assert all(costs.seconds(d, LAN) > budget for d in dearer)
-    # a generous budget buys the dearest kinds everywhere; an impossible one is an error
+        # the rest of the budget is spent: no admissible upgrade would still fit
+        ups = list(_admissible_upgrades(spec, att, acts, kinds, act_kinds, costs))
+        assert all(costs.seconds(u, LAN) > budget for u in ups)
+    # a generous budget moves every head and layer off its cheapest kind, and no
+    # admissible upgrade is left; an impossible budget is an error
     loose = binarize_budget(att, kinds, costs, LAN, 10 * top, acts, act_kinds)
-    assert loose == ArchSpec.uniform(TINY.depth, TINY.heads, "softmax", "gelu")
+    assert not list(_admissible_upgrades(loose, att, acts, kinds, act_kinds, costs))
+    assert all(k is not AttentionKind.SCALE for layer in loose.layers for k in layer.attention)
+    assert all(layer.activation.value != "identity" for layer in loose.layers)
     with pytest.raises(ValueError, match="budget"):
         binarize_budget(att, kinds, costs, LAN, 0.5 * floor, acts, act_kinds)
     assert cheapest(kinds, costs, LAN) == 2
+
+
+def test_budget_mode_keeps_a_preferred_kind_over_a_dearer_unwanted_one():
+    # relu is dearer than quad here, but the search weights quad far above it: with
+    # budget to spare, a layer on quad stays there; a layer on identity (the cheapest)
+    # moves up to its heaviest dearer kind.
+    costs = _costs(TINY)
+    kinds = [AttentionKind.SCALE]
+    att = torch.ones(TINY.depth, TINY.heads, 1)
+    act_kinds = ["relu", "quad", "identity"]
+    acts = torch.tensor([[0.05, 0.9, 0.05], [0.3, 0.1, 0.6]])
+    spec = binarize_budget(att, kinds, costs, LAN, 1e3, acts, act_kinds)
+    assert [layer.activation.value for layer in spec.layers] == ["quad", "relu"]
 
 
 def test_mu_sweep_is_monotone_in_kept_heads():
