@@ -4,7 +4,8 @@
 
 On Fashion-MNIST with the ``demo`` config: profile the blocks (cost file), train softmax /
 ReLU-softmax / scale ViTs, search (attention kinds; and attention + activations for an
-MPCViT+ points under latency budgets of 0.4 and a third of the softmax ViT's), binarise at
+MPCViT+ points under latency budgets of 0.4 and a third of the softmax ViT's, the third
+also priced on WAN), binarise at
 μ ∈ {0.1, 0.3, 0.5, 0.7}, retrain every searched spec with and without distillation from
 the softmax ViT, run each architecture in a real 2-party secure run (gRPC + dealer) for
 measured per-image latency, and write docs/search.md's results section and
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,8 +43,9 @@ MUS = (0.1, 0.3, 0.5, 0.7)
 BASELINES = {"softmax": ("softmax", "gelu"), "relu_softmax": ("relu_softmax", "gelu"),
              "scale": ("scale", "gelu"), "scale_relu": ("scale", "relu"),
              "scale_relu_nobias": ("scale", "relu_nobias")}
-# MPCViT+ searches: name -> budget as a fraction of the softmax ViT's predicted latency.
-PLUS_BUDGETS = {"plus": 0.4, "plus3x": 1 / 3}
+# MPCViT+ searches: name -> (budget as a fraction of the softmax ViT's predicted latency,
+# network it is priced on; None: --plus-network).
+PLUS_BUDGETS = {"plus": (0.4, None), "plus3x": (1 / 3, None), "plus3x_wan": (1 / 3, "wan")}
 PLUS_ACTIVATIONS = "gelu,relu,relu_nobias,quad,identity"
 BEGIN, END = "<!-- pareto:begin -->", "<!-- pareto:end -->"
 
@@ -163,7 +166,6 @@ def measure_step(models: dict[str, dict], out: Path, images: int) -> Callable[[]
     """Measured secure latency of every trained architecture (their own weights)."""
 
     def step() -> None:
-        from ..models.checkpoint import load_model
         from ..models.costs import secure_run
         from ..mpc.launcher import run_parties
 
@@ -175,27 +177,13 @@ def measure_step(models: dict[str, dict], out: Path, images: int) -> Callable[[]
 
             costs_path.rename(out / "costs.searched.yaml")
             profile(get_config("demo")).save(costs_path, NETWORKS["lan"])
-        entries, plain = {}, {}
-        for name, m in models.items():
-            ckpt = out / "ckpt" / f"{name}.pt"
-            if not ckpt.exists():
-                continue
-            model = load_model(str(ckpt))
-            if model.spec != ArchSpec.from_yaml(m["spec"].read_text()):
-                raise ValueError(f"{ckpt} has another spec than {m['spec']}")
-            entries[name] = (model.config.to_dict(), model.spec.to_dict(), model.state_dict())
-            plain[name] = model
+        blob, plain = _trained_models(models, out)
         x, y = _test_images(images)
         # by its importable name: under `python -m` this module is __main__, which the
         # party processes cannot unpickle functions from
-        import io
-
         from . import pareto
 
-        buf = io.BytesIO()
-        torch.save(entries, buf)
-        res = run_parties(pareto.measure_many_party, buf.getvalue(), x, provider="dealer",
-                          timeout=7200)
+        res = run_parties(pareto.measure_many_party, blob, x, provider="dealer", timeout=7200)
         for name, rows in res[0].items():
             run = secure_run(rows)
             with torch.no_grad():
@@ -210,6 +198,58 @@ def measure_step(models: dict[str, dict], out: Path, images: int) -> Callable[[]
                 "ops_sha1": ops_fingerprint(),
             }))
         (out / "measure" / "all.json").write_text(json.dumps(sorted(res[0])))
+
+    return step
+
+
+def _trained_models(models: dict[str, dict], out: Path) -> tuple[bytes, dict[str, Any]]:
+    """``measure_many_party``'s blob of every trained model, and the plain models."""
+    import io
+
+    from ..models.checkpoint import load_model
+
+    entries, plain = {}, {}
+    for name, m in models.items():
+        ckpt = out / "ckpt" / f"{name}.pt"
+        if not ckpt.exists():
+            continue
+        model = load_model(str(ckpt))
+        if model.spec != ArchSpec.from_yaml(m["spec"].read_text()):
+            raise ValueError(f"{ckpt} has another spec than {m['spec']}")
+        entries[name] = (model.config.to_dict(), model.spec.to_dict(), model.state_dict())
+        plain[name] = model
+    buf = io.BytesIO()
+    torch.save(entries, buf)
+    return buf.getvalue(), plain
+
+
+def measure_wan_step(models: dict[str, dict], out: Path, images: int) -> Callable[[], None]:
+    """Online latency of every trained architecture over the emulated WAN (the kernel
+    shapes and delays the link between the parties' network namespaces; see
+    ``mpc.netem``): measured, where the table's other WAN column is priced."""
+
+    def step() -> None:
+        from ..models.costs import secure_run
+        from ..mpc.launcher import run_parties
+        from ..mpc.netem import EmulatedNetwork, parse_network
+        from . import pareto
+
+        blob, _ = _trained_models(models, out)
+        x, _ = _test_images(images)
+        with EmulatedNetwork(parse_network("wan")) as net:
+            where = "namespaces + tbf + relays" if net.use_namespaces else (
+                f"loopback relays ({net.fallback_reason})")
+            print(f"measuring on the emulated WAN via {where}", flush=True)
+            res = run_parties(pareto.measure_many_party, blob, x, provider="dealer",
+                              network=net, timeout=6 * 3600, recv_timeout=600)
+        (out / "measure_wan").mkdir(exist_ok=True)
+        for name, rows in res[0].items():
+            run = secure_run(rows)
+            (out / "measure_wan" / f"{name}.json").write_text(json.dumps({
+                "rounds": run.rounds, "bytes": run.bytes, "seconds": run.seconds,
+                "median_s": run.cost.compute_s, "images": len(x), "emulation": where,
+                "offline_s": statistics.median(r["offline_s"] for r in rows)}))
+        (out / "measure_wan" / "all.json").write_text(json.dumps(sorted(res[0])))
 
     return step
 
@@ -302,15 +342,15 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
     for mu in MUS:
         models[f"mu{mu:g}"] = {"spec": out / "specs" / f"mu{mu:g}.yaml", "group": "searched",
                                "dep": "binarise"}
-    # MPCViT+ (attention and activations searched) under two budgets: 2.5x and the
-    # target itself, a third of the softmax ViT's predicted latency (a search fails if
-    # the fixed part makes its budget unreachable).
-    for name, fraction in PLUS_BUDGETS.items():
+    # MPCViT+ (attention and activations searched) under budgets of 2.5x and of the
+    # target itself, a third of the softmax ViT's predicted latency, and that third priced
+    # on the WAN preset (a search fails if the fixed part makes its budget unreachable).
+    for name, (fraction, network) in PLUS_BUDGETS.items():
         spec_path = out / "specs" / f"{name}.yaml"
         jobs.append(Job(f"search_{name}", spec_path, ["profile"], argv=lambda n=name,
-                        f=fraction, sp=spec_path: _cli(
-            "search", *search_common, "--network", args.plus_network, "--latency-budget",
-            f"{_plus_budget(costs, args.plus_network, fraction=f):.6f}",
+                        f=fraction, sp=spec_path, net=network or args.plus_network: _cli(
+            "search", *search_common, "--network", net, "--latency-budget",
+            f"{_plus_budget(costs, net, fraction=f):.6f}",
             "--activations", PLUS_ACTIVATIONS, "--out", str(sp), "--pareto",
             str(out / f"search_{n}_pareto.csv"))))
         models[name] = {"spec": spec_path, "group": "mpcvit+", "dep": f"search_{name}"}
@@ -318,7 +358,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
     teacher = args.teacher or out / "ckpt" / "softmax.pt"
     teacher_dep = [] if args.teacher else ["train_softmax"]
     order = ["softmax", "mu0.5", "plus", "mu0.1", "relu_softmax", "scale", "mu0.3", "mu0.7",
-             "plus3x", "scale_relu", "scale_relu_nobias"]
+             "plus3x", "scale_relu", "scale_relu_nobias", "plus3x_wan"]
     for name in order:
         m = models[name]
         deps = [m["dep"]] if "dep" in m else []
@@ -339,6 +379,10 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
                     fn=evaluate_step(out)))
     jobs.append(Job("measure", out / "measure" / "all.json", ["train_softmax"],
                     after=trainings, fn=measure_step(models, out, args.images)))
+    if args.wan_images:
+        jobs.append(Job("measure_wan", out / "measure_wan" / "all.json", ["train_softmax"],
+                        after=[*trainings, "measure"],
+                        fn=measure_wan_step(models, out, args.wan_images)))
     return jobs, models
 
 
@@ -403,6 +447,9 @@ def collect(args: argparse.Namespace, models: dict[str, dict]) -> list[dict]:
                     "agree": f"{meas['argmax_agree']}/{meas['images']}",
                     "logit_err": meas["max_logit_error"],
                     "ops_match": meas.get("ops_sha1") == costs.meta.get("ops_sha1")}
+        wpath = out / "measure_wan" / f"{name}.json"
+        if wpath.exists():
+            row["wan_meas_s"] = json.loads(wpath.read_text())["median_s"]
         rows.append(row)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     return rows
@@ -437,12 +484,17 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"after one warm-up; online seconds: as in the party service, the dealer prepares "
         f"each image's correlated randomness before the image arrives. LAN/WAN columns "
         f"price the measured rounds and bytes with the network model on top of the "
-        f"measured loopback seconds. The MPCViT+ budgets are priced on "
-        f"`{args.plus_network}`.",
+        f"measured loopback seconds"
+        + (f"; WAN meas is measured over the emulated WAN (100 Mbps, 40 ms RTT, kernel-"
+           f"shaped link between network namespaces), median of {args.wan_images} test "
+           f"images, online seconds" if args.wan_images else "")
+        + f". The MPCViT+ budgets are priced on `{args.plus_network}` (`plus3x_wan`: "
+          f"on `wan`).",
         "",
         "| model | kinds | acc | acc (distilled) | rounds meas / pred | MB meas / pred "
-        "| loopback s meas / pred | speed-up vs softmax | LAN s | WAN s | secure = plain argmax |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| loopback s meas / pred | speed-up vs softmax | LAN s | WAN s | WAN meas s "
+        "| speed-up on WAN meas | secure = plain argmax |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
@@ -450,12 +502,16 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         if base is not None and r.get("meas_s") and base.get("meas_s"):
             speed = base["meas_s"] / r["meas_s"]
         mb = None if r.get("meas_bytes") is None else r["meas_bytes"] / 1e6
+        wan_speed = None
+        if base is not None and r.get("wan_meas_s") and base.get("wan_meas_s"):
+            wan_speed = base["wan_meas_s"] / r["wan_meas_s"]
         lines.append(
             f"| {r['name']} | {kinds} | {_fmt(r['acc'], '.4f')} | {_fmt(r['acc_kd'], '.4f')} "
             f"| {_fmt(r.get('meas_rounds'), '.0f')} / {r['pred_rounds']:.0f} "
             f"| {_fmt(mb, '.1f')} / {r['pred_bytes'] / 1e6:.1f} "
             f"| {_fmt(r.get('meas_s'))} / {r['pred_compute_s']:.3f} | {_fmt(speed, '.2f')}x "
             f"| {_fmt(r.get('meas_lan_s'))} | {_fmt(r.get('meas_wan_s'))} "
+            f"| {_fmt(r.get('wan_meas_s'))} | {_fmt(wan_speed, '.2f')}x "
             f"| {r.get('agree', '—')} |")
     stale = [r["name"] for r in rows if r.get("ops_match") is False]
     if stale:
@@ -473,8 +529,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"baseline": ("s", "tab:gray"), "searched": ("o", "tab:blue"),
               "mpcvit+": ("*", "tab:red")}
-    for ax, key, title in ((axes[0], "meas_s", "measured (loopback, 2 parties over gRPC)"),
-                           (axes[1], "meas_wan_s", "WAN model (100 Mbps, 40 ms RTT)")):
+    wan_measured = any(r.get("wan_meas_s") is not None for r in rows)
+    wan = (("wan_meas_s", "measured on the emulated WAN (100 Mbps, 40 ms RTT)") if wan_measured
+           else ("meas_wan_s", "WAN model (100 Mbps, 40 ms RTT)"))
+    for ax, (key, title) in zip(axes, (("meas_s", "measured (loopback, 2 parties over gRPC)"),
+                                       wan), strict=True):
         for r in rows:
             if r.get(key) is None:
                 continue
@@ -534,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plus-network", default="wan", choices=sorted(NETWORKS),
                    help="network the MPCViT+ budget is priced on")
     p.add_argument("--images", type=int, default=3, help="images per secure measurement")
+    p.add_argument("--wan-images", type=int, default=0,
+                   help="images per model measured over the emulated WAN (0: none)")
     p.add_argument("--jobs", type=int, default=2, help="subprocesses at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per subprocess")
     p.add_argument("--teacher", type=Path, default=None,
