@@ -3,12 +3,12 @@
     nice -n 10 .venv/bin/python -m mpcvit.bench.pareto --out runs/pareto
 
 On Fashion-MNIST with the ``demo`` config: profile the blocks (cost file), train softmax /
-ReLU-softmax / scale ViTs, search (attention kinds; and attention + activations for an
+ReLU-softmax / scale ViTs, search (attention kinds; and attention + activations for
 MPCViT+ points under latency budgets of 0.4 and a third of the softmax ViT's, the third
-also priced on WAN), binarise at
-μ ∈ {0.1, 0.3, 0.5, 0.7}, retrain every searched spec with and without distillation from
-the softmax ViT, run each architecture in a real 2-party secure run (gRPC + dealer) for
-measured per-image latency, and write docs/search.md's results section and
+also priced on WAN), binarise at μ ∈ {0.1, 0.3, 0.5, 0.7}, retrain every searched spec
+with and without distillation from the softmax ViT, run each architecture in a real
+2-party secure run (gRPC + dealer) for measured per-image latency on loopback and
+(``--wan-images``) over the emulated WAN, and write docs/search.md's results section and
 docs/pareto.png.
 
 Every step's output is a file under ``--out``; a finished step is skipped when the command
