@@ -308,7 +308,8 @@ def _range_comparison(d: Tensor, v: Tensor, rectify: Tensor | None = None
                       ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(b, b·v)`` for b = [d < 0] (``ltz_products``) and, given ``rectify``,
     relu(rectify) from the same comparison: one sign test on both sets of elements, so
-    the ReLU costs bytes but no round (the comparison's cost is mostly per round)."""
+    the ReLU adds bytes and per-value work but no round, nor the comparison's fixed
+    cost."""
     if rectify is None:
         below, (below_v,), _ = ltz_products(d, [v])
         return below, below_v, None
