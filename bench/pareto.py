@@ -534,6 +534,7 @@ def plot(rows: list[dict], path: Path) -> None:
            else ("meas_wan_s", "WAN model (100 Mbps, 40 ms RTT)"))
     for ax, (key, title) in zip(axes, (("meas_s", "measured (loopback, 2 parties over gRPC)"),
                                        wan), strict=True):
+        labelled: dict[tuple[float, float], list[str]] = {}
         for r in rows:
             if r.get(key) is None:
                 continue
@@ -545,9 +546,12 @@ def plot(rows: list[dict], path: Path) -> None:
                            facecolors=color if filled else "none", edgecolors=color)
             best = max(a for a in (r["acc"], r["acc_kd"]) if a is not None) \
                 if (r["acc"] is not None or r["acc_kd"] is not None) else None
-            if best is not None:
-                ax.annotate(r["name"], (r[key], 100 * best), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)
+            if best is not None:  # one label per point (two specs can be the same model)
+                at = (round(r[key], 2), round(100 * best, 1))
+                labelled.setdefault(at, []).append(r["name"])
+        for (x, y), names in labelled.items():
+            ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
         base = next((r for r in rows if r["name"] == "softmax"), None)
         if base is not None and base.get(key) is not None and base["acc"] is not None:
             ax.axhline(100 * base["acc"] - 1, ls="--", lw=0.8, color="gray",
