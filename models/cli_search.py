@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-kinds", default="relu_softmax,scale",
                         help="candidate attention kinds (comma-separated)")
     parser.add_argument("--activations", default=None, metavar="KINDS",
-                        help="search MLP activations among these (e.g. gelu,relu,quad,identity)"
-                        "; default: keep --activation everywhere")
+                        help="search MLP activations among these (e.g. "
+                        "gelu,relu,relu_nobias,quad,identity); default: keep --activation "
+                        "everywhere")
     parser.add_argument("--activation", default="gelu", help="fixed activation (no search)")
     parser.add_argument("--lam", type=float, default=0.5,
                         help="weight of expected latency / most expensive candidate's latency")
