@@ -449,7 +449,8 @@ def collect(args: argparse.Namespace, models: dict[str, dict]) -> list[dict]:
                     "ops_match": meas.get("ops_sha1") == costs.meta.get("ops_sha1")}
         wpath = out / "measure_wan" / f"{name}.json"
         if wpath.exists():
-            row["wan_meas_s"] = json.loads(wpath.read_text())["median_s"]
+            wan = json.loads(wpath.read_text())
+            row |= {"wan_meas_s": wan["median_s"], "wan_emulation": wan.get("emulation")}
         rows.append(row)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     return rows
@@ -471,6 +472,11 @@ def _acc_images(args: argparse.Namespace) -> str:
     return "all 10000" if any(p.stem != "all" for p in evals) else str(args.test_limit)
 
 
+def _wan_emulation(rows: list[dict]) -> str:
+    ways = {r["wan_emulation"] for r in rows if r.get("wan_emulation")}
+    return " / ".join(sorted(ways)) or "not measured yet"
+
+
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     base = next((r for r in rows if r["name"] == "softmax"), None)
     lines = [
@@ -485,9 +491,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"each image's correlated randomness before the image arrives. LAN/WAN columns "
         f"price the measured rounds and bytes with the network model on top of the "
         f"measured loopback seconds"
-        + (f"; WAN meas is measured over the emulated WAN (100 Mbps, 40 ms RTT, kernel-"
-           f"shaped link between network namespaces), median of {args.wan_images} test "
-           f"images, online seconds" if args.wan_images else "")
+        + (f"; WAN meas is measured over the emulated WAN (100 Mbps, 40 ms RTT; "
+           f"{_wan_emulation(rows)}), median of {args.wan_images} test images, online "
+           f"seconds" if args.wan_images else "")
         + f". The MPCViT+ budgets are priced on `{args.plus_network}` (`plus3x_wan`: "
           f"on `wan`).",
         "",
