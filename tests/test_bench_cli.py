@@ -57,3 +57,31 @@ def test_pareto_scores_every_checkpoint_on_the_whole_test_set(tmp_path):
         _, want = evaluate(model, x, y)
     assert res == {"accuracy": want, "images": 10000}
     assert pareto._acc(ckpt) == want != 0.5
+
+
+def test_pareto_report_shows_measured_wan_speed_ups(tmp_path):
+    """Rows with a measurement on the emulated WAN get that column and its speed-up
+    against the softmax ViT; the setup line says how the link was emulated."""
+    import argparse
+
+    from mpcvit.bench import pareto
+
+    def row(name, acc, meas_s, wan_s):
+        return {"name": name, "group": "baseline", "kinds": {"scale": 16}, "acc": acc,
+                "acc_kd": None, "pred_rounds": 89, "pred_bytes": 1e7,
+                "pred_compute_s": meas_s, "meas_rounds": 89, "meas_bytes": 1e7,
+                "meas_s": meas_s, "meas_lan_s": meas_s, "meas_wan_s": wan_s,
+                "wan_meas_s": wan_s, "wan_emulation": "namespaces + tbf + relays",
+                "agree": "5/5"}
+
+    rows = [row("softmax", 0.745, 0.367, 8.42), row("cheap", 0.745, 0.116, 2.5)]
+    args = argparse.Namespace(limit=20000, test_limit=2000, epochs=5, search_epochs=2,
+                              search_limit=10000, network="lan", teacher=None, images=20,
+                              wan_images=5, plus_network="loopback", out=tmp_path)
+    md = pareto.markdown(rows, args)
+    cheap = next(line for line in md.splitlines() if line.startswith("| cheap |"))
+    assert "| 2.500 | 3.37x |" in cheap  # 8.42 / 2.5
+    assert "| 3.16x |" in cheap  # loopback: 0.367 / 0.116
+    assert "namespaces + tbf + relays" in md and "median of 5 test images" in md
+    pareto.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
