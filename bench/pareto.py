@@ -577,15 +577,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_docs(rows: list[dict], args: argparse.Namespace) -> None:
-    md = args.docs / "search.md"
+    """The table goes between the markers of search.md (created if missing) and of
+    benchmarks.md (if it has them); the plot to pareto.png."""
     block = f"{BEGIN}\n{markdown(rows, args)}\n{END}"
-    text = md.read_text() if md.exists() else f"# Search\n\n{BEGIN}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text += "\n" + block + "\n"
-    md.write_text(text)
+    for md, required in ((args.docs / "search.md", True), (args.docs / "benchmarks.md", False)):
+        text = md.read_text() if md.exists() else ""
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            text = head + block + rest.split(END, 1)[1]
+        elif required:
+            text = (text or "# Search\n") + "\n" + block + "\n"
+        else:
+            continue
+        md.write_text(text)
     plot(rows, args.docs / "pareto.png")
 
 
