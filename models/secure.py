@@ -14,18 +14,13 @@ import types
 from typing import Any
 
 import torch
+from mpcvit.mpc.compat import import_crypten
+from mpcvit.mpc.protocols.masked import MaskedWeight, mask_provider
 from torch import nn
 
 from .configs import ViTConfig
-from .masked import MaskedWeight, mask_weights
 from .spec import ActivationKind, ArchSpec
 from .vit import Block, CCTBlock, Linear, ViT
-
-
-def _crypten():
-    from mpcvit.mpc.compat import import_crypten
-
-    return import_crypten()
 
 
 class SecureModule:
@@ -84,9 +79,9 @@ def share_module(module: nn.Module, src: int = 0, mask: bool = True) -> SecureMo
     profiling.
 
     With ``mask`` and the dealer provider, linear weights become
-    :class:`~mpcvit.models.masked.MaskedWeight`s: one round per weight now, and each
-    later product opens only its input (see ``models/masked.py``)."""
-    crypten = _crypten()
+    :class:`~mpcvit.mpc.protocols.masked.MaskedWeight`s: one round per weight now, and
+    each later product opens only its input (see ``mpc/protocols/masked.py``)."""
+    crypten = import_crypten()
     rank = crypten.communicator.get().get_rank()
 
     def encrypt(p: torch.Tensor):
@@ -97,6 +92,33 @@ def share_module(module: nn.Module, src: int = 0, mask: bool = True) -> SecureMo
     if mask:
         mask_weights(root)
     return root
+
+
+def mask_weights(root: SecureModule) -> int:
+    """Replace the weight of every mirrored linear layer (and the patch embedding's conv)
+    under ``root`` by a :class:`MaskedWeight`, all in one round.  Returns how many were
+    masked (0 when the provider keeps no masks)."""
+    if mask_provider() is None:
+        return 0
+    layers = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list):
+            for child in node:
+                visit(child)
+            return
+        if not isinstance(node, SecureModule):
+            return
+        if issubclass(node._cls, nn.Linear | nn.Conv2d) and hasattr(node.weight, "_tensor"):
+            layers.append(node)
+        for value in list(vars(node).values()):
+            visit(value)
+
+    visit(root)
+    masked = MaskedWeight.share_many([layer.weight for layer in layers]) if layers else []
+    for layer, weight in zip(layers, masked or [], strict=True):
+        layer.weight = weight
+    return len(layers)
 
 
 def _fold_into(norm: nn.LayerNorm, linear: nn.Linear) -> None:
@@ -191,7 +213,7 @@ class SecureViT:
         """Share the owner's weights.  On rank ``src`` pass the trained ``model``; on the
         other ranks pass ``None`` plus the public ``config`` and ``spec``: they build the
         same structure and contribute zeros, so they only ever receive shares."""
-        crypten = _crypten()
+        crypten = import_crypten()
         rank = crypten.communicator.get().get_rank()
         if rank == src:
             if model is None:
@@ -220,7 +242,7 @@ class SecureViT:
 
 def share_input(image: torch.Tensor | None, shape: tuple[int, ...], src: int = 1):
     """Encrypt an image batch held by rank ``src`` (others pass None and the shape)."""
-    crypten = _crypten()
+    crypten = import_crypten()
     rank = crypten.communicator.get().get_rank()
     data = image.float() if rank == src else torch.zeros(shape)
     return crypten.cryptensor(data, src=src)
@@ -235,3 +257,16 @@ def reveal_float(x, dst: int | None = None) -> torch.Tensor:
     """
     ring = x.reveal() if dst is None else x.reveal(dst=dst)
     return (ring.double() / x.encoder.scale).float()
+
+
+def program_fingerprint() -> str:
+    """Hash of everything both parties' secure programs depend on: the protocols, the
+    runtime and the model code (two parties with different hashes refuse to pair; a cost
+    file profiled under another hash is stale)."""
+    import sys
+
+    from mpcvit.mpc.protocols import code_fingerprint
+
+    from . import ops, vit
+
+    return code_fingerprint(ops, vit, sys.modules[__name__])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from mpcvit.models.secure import program_fingerprint
 from mpcvit.mpc.compat import import_crypten
 
 from .pairing import SessionStats
@@ -27,23 +28,7 @@ import torch  # noqa: E402  (after CrypTen's compat shim)
 log = logging.getLogger("mpcvit.party")
 
 
-def _code_fingerprint() -> str:
-    """Hash of the code both parties must run identically (their programs must match
-    message for message), taken when this process loads it."""
-    import hashlib
-    import importlib
-
-    h = hashlib.sha256()
-    for name in ("mpcvit.models.ops", "mpcvit.models.fused", "mpcvit.models.masked",
-                 "mpcvit.models.compare", "mpcvit.mpc.carry", "mpcvit.models.vit",
-                 "mpcvit.models.secure", "mpcvit.mpc.communicator", "mpcvit.mpc.transport"):
-        module = importlib.import_module(name)
-        h.update(name.encode())
-        h.update(open(module.__file__, "rb").read())  # noqa: SIM115
-    return h.hexdigest()[:16]
-
-
-CODE_FINGERPRINT = _code_fingerprint()
+CODE_FINGERPRINT = program_fingerprint()
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from mpcvit.mpc.compat import import_crypten
 import_crypten()
 from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element  # noqa: E402
 from crypten.common.util import count_wraps  # noqa: E402
-from mpcvit.mpc import carry  # noqa: E402
 from mpcvit.mpc.dealer import DealerState  # noqa: E402
+from mpcvit.mpc.protocols import carry  # noqa: E402
 from mpcvit.proto.generated import dealer_pb2  # noqa: E402
 
 

@@ -292,8 +292,8 @@ def test_secure_model_logits_match_plaintext(model_results, name):
 def _rounds_party() -> dict[str, object]:
     """Round counts of the secure functions (deterministic), and fused products checked
     against the same products taken one by one."""
-    from mpcvit.models import fused
     from mpcvit.mpc.compat import import_crypten
+    from mpcvit.mpc.protocols import fused
 
     crypten = import_crypten()
     comm = crypten.communicator.get()
@@ -356,9 +356,9 @@ def test_secure_function_round_counts(rounds_results):
 
 def _masked_party() -> dict[str, object]:
     """One linear layer with and without weight masks, under the dealer provider."""
-    from mpcvit.models.masked import MaskedWeight
     from mpcvit.models.vit import Linear
     from mpcvit.mpc.compat import import_crypten
+    from mpcvit.mpc.protocols.masked import MaskedWeight
 
     crypten = import_crypten()
     comm = crypten.communicator.get()
@@ -377,9 +377,9 @@ def _masked_party() -> dict[str, object]:
                      "rounds": stats["rounds"], "bytes": stats["bytes"],
                      "got": reveal_float(y)}
     # Prepared offline, the x-independent part a·E + c is folded into the tuple.
-    from mpcvit.models.costs import _open_dealer, prepare_offline, record_trace
+    from mpcvit.models.profiler import open_dealer, prepare_offline, record_trace
 
-    provider = _open_dealer()
+    provider = open_dealer()
     secure = share_module(layer, mask=True)
     prepare_offline(provider, record_trace(provider, lambda: secure(enc)))
     folded = [t[2:] == (True,) for req, t in provider.state.prepared
@@ -424,7 +424,7 @@ EDGE_VALUES = [0, 1, -1, 2, -2, 2**62, -(2**62), 2**63 - 1, -(2**63), 2**63 - 2,
 def _sign_party(provider_kind: str) -> dict[str, torch.Tensor]:
     """The sign circuit on raw ring elements: every edge value, each under many random
     splittings into shares, plus random values (69: padding is exercised too)."""
-    from mpcvit.models import compare
+    from mpcvit.mpc.protocols import compare
     from mpcvit.mpc.compat import import_crypten
 
     crypten = import_crypten()

@@ -24,13 +24,16 @@ into an arithmetic bit in the round that also multiplies it into values.
 from __future__ import annotations
 
 import itertools
+import json
+from collections.abc import Sequence
 from functools import cache
+from typing import Any
 
 import torch
-from mpcvit.mpc import carry
-from mpcvit.mpc.compat import import_crypten
 
-from . import fused
+from ..compat import import_crypten
+from . import carry, fused
+from .tuples import Correction, TupleKind, TupleRequest, kbit, numel, register, xor_sum
 
 TOP = -(1 << 63)
 
@@ -56,10 +59,10 @@ def _private_and(own: torch.Tensor, rank: int) -> torch.Tensor:
     without this correlation, a Beaver AND."""
     crypten = import_crypten()
     provider = crypten.mpc.get_default_provider()
-    if not hasattr(provider, "private_and"):
+    if not hasattr(provider, "draw_tuple"):
         zero = torch.zeros_like(own)
         return _beaver_and(*((own, zero) if rank == 0 else (zero, own)), rank == 0)
-    mask, uv = provider.private_and(own.size())
+    mask, uv = provider.draw_tuple(TupleRequest("private_and", tuple(own.size())))
     e, f = crypten.communicator.get().all_gather(own ^ mask)  # A ⊕ u, B ⊕ v
     # A ∧ B = e∧f ⊕ u∧f ⊕ e∧v ⊕ u∧v: party 0 knows e, f, u; party 1 knows e, f, v.
     return (e & f) ^ (mask & f) ^ uv if rank == 0 else (e & mask) ^ uv
@@ -70,8 +73,8 @@ def _carry_tuple(n: int, shift: int, final: bool, rank: int):
     trusted-first-party provider, drawn by party 0 and shared like CrypTen's own TFP
     tuples (no communication)."""
     provider = import_crypten().mpc.get_default_provider()
-    if hasattr(provider, "carry_tuple"):
-        return provider.carry_tuple((n,), shift, final)
+    if hasattr(provider, "draw_tuple"):
+        return provider.draw_tuple(carry_request(n, shift, final))
     from crypten.common.rng import generate_kbit_random_tensor
     from crypten.mpc.primitives import BinarySharedTensor
 
@@ -162,3 +165,83 @@ def sign_bits(share: torch.Tensor) -> torch.Tensor:
     g, _ = _level(g, p, 16, True, rank)  # n/64 words: the carry into bit 63
     carry_bits = ((g.reshape(1, 1, 1, -1) >> _SHIFTS) & 1).reshape(-1)
     return carry_bits ^ sign_in
+
+
+# ------------------------------------------------------------------ correlated randomness
+# The dealer halves of the two correlations above, beside the party halves that use them.
+
+
+def carry_request(n: int, shift: int, final: bool) -> TupleRequest:
+    """The request for one carry level's masks over ``n`` words."""
+    return TupleRequest("carry", (n,), (), "",
+                        json.dumps({"final": bool(final), "shift": int(shift)}, sort_keys=True))
+
+
+class CarryMasks(TupleKind):
+    """XOR shares of the masks r_G, r_P (n words) of one radix-4 carry level and of their
+    products (``carry``), packed: (r_G, r_P, ρ of (monomials, n/4))."""
+
+    name = "carry"
+
+    @staticmethod
+    def _level(req: TupleRequest) -> tuple[int, bool]:
+        opts = req.options()
+        try:
+            return opts["shift"], opts["final"]
+        except KeyError:
+            raise ValueError("carry request needs 'shift' and 'final'") from None
+
+    def validate(self, req: TupleRequest, dealer: Any = None) -> None:
+        super().validate(req, dealer)
+        carry.validate(*self._level(req))
+        if len(req.size0) != 1 or req.size0[0] % 4:
+            raise ValueError("carry masks are a flat run of words, a multiple of 4")
+        if numel(req.size0) * 32 > (1 << 26):
+            raise ValueError("tensor size out of range")
+
+    def draw(self, g: torch.Generator, req: TupleRequest,
+             correction: Correction) -> tuple[Any, ...]:
+        r_g, r_p = kbit(req.size0, g), kbit(req.size0, g)
+        if correction is not None:
+            return r_g, r_p, correction()
+        _, final = self._level(req)
+        return r_g, r_p, kbit((len(carry.carry_monomials(bool(final))), req.size0[-1] // 4), g)
+
+    def correction(self, gens: Sequence[torch.Generator], req: TupleRequest,
+                   dealer: Any) -> torch.Tensor:
+        shift, final = self._level(req)
+        masks = [(kbit(req.size0, g), kbit(req.size0, g)) for g in gens]
+        rho = carry.pack_live(carry.mask_products(xor_sum([m[0] for m in masks]),
+                                                  xor_sum([m[1] for m in masks]), shift, final),
+                              shift)
+        others = gens[1:]
+        return rho ^ xor_sum([kbit(rho.shape, g) for g in others]) if others else rho
+
+    def result_elements(self, req: TupleRequest) -> int:
+        _, final = self._level(req)
+        return len(carry.carry_monomials(bool(final))) * numel(req.size0) // 4
+
+
+class PrivateAnd(TupleKind):
+    """For x ∧ y with x known to party 0 and y to party 1: each party's own mask (u for
+    party 0, v for party 1) and its XOR share of u ∧ v."""
+
+    name = "private_and"
+
+    def draw(self, g: torch.Generator, req: TupleRequest,
+             correction: Correction) -> tuple[Any, ...]:
+        own = kbit(req.size0, g)
+        if correction is not None:
+            return own, correction()
+        return own, kbit(req.size0, g)
+
+    def correction(self, gens: Sequence[torch.Generator], req: TupleRequest,
+                   dealer: Any) -> torch.Tensor:
+        if len(gens) != 2:
+            raise ValueError("private_and is a two-party correlation")
+        u, v = (kbit(req.size0, g) for g in gens)
+        return (u & v) ^ kbit(req.size0, gens[1])
+
+
+register(CarryMasks())
+register(PrivateAnd())

@@ -25,19 +25,15 @@ from typing import Any
 
 import torch
 
+from ..compat import import_crypten
+
 Tensor = Any  # crypten MPCTensor
-
-
-def _crypten():
-    from mpcvit.mpc.compat import import_crypten
-
-    return import_crypten()
 
 
 def open_round(arith: Sequence[torch.Tensor], binary: Sequence[torch.Tensor] = ()
                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Open additive shares (summed) and XOR shares (xored) in one exchange."""
-    crypten = _crypten()
+    crypten = import_crypten()
     parts = [t.reshape(-1) for t in (*arith, *binary)]
     if not parts:
         return [], []
@@ -60,11 +56,11 @@ def open_round(arith: Sequence[torch.Tensor], binary: Sequence[torch.Tensor] = (
     return out_a, out_b
 
 
-def _rank() -> int:
-    return _crypten().communicator.get().get_rank()
+def rank() -> int:
+    return import_crypten().communicator.get().get_rank()
 
 
-def _wrap(share: torch.Tensor, x: Tensor, y: Tensor | None) -> Tensor:
+def wrap_product(share: torch.Tensor, x: Tensor, y: Tensor | None) -> Tensor:
     """An MPCTensor for the raw product ``share`` of x and y, rescaled as CrypTen's
     ``mul`` does: divided by the scale when both factors are fixed-point, otherwise
     carrying the encoder of the fixed-point factor."""
@@ -117,7 +113,7 @@ def _finish(items: Sequence[tuple[Tensor, Tensor | None, str]], plans: list[tupl
             z = c + f(eps, b) + f(a, delta)
             if rank0:
                 z = z + f(eps, delta)
-        out.append(_wrap(z, x, y))
+        out.append(wrap_product(z, x, y))
     return out
 
 
@@ -126,11 +122,11 @@ def mul_many(items: Sequence[tuple[Tensor, Tensor | None, str]]) -> list[Tensor]
 
     ``op`` is ``"mul"`` (broadcasting like torch) or ``"matmul"``.
     """
-    provider = _crypten().mpc.get_default_provider()
+    provider = import_crypten().mpc.get_default_provider()
     opens: list[torch.Tensor] = []
     plans = _request(items, provider, opens)
     vals, _ = open_round(opens)
-    return _finish(items, plans, vals, 0, _rank() == 0)
+    return _finish(items, plans, vals, 0, rank() == 0)
 
 
 _BIT_SHIFTS = torch.arange(64)
@@ -173,25 +169,25 @@ def in_one_round(parts: Sequence[Part]) -> list[Tensor]:
 
 def sum_squares_part(x: Tensor) -> Part:
     """:func:`sum_squares` as a :data:`Part`."""
-    provider = _crypten().mpc.get_default_provider()
+    provider = import_crypten().mpc.get_default_provider()
     r, r2 = provider.square(x.size())
 
     def finish(vals: list[torch.Tensor]) -> Tensor:
         (eps,) = vals
         z = r2.share + 2 * r.share * eps
-        if _rank() == 0:
+        if rank() == 0:
             z = z + eps * eps
-        return _wrap(z.sum(-1, keepdim=True), x, None)
+        return wrap_product(z.sum(-1, keepdim=True), x, None)
 
     return [x._tensor.share - r.share], finish
 
 
 def products_part(items: Sequence[tuple[Tensor, Tensor | None, str]]) -> Part:
     """:func:`mul_many` as a :data:`Part` (its result is the list of products)."""
-    provider = _crypten().mpc.get_default_provider()
+    provider = import_crypten().mpc.get_default_provider()
     opens: list[torch.Tensor] = []
     plans = _request(items, provider, opens)
-    return opens, lambda vals: _finish(items, plans, vals, 0, _rank() == 0)
+    return opens, lambda vals: _finish(items, plans, vals, 0, rank() == 0)
 
 
 def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],
@@ -208,7 +204,7 @@ def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],
     """
     from crypten.mpc import MPCTensor
 
-    provider = _crypten().mpc.get_default_provider()
+    provider = import_crypten().mpc.get_default_provider()
     n = 1
     for s in shape:
         n *= s
@@ -224,7 +220,7 @@ def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],
     # z = b ⊕ r is one bit per element: 64 of them travel in one word.
     vals, (z,) = open_round(opens, [_pack_bits(bits ^ r_bin.share.reshape(-1))])
     z = _unpack_bits(z, n).reshape(shape)
-    rank0 = _rank() == 0
+    rank0 = rank() == 0
     b_share = r_arith.share * (1 - 2 * z) + (z if rank0 else 0)
     bit = MPCTensor.from_shares(b_share, precision=0)
     prods = []
