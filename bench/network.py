@@ -21,7 +21,7 @@ def network_party(config_dict: dict, spec_dict: dict, state_dict: dict | None,
                   images: torch.Tensor, offline: bool) -> list[dict[str, Any]]:
     """Party program: warm-up forward (records the tuple trace), then each image, with
     its correlated randomness prepared offline first when ``offline``."""
-    from mpcvit.models.costs import build_secure, prepare_offline, record_trace, timed_forward
+    from mpcvit.models.profiler import build_secure, prepare_offline, record_trace, timed_forward
     from mpcvit.mpc import runtime
 
     provider = runtime.dealer_provider()

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from ..models.configs import get_config
-from ..models.costs import NETWORKS, CostModel, ops_fingerprint
+from ..models.costs import NETWORKS, CostModel
+from ..models.secure import program_fingerprint
 from ..models.spec import ArchSpec
 
 MUS = (0.1, 0.3, 0.5, 0.7)
@@ -64,7 +65,7 @@ class Job:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mpcvit.party.cli", *args]
+    return [sys.executable, "-m", "mpcvit.commands", *args]
 
 
 def run_jobs(jobs: list[Job], parallel: int, log_dir: Path) -> dict[str, str]:
@@ -141,7 +142,7 @@ def measure_many_party(blob: bytes, images: torch.Tensor) -> dict[str, list[dict
     hundreds of tensors (each would cost the process launch a shared-memory handle)."""
     import io
 
-    from ..models.costs import build_secure, prepare_offline, record_trace, timed_forward
+    from ..models.profiler import build_secure, prepare_offline, record_trace, timed_forward
     from ..mpc import runtime
 
     provider = runtime.dealer_provider()
@@ -166,14 +167,14 @@ def measure_step(models: dict[str, dict], out: Path, images: int) -> Callable[[]
     """Measured secure latency of every trained architecture (their own weights)."""
 
     def step() -> None:
-        from ..models.costs import secure_run
+        from ..models.profiler import secure_run
         from ..mpc.launcher import run_parties
 
         costs_path = out / "costs.yaml"
-        if CostModel.load(costs_path).meta.get("ops_sha1") != ops_fingerprint():
+        if CostModel.load(costs_path).meta.get("ops_sha1") != program_fingerprint():
             # The secure ops changed since profiling: re-profile, so that predictions and
             # measurements describe the same code (the search used the old file).
-            from ..models.costs import profile
+            from ..models.profiler import profile
 
             costs_path.rename(out / "costs.searched.yaml")
             profile(get_config("demo")).save(costs_path, NETWORKS["lan"])
@@ -195,7 +196,7 @@ def measure_step(models: dict[str, dict], out: Path, images: int) -> Callable[[]
                 "max_logit_error": float((run.logits - ref).abs().max()),
                 "argmax_agree": int((run.logits.argmax(-1) == ref.argmax(-1)).sum()),
                 "secure_correct": int((run.logits.argmax(-1) == y).sum()), "images": len(y),
-                "ops_sha1": ops_fingerprint(),
+                "ops_sha1": program_fingerprint(),
             }))
         (out / "measure" / "all.json").write_text(json.dumps(sorted(res[0])))
 
@@ -229,7 +230,7 @@ def measure_wan_step(models: dict[str, dict], out: Path, images: int) -> Callabl
     ``mpc.netem``): measured, where the table's other WAN column is priced."""
 
     def step() -> None:
-        from ..models.costs import secure_run
+        from ..models.profiler import secure_run
         from ..mpc.launcher import run_parties
         from ..mpc.netem import EmulatedNetwork, parse_network
         from . import pareto
@@ -406,7 +407,7 @@ def _fresh_eval(ckpt: Path) -> Path | None:
     return path if path.exists() and path.stat().st_mtime >= ckpt.stat().st_mtime else None
 
 
-def _acc(ckpt: Path) -> float | None:
+def checkpoint_accuracy(ckpt: Path) -> float | None:
     """Accuracy on the whole test set (``evaluate_step``) when it was evaluated, else the
     training run's own score on ``--test-limit`` images."""
     from ..models.checkpoint import read_checkpoint
@@ -429,8 +430,8 @@ def collect(args: argparse.Namespace, models: dict[str, dict]) -> list[dict]:
         spec = ArchSpec.from_yaml(m["spec"].read_text())
         pred = costs.predict(spec)
         row = {"name": name, "group": m["group"], "kinds": spec.summary(),
-               "acc": _acc(out / "ckpt" / f"{name}.pt"),
-               "acc_kd": None if name == "softmax" else _acc(out / "ckpt" / f"{name}_kd.pt"),
+               "acc": checkpoint_accuracy(out / "ckpt" / f"{name}.pt"),
+               "acc_kd": None if name == "softmax" else checkpoint_accuracy(out / "ckpt" / f"{name}_kd.pt"),
                "pred_rounds": pred.rounds, "pred_bytes": pred.bytes,
                "pred_compute_s": pred.compute_s,
                "pred_lan_s": NETWORKS["lan"].seconds(pred),
@@ -463,7 +464,7 @@ def _fmt(v, spec: str = ".3f", none: str = "—") -> str:
 def _teacher_desc(args: argparse.Namespace) -> str:
     if args.teacher is None:
         return "the softmax ViT of the table"
-    acc = _acc(args.teacher)
+    acc = checkpoint_accuracy(args.teacher)
     return f"`{args.teacher}` (softmax, test accuracy {_fmt(acc, '.4f')})"
 
 

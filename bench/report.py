@@ -146,10 +146,10 @@ def section_ceiling(config, networks: list[str], log, target: float = 4.0) -> li
     linear layers, made free, and how much cheaper those shared parts would have to be
     for a speed-up of ``target``.  Rounds and bytes are exact; seconds are the profile's
     loopback medians."""
-    from mpcvit.models import costs
+    from mpcvit.models import costs, profiler
 
     log(f"profiling {config.name}...")
-    model = costs.profile(config)
+    model = profiler.profile(config)
     blocks = model.blocks()
     shared_ln, shared_lin = blocks["layernorm"], blocks["linear"]
     specs = [("scale + relu", build_spec(config, "scale", 0.0, "relu")),

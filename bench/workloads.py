@@ -61,21 +61,3 @@ def block_workload(
         "rounds": stats["rounds"] - 1,
         "bytes": stats["bytes"],
     }
-
-
-def plain_block(tokens: int = 65, dim: int = 256, heads: int = 4, hidden: int = 512,
-                seed: int = 0) -> torch.Tensor:
-    """The same block in plaintext torch, for correctness checks."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, dim, generator=g) * 0.5
-    w_qkv, w_proj, w1, w2 = (
-        torch.randn(dim, 3 * dim, generator=g) / dim**0.5,
-        torch.randn(dim, dim, generator=g) / dim**0.5,
-        torch.randn(dim, hidden, generator=g) / dim**0.5,
-        torch.randn(hidden, dim, generator=g) / hidden**0.5,
-    )
-    hd = dim // heads
-    qkv = (x @ w_qkv).reshape(tokens, 3, heads, hd).permute(1, 2, 0, 3)
-    att = (qkv[0] @ qkv[1].transpose(-2, -1) * hd**-0.5).softmax(-1)
-    y = (att @ qkv[2]).permute(1, 0, 2).reshape(tokens, dim) @ w_proj + x
-    return y + (y @ w1).relu() @ w2

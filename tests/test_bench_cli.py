@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from mpcvit.party.cli import main
+from mpcvit.commands import main
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +49,14 @@ def test_pareto_scores_every_checkpoint_on_the_whole_test_set(tmp_path):
     model = build_model("demo").eval()
     ckpt = tmp_path / "ckpt" / "m.pt"
     save_checkpoint(model, ckpt, extra={"test_acc": 0.5})
-    assert pareto._acc(ckpt) == 0.5  # not evaluated yet: the training run's own score
+    assert pareto.checkpoint_accuracy(ckpt) == 0.5  # not evaluated yet: the training run's own score
     pareto.evaluate_step(tmp_path)()
     res = json.loads((tmp_path / "eval" / "m.json").read_text())
     x, y = load_dataset("fashion-mnist").test.tensors()
     with torch.no_grad():
         _, want = evaluate(model, x, y)
     assert res == {"accuracy": want, "images": 10000}
-    assert pareto._acc(ckpt) == want != 0.5
+    assert pareto.checkpoint_accuracy(ckpt) == want != 0.5
 
 
 def test_pareto_report_shows_measured_wan_speed_ups(tmp_path):

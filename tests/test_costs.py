@@ -15,9 +15,9 @@ from mpcvit.models.costs import (
     CostModel,
     NetworkModel,
     cost_model_from_measurements,
-    measure_secure_model,
     parse_network,
 )
+from mpcvit.models.profiler import measure_secure_model
 from mpcvit.models.spec import ArchSpec, LayerSpec
 
 DEMO = get_config("demo")
@@ -148,7 +148,7 @@ def profiled(tmp_path_factory):
     import contextlib
     import io
 
-    from mpcvit.party.cli import main
+    from mpcvit.commands import main
 
     out = tmp_path_factory.mktemp("profile") / "costs.yaml"
     buf = io.StringIO()
