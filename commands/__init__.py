@@ -1,4 +1,4 @@
-"""The ``mpcvit`` console script.
+"""The ``mpcvit`` console script: one module per subcommand in this package.
 
 Each subcommand lives in its own module exposing ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``.  Modules are imported only when
@@ -13,16 +13,16 @@ import sys
 
 # subcommand -> module implementing it
 COMMANDS: dict[str, str] = {
-    "bench": "mpcvit.bench.cli",
-    "party": "mpcvit.party.party_cmd",
-    "dealer": "mpcvit.party.dealer_cmd",
-    "infer": "mpcvit.party.infer",
-    "demo": "mpcvit.party.demo",
-    "certs": "mpcvit.party.certs_cmd",
-    "train": "mpcvit.models.cli_train",
-    "eval": "mpcvit.models.cli_eval",
-    "profile": "mpcvit.models.cli_profile",
-    "search": "mpcvit.models.cli_search",
+    "bench": "mpcvit.commands.bench",
+    "party": "mpcvit.commands.party",
+    "dealer": "mpcvit.commands.dealer",
+    "infer": "mpcvit.commands.infer",
+    "demo": "mpcvit.commands.demo",
+    "certs": "mpcvit.commands.certs",
+    "train": "mpcvit.commands.train",
+    "eval": "mpcvit.commands.eval",
+    "profile": "mpcvit.commands.profile",
+    "search": "mpcvit.commands.search",
 }
 
 
@@ -64,7 +64,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

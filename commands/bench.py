@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.bench == "transport":
-        from .transport import compare_transports
+        from mpcvit.bench.transport import compare_transports
 
         print(f"ViT block: {args.tokens} tokens, dim {args.dim}, {args.heads} heads, "
               f"MLP {args.hidden}, batch 1, provider {args.provider}; "
@@ -63,9 +63,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(res))
         return 0
     if args.bench == "throughput":
-        from mpcvit.party.server import resolve_checkpoint
-
-        from .throughput import throughput_table
+        from mpcvit.bench.throughput import throughput_table
+        from mpcvit.models.checkpoint import resolve_checkpoint
 
         counts = tuple(int(c) for c in args.clients.split(","))
         ckpt = str(resolve_checkpoint(args.model))
@@ -82,22 +81,21 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"rows": rows}))
         return 0
     if args.bench == "network":
+        from mpcvit.bench.network import bench_network
         from mpcvit.models.checkpoint import load_checkpoint
-        from mpcvit.models.cli_train import parse_arch
         from mpcvit.models.configs import CONFIGS
+        from mpcvit.models.spec import ArchSpec
         from mpcvit.mpc.netem import parse_network
-
-        from .network import bench_network
 
         state = None
         if args.model in CONFIGS:
             config = CONFIGS[args.model]
-            spec = parse_arch(args.arch or "softmax+gelu", config.depth, config.heads)
+            spec = ArchSpec.parse(args.arch or "softmax+gelu", config.depth, config.heads)
         else:
             model, _ = load_checkpoint(args.model)
             config, spec, state = model.config, model.spec, model.state_dict()
             if args.arch:
-                spec = parse_arch(args.arch, config.depth, config.heads)
+                spec = ArchSpec.parse(args.arch, config.depth, config.heads)
         profile = parse_network(args.network)
         res = bench_network(config, spec, profile, images=args.images,
                             offline=not args.no_offline, state_dict=state)

@@ -21,9 +21,8 @@ def run(args: argparse.Namespace) -> int:
     # gRPC's own C-core lines are not JSON: keep only its errors (set before grpc loads).
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from mpcvit.mpc.errors import ConfigError
-
-    from .config import DealerConfig
-    from .logs import setup_logging
+    from mpcvit.party.config import DealerConfig
+    from mpcvit.party.logs import setup_logging
 
     try:
         config = DealerConfig.from_yaml(args.config)

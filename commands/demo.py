@@ -35,17 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def ensure_checkpoint(name: str, epochs: int) -> Path:
     """The demo checkpoint; trained here (about two minutes on 2 cores) if it is missing."""
-    from .server import ASSETS_DIR, resolve_checkpoint
+    from mpcvit.models.checkpoint import resolve_checkpoint, shipped_checkpoint
 
     try:
         return resolve_checkpoint(name)
     except FileNotFoundError:
         if "/" in name or Path(name).suffix:
             raise
-    out = ASSETS_DIR / f"{name}.pt"
+    out = shipped_checkpoint(name)
     print(f"demo checkpoint {out} missing: training it now "
           f"({epochs} epochs on 20000 images, progress below)", flush=True)
-    cmd = [sys.executable, "-m", "mpcvit.party.cli", "train", "--model", "demo",
+    cmd = [sys.executable, "-m", "mpcvit.commands", "train", "--model", "demo",
            "--arch", "relu_softmax+relu", "--data", "fashion-mnist", "--out", str(out),
            "--epochs", str(epochs), "--limit", "20000", "--test-limit", "2000", "--warmup", "0.5",
            "--threads", "2"]
@@ -64,9 +64,9 @@ def plaintext_predictions(checkpoint: Path, info, pixels: np.ndarray) -> np.ndar
 
 
 def run(args: argparse.Namespace) -> int:
-    from .client import ClientError, PrivateInferenceClient
-    from .infer import load_images
-    from .local import LocalCluster
+    from mpcvit.party.client import ClientError, PrivateInferenceClient
+    from mpcvit.party.images import load_images
+    from mpcvit.party.local import LocalCluster
 
     try:
         checkpoint = ensure_checkpoint(args.model, args.train_epochs)

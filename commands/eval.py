@@ -38,12 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_model(name: str, arch: str | None):
     """(model, checkpoint path or None, description)."""
-    from .checkpoint import load_checkpoint
-    from .cli_train import parse_arch
-    from .configs import CONFIGS
-    from .vit import ViT
+    from mpcvit.models.checkpoint import load_checkpoint, shipped_checkpoint
+    from mpcvit.models.configs import CONFIGS
+    from mpcvit.models.spec import ArchSpec
+    from mpcvit.models.vit import ViT
 
-    shipped = Path(__file__).parent / "assets" / f"{name}.pt"
+    shipped = shipped_checkpoint(name)
     path = Path(name)
     if path.is_file() or (not path.suffix and "/" not in name and shipped.is_file()):
         ckpt = path if path.is_file() else shipped
@@ -53,7 +53,7 @@ def resolve_model(name: str, arch: str | None):
         return model, ckpt, f"checkpoint {ckpt}"
     if name in CONFIGS:
         config = CONFIGS[name]
-        spec = parse_arch(arch, config.depth, config.heads) if arch else None
+        spec = ArchSpec.parse(arch, config.depth, config.heads) if arch else None
         return ViT(config, spec).eval(), None, f"config {name} with random weights"
     raise FileNotFoundError(f"{name}: no such checkpoint, shipped model or config name")
 
@@ -71,10 +71,9 @@ def plaintext_logits(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
 def secure_run(model, ckpt: Path | None, images: np.ndarray, provider: str,
                progress=print) -> dict:
     """Classify ``images`` through the 2-party service; per-image logits and costs."""
+    from mpcvit.models.checkpoint import save_checkpoint
     from mpcvit.party.client import PrivateInferenceClient
     from mpcvit.party.local import LocalCluster
-
-    from .checkpoint import save_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="mpcvit-eval-") as tmp:
         if ckpt is None:  # random weights: hand party 0 a checkpoint of them
@@ -101,8 +100,8 @@ def secure_run(model, ckpt: Path | None, images: np.ndarray, provider: str,
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DatasetError, load_dataset
+    from mpcvit.models.checkpoint import CheckpointError
+    from mpcvit.models.data import DatasetError, load_dataset
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)

@@ -26,9 +26,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
     from mpcvit.mpc.errors import ConfigError
-
-    from .config import PartyConfig
-    from .logs import setup_logging
+    from mpcvit.party.config import PartyConfig
+    from mpcvit.party.logs import setup_logging
 
     try:
         config = PartyConfig.from_yaml(args.config).with_overrides(
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mpcvit party: bad config: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_format, config.log_level, role=f"party{config.rank}")
-    from .server import PartyServer
+    from mpcvit.party.server import PartyServer
 
     try:
         server = PartyServer(config)

@@ -43,14 +43,15 @@ def print_table(blocks: dict[str, dict[str, float]], network_desc: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli_train import parse_arch
-    from .configs import get_config
-    from .costs import CostModel, measure_secure_model, parse_network, profile
+    from mpcvit.models.configs import get_config
+    from mpcvit.models.costs import CostModel, parse_network
+    from mpcvit.models.profiler import measure_secure_model, profile
+    from mpcvit.models.spec import ArchSpec
 
     try:
         network = parse_network(args.network)
         config = get_config(args.model)
-        spec = (parse_arch(args.arch, config.depth, config.heads)
+        spec = (ArchSpec.parse(args.arch, config.depth, config.heads)
                 if args.arch is not None else None)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -51,12 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    from .cli_train import _fit_config
-    from .configs import get_config
-    from .costs import CostModel, parse_network, profile
-    from .data import DatasetError, limit_bundle, load_dataset
-    from .search import (
+    from mpcvit.models.configs import get_config
+    from mpcvit.models.costs import CostModel, parse_network
+    from mpcvit.models.data import DatasetError, limit_bundle, load_dataset
+    from mpcvit.models.profiler import profile
+    from mpcvit.models.search import (
         SearchConfig,
         SuperNet,
         binarize_budget,
@@ -67,11 +66,13 @@ def run(args: argparse.Namespace) -> int:
         write_pareto_csv,
     )
 
+    from .common import fit_config
+
     torch.set_num_threads(args.threads)
     try:
         network = parse_network(args.network)
         data = limit_bundle(load_dataset(args.data), args.limit, None, args.seed)
-        config = _fit_config(get_config(args.model), data)
+        config = fit_config(get_config(args.model), data)
         cfg = SearchConfig(lam=args.lam, epochs=args.epochs, batch_size=args.batch_size,
                            lr=args.lr, arch_lr=args.arch_lr, seed=args.seed,
                            threads=args.threads)

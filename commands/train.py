@@ -52,47 +52,21 @@ def state_path_for(out: Path) -> Path:
     return out.with_name(out.name + ".state")
 
 
-def parse_arch(arch: str, depth: int, heads: int):
-    """An ArchSpec from a YAML path or the ``ATTENTION[+ACTIVATION]`` shorthand."""
-    from .spec import ArchSpec
-
-    path = Path(arch)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"arch spec not found: {path}")
-        return ArchSpec.from_yaml(path.read_text()).validate(depth, heads)
-    attention, _, activation = arch.partition("+")
-    return ArchSpec.uniform(depth, heads, attention, activation or "gelu")
-
-
-def _fit_config(config, data):
-    """Check the image shape; adopt the dataset's class count if the config differs."""
-    c, h, w = data.image_shape
-    if (c, h, w) != (config.in_chans, config.image_size, config.image_size):
-        raise ValueError(
-            f"config {config.name or '?'} expects {config.in_chans}x{config.image_size}x"
-            f"{config.image_size} images, dataset {data.name} has {c}x{h}x{w}"
-        )
-    if config.num_classes != data.num_classes:
-        print(f"note: {data.num_classes} classes in {data.name}; head resized from "
-              f"{config.num_classes}")  # fmt: skip
-        config = config.replace(num_classes=data.num_classes)
-    return config
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
+    from mpcvit.models.configs import get_config
+    from mpcvit.models.data import DatasetError, limit_bundle, load_dataset
+    from mpcvit.models.spec import ArchSpec
+    from mpcvit.models.train import TrainConfig, train
+    from mpcvit.models.vit import build_model
 
-    from .configs import get_config
-    from .data import DatasetError, limit_bundle, load_dataset
-    from .train import TrainConfig, train
-    from .vit import build_model
+    from .common import fit_config
 
     torch.set_num_threads(args.threads)
     try:
         data = limit_bundle(load_dataset(args.data), args.limit, args.test_limit, args.seed)
-        config = _fit_config(get_config(args.model), data)
-        spec = parse_arch(args.arch, config.depth, config.heads)
+        config = fit_config(get_config(args.model), data)
+        spec = ArchSpec.parse(args.arch, config.depth, config.heads)
     except (DatasetError, KeyError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -100,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(config, spec)
     teacher = None
     if args.teacher is not None:
-        from .checkpoint import CheckpointError, load_model
+        from mpcvit.models.checkpoint import CheckpointError, load_model
 
         try:
             teacher = load_model(args.teacher)
@@ -153,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         "test_images": len(data.test),
         "train_options": options,
     }
-    from .checkpoint import save_checkpoint
+    from mpcvit.models.checkpoint import save_checkpoint
 
     save_checkpoint(model, args.out, extra=extra)
     acc = "n/a" if final is None else f"{final.test_acc:.4f}"

@@ -15,6 +15,7 @@ from .vit import ViT
 
 FORMAT = "mpcvit-checkpoint"
 FORMAT_VERSION = 1
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # shipped checkpoints, by name
 
 
 class CheckpointError(ValueError):
@@ -87,3 +88,26 @@ def load_model(path_or_name: str | os.PathLike, spec: ArchSpec | None = None) ->
     if spec is not None:
         model.set_spec(spec)
     return model
+
+
+def shipped_checkpoint(name: str) -> Path:
+    """Where the shipped checkpoint ``name`` (e.g. ``demo``) lives (it may be missing)."""
+    return ASSETS_DIR / f"{name}.pt"
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """A checkpoint path, or the name of a shipped one (``demo`` -> models/assets/demo.pt).
+
+    Never falls back to random weights: a missing checkpoint is an error.
+    """
+    path = Path(model)
+    if path.suffix or "/" in model:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} not found")
+        return path
+    shipped = shipped_checkpoint(model)
+    if not shipped.is_file():
+        raise FileNotFoundError(
+            f"no shipped checkpoint {shipped}; train it (`mpcvit demo` does on first run) "
+            "or pass a checkpoint path")
+    return shipped

@@ -79,6 +79,17 @@ class ViTConfig:
             raise ValueError(f"unknown ViTConfig fields: {sorted(unknown)}")
         return cls(**d)
 
+    def for_dataset(self, image_shape: tuple[int, int, int], num_classes: int,
+                    dataset: str = "") -> ViTConfig:
+        """This config for a dataset of ``image_shape`` (C, H, W) images: ValueError if the
+        images do not fit, and the head resized to the dataset's ``num_classes``."""
+        c, h, w = image_shape
+        if (c, h, w) != (self.in_chans, self.image_size, self.image_size):
+            raise ValueError(
+                f"config {self.name or '?'} expects {self.in_chans}x{self.image_size}x"
+                f"{self.image_size} images, dataset {dataset or '?'} has {c}x{h}x{w}")
+        return self if num_classes == self.num_classes else self.replace(num_classes=num_classes)
+
     def replace(self, **changes: Any) -> ViTConfig:
         return ViTConfig.from_dict({**self.to_dict(), **changes})
 

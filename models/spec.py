@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -214,6 +215,18 @@ class ArchSpec:
             except ValueError as e:
                 raise ValueError(f"layer {i}: {e}") from None
         return cls(tuple(out), version=d["version"])
+
+    @classmethod
+    def parse(cls, text: str, depth: int, heads: int) -> ArchSpec:
+        """A spec from a YAML file's path, or from the ``ATTENTION[+ACTIVATION]`` shorthand
+        applied to every head and layer (e.g. ``relu_softmax+relu``; GeLU by default)."""
+        path = Path(text)
+        if path.suffix in (".yaml", ".yml") or path.is_file():
+            if not path.is_file():
+                raise FileNotFoundError(f"arch spec not found: {path}")
+            return cls.from_yaml(path.read_text()).validate(depth, heads)
+        attention, _, activation = text.partition("+")
+        return cls.uniform(depth, heads, attention, activation or "gelu")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)

@@ -62,7 +62,7 @@ def _context():
     return ctx
 
 
-def _dealer_main(conn, tls: TlsConfig | None, netns: str | None, listen: str) -> None:
+def _dealer_main(tls: TlsConfig | None, netns: str | None, listen: str, conn: Any) -> None:
     try:
         if netns:
             from .netem import enter_netns
@@ -161,6 +161,169 @@ def _run_party(s: _PartySettings, fn, args, kwargs, conn):
         server.stop(grace=0.5)
 
 
+@dataclass
+class _Options:
+    """What :func:`run_parties` was asked for, checked."""
+
+    world_size: int
+    provider: str
+    backend: str
+    timeout: float
+    timeouts: Timeouts
+    tls: Sequence[TlsConfig] | None
+    dealer_tls: TlsConfig | None
+    chunk_bytes: int
+    network: EmulatedNetwork | None
+    host: str
+    ports: Sequence[int]
+    dealer_port: int
+
+    def check(self) -> None:
+        if self.ports and len(self.ports) != self.world_size:
+            raise ValueError("ports needs one port per party")
+        if self.network is not None and (self.backend != "grpc" or self.world_size != 2):
+            raise ValueError("an emulated network runs 2 parties over gRPC")
+        if self.backend not in ("grpc", "gloo"):
+            raise ValueError("backend must be 'grpc' or 'gloo'")
+        if self.provider not in ("tfp", "dealer"):
+            raise ValueError("provider must be 'tfp' or 'dealer'")
+        if self.tls is not None and len(self.tls) != self.world_size:
+            raise ValueError("tls needs one TlsConfig per party")
+        if self.dealer_tls is not None and self.tls is None:
+            raise ValueError("a TLS dealer needs the parties' TLS identities too")
+
+
+class _Launch:
+    """The processes of one :func:`run_parties` call: set up, run, tear down."""
+
+    def __init__(self, opts: _Options) -> None:
+        self.opts = opts
+        self.ctx = _context()
+        self.deadline = time.monotonic() + opts.timeout
+        self.session = f"launch-{uuid.uuid4().hex}"
+        self.rendezvous = os.path.join(tempfile.gettempdir(), f"mpcvit-rdv-{uuid.uuid4().hex}")
+        self.procs: dict[Any, mp.Process] = {}
+        self.conns: dict[Any, Any] = {}
+        self.errors: dict[Any, str] = {}
+        self.dealer_port: int | None = None
+        net = opts.network
+        self.views = {r: net.party(r) for r in range(opts.world_size)} if net else {}
+
+    def wait_msg(self, key: Any, what: str) -> Any:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0 or not self.conns[key].poll(remaining):
+            raise TimeoutError(
+                f"party {key} gave no {what} within the {self.opts.timeout:.0f} s limit")
+        try:
+            return self.conns[key].recv()
+        except EOFError:
+            self.procs[key].join(1.0)
+            raise ChildProcessError(f"party {key} exited (code {self.procs[key].exitcode}) "
+                                    f"before sending its {what}") from None
+
+    def _spawn(self, key: Any, target: Callable[..., None], args: tuple, name: str) -> Any:
+        parent, child = self.ctx.Pipe()
+        self.procs[key] = self.ctx.Process(target=target, args=(*args, child), name=name,
+                                           daemon=True)
+        self.conns[key] = parent
+        self.procs[key].start()
+        child.close()  # so the parent sees EOF when the child dies
+        return parent
+
+    def start_dealer(self) -> None:
+        opts = self.opts
+        if opts.provider != "dealer":
+            return
+        view = opts.network.dealer() if opts.network else None
+        listen = view.listen if view else f"{opts.host}:{opts.dealer_port}"
+        self._spawn("dealer", _dealer_main,
+                    (opts.dealer_tls, view.netns if view else None, listen), "mpcvit-dealer")
+        kind, value = self.wait_msg("dealer", "port")
+        if kind != "port":
+            raise PartyFailure({"dealer": value})
+        self.dealer_port = value
+
+    def _dealer_address(self, rank: int) -> str | None:
+        if self.dealer_port is None:
+            return None
+        view = self.views.get(rank)
+        return view.dealer if view is not None else f"{self.opts.host}:{self.dealer_port}"
+
+    def start_parties(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        opts = self.opts
+        for rank in range(opts.world_size):
+            view = self.views.get(rank)
+            settings = _PartySettings(
+                rank, opts.world_size, opts.backend, opts.provider, self.session,
+                opts.timeouts, opts.tls[rank] if opts.tls else None, opts.dealer_tls,
+                opts.chunk_bytes, self.rendezvous, netns=view.netns if view else None,
+                listen=view.listen if view
+                else f"{opts.host}:{opts.ports[rank] if opts.ports else 0}",
+            )
+            conn = self._spawn(rank, _party_main, (settings, fn, args, kwargs),
+                               f"mpcvit-party{rank}")
+            conn.send(("dealer", self._dealer_address(rank)))
+
+    def connect_peers(self) -> None:
+        if self.opts.backend != "grpc":
+            return
+        peers = {}
+        for rank in range(self.opts.world_size):
+            kind, value = self.wait_msg(rank, "port")
+            if kind != "port":
+                raise PartyFailure({rank: value})
+            peers[rank] = f"{self.opts.host}:{value}"
+        for rank in range(self.opts.world_size):
+            self.conns[rank].send(("peers", self.views[rank].peers if self.views else peers))
+
+    def _receive(self, rank: int, results: dict[int, Any]) -> None:
+        try:
+            kind, value = self.conns[rank].recv()
+        except EOFError:
+            self.procs[rank].join(1.0)
+            self.errors[rank] = f"process exited with code {self.procs[rank].exitcode}"
+            return
+        if kind == "ok":
+            results[rank] = pickle.loads(value)
+        else:
+            self.errors[rank] = value
+
+    def collect(self) -> list[Any]:
+        results: dict[int, Any] = {}
+        pending = set(range(self.opts.world_size))
+        while pending:
+            ready = mp.connection.wait([self.conns[r] for r in pending],
+                                       timeout=max(0.0, self.deadline - time.monotonic()))
+            if not ready:
+                for r in pending:
+                    self.errors[r] = f"no result within the {self.opts.timeout:.0f} s limit"
+                break
+            for r in [r for r in pending if self.conns[r] in ready]:
+                pending.discard(r)
+                self._receive(r, results)
+        if self.errors:
+            raise PartyFailure(self.errors)
+        return [results[r] for r in range(self.opts.world_size)]
+
+    def teardown(self) -> None:
+        if "dealer" in self.conns:
+            try:
+                self.conns["dealer"].send("stop")
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs.values():
+            proc.join(timeout=5.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5.0)
+        for conn in self.conns.values():
+            conn.close()
+        try:
+            os.unlink(self.rendezvous)
+        except OSError:
+            pass
+
+
 def run_parties(
     fn: Callable[..., Any],
     *args: Any,
@@ -187,134 +350,22 @@ def run_parties(
     namespaces and talk across its shaped, delayed link.  Raises :class:`PartyFailure` with each
     party's traceback (or exit code) if any party fails, and after ``timeout`` seconds.
     """
-    if ports and len(ports) != world_size:
-        raise ValueError("ports needs one port per party")
-    if network is not None and (backend != "grpc" or world_size != 2):
-        raise ValueError("an emulated network runs 2 parties over gRPC")
-    if backend not in ("grpc", "gloo"):
-        raise ValueError("backend must be 'grpc' or 'gloo'")
-    if provider not in ("tfp", "dealer"):
-        raise ValueError("provider must be 'tfp' or 'dealer'")
-    if tls is not None and len(tls) != world_size:
-        raise ValueError("tls needs one TlsConfig per party")
-    if dealer_tls is not None and tls is None:
-        raise ValueError("a TLS dealer needs the parties' TLS identities too")
-    ctx = _context()
-    deadline = time.monotonic() + timeout
-    session = f"launch-{uuid.uuid4().hex}"
-    timeouts = Timeouts(connect=connect_timeout, recv=recv_timeout,
-                        dealer=dealer_timeout or recv_timeout)
-    rendezvous = os.path.join(tempfile.gettempdir(), f"mpcvit-rdv-{uuid.uuid4().hex}")
-    procs: dict[Any, mp.Process] = {}
-    conns: dict[Any, Any] = {}
-    errors: dict[Any, str] = {}
-
-    def wait_msg(key, what: str):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not conns[key].poll(remaining):
-            raise TimeoutError(f"party {key} gave no {what} within the {timeout:.0f} s limit")
-        try:
-            return conns[key].recv()
-        except EOFError:
-            procs[key].join(1.0)
-            raise ChildProcessError(
-                f"party {key} exited (code {procs[key].exitcode}) before sending its {what}"
-            ) from None
-
+    opts = _Options(world_size, provider, backend, timeout,
+                    Timeouts(connect=connect_timeout, recv=recv_timeout,
+                             dealer=dealer_timeout or recv_timeout),
+                    tls, dealer_tls, chunk_bytes, network, host, ports, dealer_port)
+    opts.check()
+    launch = _Launch(opts)
     try:
-        bound_dealer_port = None
-        if provider == "dealer":
-            parent, child = ctx.Pipe()
-            dview = network.dealer() if network else None
-            procs["dealer"] = ctx.Process(target=_dealer_main,
-                                          args=(child, dealer_tls,
-                                                dview.netns if dview else None,
-                                                dview.listen if dview
-                                                else f"{host}:{dealer_port}"),
-                                          name="mpcvit-dealer", daemon=True)
-            conns["dealer"] = parent
-            procs["dealer"].start()
-            child.close()  # so the parent sees EOF when the child dies
-            kind, value = wait_msg("dealer", "port")
-            if kind != "port":
-                raise PartyFailure({"dealer": value})
-            bound_dealer_port = value
-        views = {r: network.party(r) for r in range(world_size)} if network else {}
-        for rank in range(world_size):
-            view = views.get(rank)
-            settings = _PartySettings(
-                rank, world_size, backend, provider, session, timeouts,
-                tls[rank] if tls else None, dealer_tls, chunk_bytes, rendezvous,
-                netns=view.netns if view else None,
-                listen=view.listen if view else f"{host}:{ports[rank] if ports else 0}",
-            )
-            parent, child = ctx.Pipe()
-            procs[rank] = ctx.Process(target=_party_main, args=(settings, fn, args, kwargs, child),
-                                      name=f"mpcvit-party{rank}", daemon=True)
-            conns[rank] = parent
-            procs[rank].start()
-            child.close()
-            if bound_dealer_port is None:
-                dealer_address = None
-            elif view is not None:
-                dealer_address = view.dealer
-            else:
-                dealer_address = f"{host}:{bound_dealer_port}"
-            parent.send(("dealer", dealer_address))
-        if backend == "grpc":
-            peers = {}
-            for rank in range(world_size):
-                kind, value = wait_msg(rank, "port")
-                if kind != "port":
-                    raise PartyFailure({rank: value})
-                peers[rank] = f"{host}:{value}"
-            for rank in range(world_size):
-                conns[rank].send(("peers", views[rank].peers if network else peers))
-        results: dict[int, Any] = {}
-        pending = set(range(world_size))
-        while pending:
-            ready = mp.connection.wait([conns[r] for r in pending],
-                                       timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                for r in pending:
-                    errors[r] = f"no result within the {timeout:.0f} s limit"
-                break
-            for r in [r for r in pending if conns[r] in ready]:
-                pending.discard(r)
-                try:
-                    kind, value = conns[r].recv()
-                except EOFError:
-                    procs[r].join(1.0)
-                    errors[r] = f"process exited with code {procs[r].exitcode}"
-                    continue
-                if kind == "ok":
-                    results[r] = pickle.loads(value)
-                else:
-                    errors[r] = value
-        if errors:
-            raise PartyFailure(errors)
-        return [results[r] for r in range(world_size)]
+        launch.start_dealer()
+        launch.start_parties(fn, args, kwargs)
+        launch.connect_peers()
+        return launch.collect()
     except (TimeoutError, ChildProcessError) as exc:
-        errors.setdefault("launcher", str(exc))
-        raise PartyFailure(errors) from None
+        launch.errors.setdefault("launcher", str(exc))
+        raise PartyFailure(launch.errors) from None
     finally:
-        for key, conn in conns.items():
-            if key == "dealer":
-                try:
-                    conn.send("stop")
-                except (BrokenPipeError, OSError):
-                    pass
-        for proc in procs.values():
-            proc.join(timeout=5.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5.0)
-        for conn in conns.values():
-            conn.close()
-        try:
-            os.unlink(rendezvous)
-        except OSError:
-            pass
+        launch.teardown()
 
 
 def run_parties_from_config(

@@ -1,6 +1,6 @@
 """Run the dealer and both parties as local processes (the demo and the tests use it).
 
-Each process is the real server command (``python -m mpcvit.party.cli party ...``) with
+Each process is the real server command (``python -m mpcvit.commands party ...``) with
 a config written from the shipped ``deploy/*.yaml`` plus overrides (127.0.0.1 and free
 ports instead of the Compose host names).  Nothing is shared in memory: the processes
 talk over gRPC exactly as on separate hosts.
@@ -116,7 +116,7 @@ class LocalCluster:
         env.setdefault("OMP_NUM_THREADS", "1")
         env["PYTHONUNBUFFERED"] = "1"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mpcvit.party.cli", cmd, "--config", str(self.configs[who])],
+            [sys.executable, "-m", "mpcvit.commands", cmd, "--config", str(self.configs[who])],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         self.procs[who] = proc

@@ -11,7 +11,6 @@ import logging
 import signal
 import threading
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,7 +28,6 @@ from .service import InferenceServicer, PartyService
 
 log = logging.getLogger("mpcvit.party")
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "models" / "assets"
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
@@ -79,29 +77,11 @@ def load_party_model(config: PartyConfig) -> tuple[Any, ModelFacts]:
         model = build_model(name)
         extra: dict[str, Any] = {}
     else:
-        from mpcvit.models.checkpoint import load_checkpoint
+        from mpcvit.models.checkpoint import load_checkpoint, resolve_checkpoint
 
         model, extra = load_checkpoint(resolve_checkpoint(config.model))
     model.eval()
     return model, describe_model(model, config.served_name, config.dataset, extra)
-
-
-def resolve_checkpoint(model: str) -> Path:
-    """A checkpoint path, or the name of a shipped one (``demo`` -> models/assets/demo.pt).
-
-    Never falls back to random weights: a missing checkpoint is an error.
-    """
-    path = Path(model)
-    if path.suffix or "/" in model:
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} not found")
-        return path
-    shipped = ASSETS_DIR / f"{model}.pt"
-    if not shipped.is_file():
-        raise FileNotFoundError(
-            f"no shipped checkpoint {shipped}; train it (`mpcvit demo` does on first run) "
-            "or pass a checkpoint path")
-    return shipped
 
 
 class PartyServer:

@@ -25,9 +25,11 @@ from mpcvit.party.client import (
 
 def test_client_sdk_never_imports_torch_or_crypten() -> None:
     code = (
-        "import sys, mpcvit.party.client, mpcvit.party.infer as infer; "
-        "infer.load_images(['fashion-mnist:test:0']); "
-        "infer.ClientConfig.from_dict({'parties': ['a:1', 'b:2']}).client().close(); "
+        "import sys, mpcvit.party.client, mpcvit.commands.infer; "
+        "from mpcvit.party.images import load_images; "
+        "from mpcvit.party.client_config import ClientConfig; "
+        "load_images(['fashion-mnist:test:0']); "
+        "ClientConfig.from_dict({'parties': ['a:1', 'b:2']}).client().close(); "
         "bad = [m for m in ('torch', 'crypten') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -131,8 +133,7 @@ def test_preprocess_and_topk() -> None:
 
 
 def test_image_files_and_fashion_mnist_specs(tmp_path) -> None:
-    from mpcvit.party.images import read_image
-    from mpcvit.party.infer import load_images
+    from mpcvit.party.images import load_images, read_image
 
     img = (np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)
     (tmp_path / "a.pgm").write_bytes(b"P5\n# comment\n28 28\n255\n" + img.tobytes())

@@ -148,7 +148,7 @@ class LocalCompose:
         log = self.tmp / f"{name}.log"
         self.logs[name] = log
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "mpcvit.party.cli", *args],
+            proc = subprocess.Popen([sys.executable, "-m", "mpcvit.commands", *args],
                                     stdout=out, stderr=subprocess.STDOUT,
                                     env=self.env_for(name, svc), start_new_session=True)
         self.procs[name] = proc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from mpcvit.party.cli import main
+from mpcvit.commands import main
 
 
 def _last_json(capsys) -> dict:

@@ -56,7 +56,7 @@ def _assert_plaintext_logits(model, info, ims, predictions) -> None:
 
 
 def test_prepared_sessions_serve_requests_correctly(tmp_path):
-    from mpcvit.party.infer import load_images
+    from mpcvit.party.images import load_images
 
     model, cluster = _demo_cluster(tmp_path, {"offline_sessions": 1})
     cluster.start()
@@ -86,7 +86,7 @@ def test_a_busy_service_fetches_a_sessions_randomness_in_bulk(tmp_path):
     batch-2 session that follows another one (whose tuple trace the parties keep) is
     prepared in bulk just before it runs, by each party on its own, and still computes
     the right logits."""
-    from mpcvit.party.infer import load_images
+    from mpcvit.party.images import load_images
 
     model, cluster = _demo_cluster(tmp_path, {"offline_sessions": 1, "max_batch": 2,
                                               "max_wait": 2.0, "bulk_prepare_max_batch": 2})

@@ -73,7 +73,7 @@ def cluster(tmp_path_factory, plain_model):
 
 
 def fashion_images(n: int) -> tuple[np.ndarray, np.ndarray]:
-    from mpcvit.party.infer import load_images
+    from mpcvit.party.images import load_images
 
     ims = load_images([f"fashion-mnist:test:0-{n - 1}"])
     return np.stack([im.pixels for im in ims]), np.array([im.label for im in ims])

@@ -225,7 +225,7 @@ def test_mu_sweep_is_monotone_in_kept_heads():
 
 
 def _cli(*argv: str) -> tuple[int, str]:
-    from mpcvit.party.cli import main
+    from mpcvit.commands import main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -159,7 +159,7 @@ TINY_DATA = "synthetic:size=28,classes=10,train=200,test=100"
 
 
 def cli(*args: str) -> int:
-    from mpcvit.party.cli import main
+    from mpcvit.commands import main
 
     return main(["train", "--model", "demo", "--data", TINY_DATA, "--batch-size", "50",
                  "--threads", "1", *args])  # fmt: skip
@@ -195,7 +195,7 @@ def test_cli_train_end_to_end_resume_and_teacher(tmp_path, capsys):
 
 def test_cli_train_reports_bad_inputs(tmp_path, capsys):
     out = str(tmp_path / "m.pt")
-    from mpcvit.party.cli import main
+    from mpcvit.commands import main
 
     assert main(["train", "--model", "demo", "--data", str(tmp_path / "none"), "--out", out]) == 2
     assert "unknown dataset" in capsys.readouterr().err
