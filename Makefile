@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.mpcvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-fast lint install dataset proto bench clean
+.PHONY: demo test test-fast lint install dataset kubectl proto bench clean
 
 install: $(STAMP)
 
@@ -30,14 +30,29 @@ dataset:
 		echo "Fashion-MNIST missing at $(FMNIST): install Debian's dataset-fashion-mnist (as root)" >&2; exit 1; \
 	fi
 
+# kubectl renders the Kubernetes overlays offline (tests/test_k8s.py): Debian's kubectl
+# package (Debian 13 and later; needs root and apt).  Debian 12 has none recent enough (its
+# kubernetes-client 1.20 embeds kustomize v2): there, or without root, the render tests
+# skip and say why.
+kubectl:
+	@if command -v kubectl >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq; \
+		if apt-cache show kubectl >/dev/null 2>&1; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl; \
+		else echo "no kubectl package in this Debian: the Kubernetes render tests will skip" >&2; fi; \
+	else \
+		echo "kubectl missing: install Debian's kubectl (as root) to run the render tests" >&2; \
+	fi
+
 demo: install dataset
 	$(VENV)/bin/mpcvit demo
 
-test: install dataset
+test: install dataset kubectl
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install kubectl
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install

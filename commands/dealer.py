@@ -34,10 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from mpcvit.mpc.compat import import_crypten
 
     import_crypten()  # the dealer uses CrypTen's generators; install the compat shim first
-    from mpcvit.mpc.dealer import serve_dealer
+    from .dealer_server import DealerServer
 
     log = logging.getLogger("mpcvit.dealer")
-    server, port = serve_dealer(listen, config.tls)
+    dealer = DealerServer(config, listen)
+    port = dealer.start()
     log.info("event=dealer_started listen=%s port=%d tls=%s", listen, port,
              config.tls is not None)
     done = threading.Event()
@@ -46,5 +47,5 @@ def run(args: argparse.Namespace) -> int:
     while not done.wait(1.0):
         pass
     log.info("event=dealer_stopping")
-    server.stop(3.0).wait(4.0)
+    dealer.stop(3.0)
     return 0

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
 from crypten.mpc.provider.provider import TupleProvider
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from ..proto.generated import dealer_pb2, dealer_pb2_grpc
 from .config import ProviderSpec, TlsConfig
@@ -175,6 +177,11 @@ class DealerProvider(TupleProvider):
         state.offline_seconds = time.perf_counter() - tic
         self._prepared[session] = state
         return state.offline_seconds
+
+    @property
+    def prepared_sessions(self) -> int:
+        """Sessions prepared offline and not used yet (a metrics gauge)."""
+        return len(self._prepared)
 
     def is_prepared(self, session: str) -> bool:
         """Whether :meth:`prepare` ran for ``session`` and :meth:`begin` has not used it."""
@@ -332,6 +339,16 @@ class DealerState:
         self.masks = masks or MaskStore()
         self._lock = threading.Lock()
 
+    @property
+    def open_sessions(self) -> int:
+        """Sessions whose seeds were handed out and not all closed yet (a metrics gauge)."""
+        return len(self._sessions)
+
+    @property
+    def weight_masks(self) -> int:
+        """Weight masks kept for loaded models (a metrics gauge)."""
+        return len(self._masks)
+
     def _expire(self) -> None:
         now = time.monotonic()
         for sid in [k for k, s in self._sessions.items() if now - s.last_used > self.idle_ttl]:
@@ -433,15 +450,25 @@ class DealerService(dealer_pb2_grpc.DealerServiceServicer):
 
 def serve_dealer(
     listen: str = "127.0.0.1:0", tls: TlsConfig | None = None, *, max_workers: int = 8,
-    state: DealerState | None = None,
+    state: DealerState | None = None, health_servicer: health.HealthServicer | None = None,
+    interceptors: tuple[grpc.ServerInterceptor, ...] = (),
 ) -> tuple[grpc.Server, int]:
-    """Start a dealer gRPC server; return it and the bound port."""
+    """Start a dealer gRPC server; return it and the bound port.
+
+    It also serves gRPC health (SERVING once started; pass ``health_servicer`` to flip it
+    on shutdown) and server reflection."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=[("grpc.max_send_message_length", 1 << 30),
                  ("grpc.max_receive_message_length", 16 << 20)],
+        interceptors=list(interceptors),
     )
     dealer_pb2_grpc.add_DealerServiceServicer_to_server(DealerService(state), server)
+    health_servicer = health_servicer or health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    name = dealer_pb2.DESCRIPTOR.services_by_name["DealerService"].full_name
+    reflection.enable_server_reflection((name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                        server)
     if tls is not None:
         port = server.add_secure_port(listen, tls.server_credentials())
     else:
@@ -449,5 +476,7 @@ def serve_dealer(
     if port == 0:
         raise DealerError(f"dealer cannot listen on {listen}")
     server.start()
+    for service in ("", name):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("dealer listening on %s (port %d, tls=%s)", listen, port, tls is not None)
     return server, port

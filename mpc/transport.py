@@ -384,6 +384,12 @@ class PeerTransport:
             if not self.mailbox.wait_for_peer(src, timeout):
                 raise PeerTimeout(f"party {src} did not connect back within {timeout:.1f} s")
 
+    def peer_connected(self, peer: int) -> bool:
+        """Whether both streams with ``peer`` are up now (ours to it, its to us)."""
+        with self._lock:
+            link = self._links.get(peer)
+        return link is not None and link.alive and self.mailbox.peer_generation(peer)[1]
+
     def close(self) -> None:
         with self._lock:
             links, self._links = list(self._links.values()), {}

@@ -5,7 +5,8 @@ environment variables so the same files serve Docker Compose (service host names
 local runs (127.0.0.1 and free ports): ``MPCVIT_LISTEN``, ``MPCVIT_PEER``,
 ``MPCVIT_DEALER``, ``MPCVIT_MODEL``, ``MPCVIT_PROVIDER``; ``MPCVIT_TLS_DIR`` turns on
 mutual TLS with ``ca.pem`` and ``<role>.pem``/``<role>.key`` from that directory (the
-layout ``mpcvit certs`` writes; roles dealer, party0, party1, client).
+layout ``mpcvit certs`` writes; roles dealer, party0, party1, client).  ``{ordinal}`` in
+a party's addresses becomes its StatefulSet replica ordinal (see ``ordinal.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 from mpcvit.mpc.config import ProviderSpec, Timeouts, TlsConfig, load_yaml
 from mpcvit.mpc.errors import ConfigError
+
+from .ordinal import expand_ordinal
 
 ENV_TLS_DIR = "MPCVIT_TLS_DIR"  # directory with ca.pem and <role>.pem/.key: turns on mTLS
 
@@ -81,6 +84,37 @@ class ServiceTimeouts:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics over HTTP (``GET /metrics``) on ``port``, on the interface of
+    the server's ``listen`` address.  Off unless enabled."""
+
+    enabled: bool = False
+    port: int = 9090
+
+    @classmethod
+    def from_value(cls, value: Any) -> MetricsConfig:
+        if not value:
+            return cls()
+        if not isinstance(value, dict) or set(value) - {"enabled", "port"}:
+            raise ConfigError("metrics takes {enabled: bool, port: int}")
+        out = cls(enabled=bool(value.get("enabled", True)), port=int(value.get("port", 9090)))
+        if not 0 < out.port < 65536:
+            raise ConfigError("metrics.port must be 1..65535")
+        return out
+
+
+def side_ports(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``metrics`` and ``health_port`` settings shared by party and dealer configs.
+
+    ``health_port`` (0: off) serves only grpc.health.v1, in plaintext, for Kubernetes'
+    gRPC probes, which cannot present a client certificate to the mutual-TLS port."""
+    health_port = int(data.get("health_port") or 0)
+    if not 0 <= health_port < 65536:
+        raise ConfigError("health_port must be 0 (off) or 1..65535")
+    return {"metrics": MetricsConfig.from_value(data.get("metrics")), "health_port": health_port}
+
+
+@dataclass(frozen=True)
 class PartyConfig:
     rank: int
     listen: str
@@ -96,6 +130,8 @@ class PartyConfig:
     log_format: str = "json"
     log_level: str = "INFO"
     chunk_bytes: int = 4 << 20
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    health_port: int = 0  # see side_ports
 
     def __post_init__(self) -> None:
         if self.rank not in (0, 1):
@@ -116,8 +152,10 @@ class PartyConfig:
         for key, var in ENV_OVERRIDES.items():
             if env.get(var):
                 data[key] = env[var]
+        data = expand_ordinal(data, env)
         known = {"rank", "listen", "peer", "dealer", "provider", "timeouts", "limits", "tls",
-                 "model", "model_name", "dataset", "log_format", "log_level", "chunk_bytes"}
+                 "model", "model_name", "dataset", "log_format", "log_level", "chunk_bytes",
+                 "metrics", "health_port"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown party config keys: {sorted(unknown)}")
@@ -145,7 +183,7 @@ class PartyConfig:
             dataset=data.get("dataset", "fashion-mnist"),
             log_format=str(data.get("log_format", "json")),
             log_level=str(data.get("log_level", "INFO")),
-            chunk_bytes=int(data.get("chunk_bytes", 4 << 20)),
+            chunk_bytes=int(data.get("chunk_bytes", 4 << 20)), **side_ports(data),
         )
 
     @classmethod
@@ -170,6 +208,8 @@ class DealerConfig:
     tls: TlsConfig | None = None
     log_format: str = "json"
     log_level: str = "INFO"
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    health_port: int = 0  # see side_ports
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], env: dict[str, str] | None = None) -> DealerConfig:
@@ -177,17 +217,23 @@ class DealerConfig:
         env = os.environ if env is None else env
         if env.get("MPCVIT_LISTEN"):
             data["listen"] = env["MPCVIT_LISTEN"]
-        unknown = set(data) - {"listen", "tls", "log_format", "log_level"}
+        unknown = set(data) - {"listen", "tls", "log_format", "log_level", "metrics",
+                               "health_port"}
         if unknown:
             raise ConfigError(f"unknown dealer config keys: {sorted(unknown)}")
         return cls(listen=str(data.get("listen", "0.0.0.0:50050")),
                    tls=_tls(data.get("tls")) or tls_from_dir(env, "dealer"),
                    log_format=str(data.get("log_format", "json")),
-                   log_level=str(data.get("log_level", "INFO")))
+                   log_level=str(data.get("log_level", "INFO")), **side_ports(data))
 
     @classmethod
     def from_yaml(cls, path: str | Path, env: dict[str, str] | None = None) -> DealerConfig:
         return cls.from_dict(load_yaml(path), env)
+
+
+def listen_host(listen: str) -> str:
+    """The interface part of a ``host:port`` listen address (``[::]:1`` -> ``::``)."""
+    return listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
 
 
 def _tls(value: Any) -> TlsConfig | None:

@@ -21,14 +21,16 @@ from mpcvit.mpc.transport import PeerTransport
 from mpcvit.proto.generated import inference_pb2, inference_pb2_grpc
 
 from .backend import CrypTenBackend, ModelFacts, describe_model
-from .config import PartyConfig
+from .config import PartyConfig, listen_host
 from .coordinator import ChannelDown, ChannelTimeout, Follower, Leader
 from .pairing import InferenceQueue
+from .probes import mark_alive, serve_probe_port
 from .service import InferenceServicer, PartyService
 
 log = logging.getLogger("mpcvit.party")
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+HEALTH_POLL = 0.5  # seconds between checks of the peer link for the health status
 
 
 class TransportChannel:
@@ -102,7 +104,7 @@ class PartyServer:
                                     max_pending=config.limits.max_pending)
         channel = TransportChannel(self.transport, 1 - config.rank, st.peer_connect)
         self.health = health.HealthServicer()
-        common = dict(pairing_timeout=st.pairing, on_ready_change=self._on_ready_change)
+        common = dict(pairing_timeout=st.pairing, on_ready_change=self._refresh_health)
         if config.rank == 0:
             self.coordinator: Leader | Follower = Leader(
                 self.queue, channel, self.backend, max_batch=config.limits.max_batch,
@@ -114,16 +116,40 @@ class PartyServer:
             config.rank, self.queue, config.limits, facts=lambda: self.backend.facts,
             ready=lambda: self.coordinator.ready, precision_bits=self.backend.precision_bits,
             request_timeout=st.request)
+        self.metrics = None
+        if config.metrics.enabled:
+            from .metrics import party_metrics
+
+            self.metrics = party_metrics(config.rank, queue=self.queue,
+                                         serving=lambda: bool(self._serving),
+                                         dealer=config.provider.kind == "dealer")
         self.server: grpc.Server | None = None
+        self.probe_server: grpc.Server | None = None
         self.port: int | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._serving: bool | None = None
+        self._health_lock = threading.Lock()
 
-    def _on_ready_change(self, ready: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if ready
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+    def _refresh_health(self, _ready: bool | None = None) -> None:
+        """SERVING iff the weights are shared and the peer link is up: a party whose peer
+        is missing cannot serve a request, so it must not look ready."""
+        with self._health_lock:
+            serving = (self.coordinator.ready
+                       and self.transport.peer_connected(1 - self.config.rank))
+            if serving == self._serving:
+                return
+            self._serving = serving
+            status = (health_pb2.HealthCheckResponse.SERVING if serving
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, status)
+        log.info("event=health status=%s", health_pb2.HealthCheckResponse.ServingStatus.Name(
+            status))
+
+    def _watch_health(self) -> None:
+        while not self._stopped.wait(HEALTH_POLL):
+            self._refresh_health()
 
     def start(self) -> int:
         """Bind the port, start serving and the coordinator; return the bound port."""
@@ -144,14 +170,17 @@ class PartyServer:
         # RESOURCE_EXHAUSTED instead of queueing unboundedly.
         concurrent = cfg.limits.max_concurrent_rpcs
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=concurrent + 8),
-                                  options=options, maximum_concurrent_rpcs=concurrent + 4)
+                                  options=options, maximum_concurrent_rpcs=concurrent + 4,
+                                  interceptors=[self.metrics.interceptor()] if self.metrics
+                                  else None)
         self.transport.add_to_server(self.server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(self.service), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self._on_ready_change(False)
+        self._refresh_health()
+        mark_alive(self.health)
         if cfg.tls is not None:
             port = self.server.add_secure_port(cfg.listen, cfg.tls.server_credentials())
         else:
@@ -160,6 +189,11 @@ class PartyServer:
             raise OSError(f"cannot listen on {cfg.listen}")
         self.port = port
         self.server.start()
+        if cfg.health_port:
+            self.probe_server = serve_probe_port(self.health, listen_host(cfg.listen),
+                                                 cfg.health_port)
+        if self.metrics is not None:
+            self.metrics.serve(listen_host(cfg.listen), cfg.metrics.port)
         try:
             self.transport.connect({1 - cfg.rank: cfg.peer},
                                    timeout=cfg.service_timeouts.peer_connect)
@@ -168,6 +202,7 @@ class PartyServer:
         self._thread = threading.Thread(target=self.coordinator.run_forever,
                                         name="coordinator", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch_health, name="health", daemon=True).start()
         log.info("event=party_started rank=%d listen=%s port=%d peer=%s provider=%s tls=%s "
                  "model=%s max_batch=%d", cfg.rank, cfg.listen, port, cfg.peer,
                  cfg.provider.kind, cfg.tls is not None, cfg.served_name if cfg.rank == 0
@@ -187,6 +222,10 @@ class PartyServer:
             self._thread.join(grace)
         if self.server is not None:
             self.server.stop(grace).wait(grace + 1)
+        if self.probe_server is not None:
+            self.probe_server.stop(0)
+        if self.metrics is not None:
+            self.metrics.stop()
         self.transport.close()
         log.info("event=party_stopped rank=%d", self.config.rank)
 
