@@ -431,7 +431,8 @@ def collect(args: argparse.Namespace, models: dict[str, dict]) -> list[dict]:
         pred = costs.predict(spec)
         row = {"name": name, "group": m["group"], "kinds": spec.summary(),
                "acc": checkpoint_accuracy(out / "ckpt" / f"{name}.pt"),
-               "acc_kd": None if name == "softmax" else checkpoint_accuracy(out / "ckpt" / f"{name}_kd.pt"),
+               "acc_kd": (None if name == "softmax"
+                          else checkpoint_accuracy(out / "ckpt" / f"{name}_kd.pt")),
                "pred_rounds": pred.rounds, "pred_bytes": pred.bytes,
                "pred_compute_s": pred.compute_s,
                "pred_lan_s": NETWORKS["lan"].seconds(pred),

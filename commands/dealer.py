@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from mpcvit.mpc.compat import import_crypten
 
     import_crypten()  # the dealer uses CrypTen's generators; install the compat shim first
-    from .dealer_server import DealerServer
+    from mpcvit.party.dealer_server import DealerServer
 
     log = logging.getLogger("mpcvit.dealer")
     dealer = DealerServer(config, listen)

@@ -49,7 +49,8 @@ def test_pareto_scores_every_checkpoint_on_the_whole_test_set(tmp_path):
     model = build_model("demo").eval()
     ckpt = tmp_path / "ckpt" / "m.pt"
     save_checkpoint(model, ckpt, extra={"test_acc": 0.5})
-    assert pareto.checkpoint_accuracy(ckpt) == 0.5  # not evaluated yet: the training run's own score
+    # not evaluated yet: the training run's own score
+    assert pareto.checkpoint_accuracy(ckpt) == 0.5
     pareto.evaluate_step(tmp_path)()
     res = json.loads((tmp_path / "eval" / "m.json").read_text())
     x, y = load_dataset("fashion-mnist").test.tensors()

@@ -158,7 +158,7 @@ def test_party_overlays_pair_replica_k_with_replica_k() -> None:
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_party_overlay_structure(rank) -> None:
-    from mpcvit.party.cli import build_parser
+    from mpcvit.commands import build_parser
 
     docs, sts, container, configmap = party_parts(rank)
     name = f"mpcvit-party{rank}"
@@ -231,7 +231,7 @@ def check_certs(pod: dict, container: dict, role: str) -> None:
 
 
 def test_dealer_overlay_structure() -> None:
-    from mpcvit.party.cli import build_parser
+    from mpcvit.commands import build_parser
 
     docs = render("dealer")
     sts, svc, configmap = (one(docs, k) for k in ("StatefulSet", "Service", "ConfigMap"))

@@ -424,8 +424,8 @@ EDGE_VALUES = [0, 1, -1, 2, -2, 2**62, -(2**62), 2**63 - 1, -(2**63), 2**63 - 2,
 def _sign_party(provider_kind: str) -> dict[str, torch.Tensor]:
     """The sign circuit on raw ring elements: every edge value, each under many random
     splittings into shares, plus random values (69: padding is exercised too)."""
-    from mpcvit.mpc.protocols import compare
     from mpcvit.mpc.compat import import_crypten
+    from mpcvit.mpc.protocols import compare
 
     crypten = import_crypten()
     comm = crypten.communicator.get()
