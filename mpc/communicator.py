@@ -87,13 +87,16 @@ class GrpcCommunicator(Communicator):
 
     BYTES_PER_ELEMENT = 8
 
-    def __init__(self, transport: PeerTransport, session: str) -> None:
+    def __init__(self, transport: PeerTransport, session: str,
+                 generations: dict[int, int] | None = None) -> None:
         self.transport = transport
         self.session = session
         self.rank = transport.rank
         self.world_size = transport.world_size
         self._name = f"rank{self.rank}"
-        self._generations = transport.begin_session(session)
+        # The peers' link generations this session runs on (pinned by the caller, or now):
+        # a peer that goes away, even if it comes back, fails every wait at once.
+        self._generations = transport.begin_session(session, generations)
         self.reset_communication_stats()
 
     # -- CrypTen's class-level lifecycle (installation is done by mpc.runtime) -----------

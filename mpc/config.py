@@ -13,6 +13,14 @@ from .errors import ConfigError
 
 PROVIDERS = ("dealer", "tfp")
 
+# gRPC channel options: retry a refused connection within about a second (gRPC's default
+# backoff grows to minutes), so a restarted peer or dealer is found again at once.
+RECONNECT_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
 
 @dataclass(frozen=True)
 class TlsConfig:
@@ -59,11 +67,14 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds.  ``recv`` bounds every wait for a peer's message inside a protocol."""
+    """Seconds.  ``recv`` bounds every wait for a peer's message inside a protocol;
+    ``dealer`` each call to the dealer; ``dealer_connect`` reaching the dealer at all
+    (a dealer that is down fails a session within this, not within ``dealer``)."""
 
     connect: float = 30.0
     recv: float = 120.0
     dealer: float = 60.0
+    dealer_connect: float = 5.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -79,12 +90,14 @@ class ProviderSpec:
     ``dealer``: a DealerService at ``address`` (secure if the dealer does not collude).
     ``tfp``: CrypTen's trusted-first-party provider: party 0 generates every tuple and so
     can learn everything.  INSECURE: for tests and development only.
+    ``timeout`` bounds each dealer call, ``connect_timeout`` reaching the dealer.
     """
 
     kind: str = "dealer"
     address: str | None = None
     tls: TlsConfig | None = None
     timeout: float = 60.0
+    connect_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.kind not in PROVIDERS:

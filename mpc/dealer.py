@@ -26,6 +26,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -38,13 +39,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..proto.generated import dealer_pb2, dealer_pb2_grpc
-from .config import ProviderSpec, TlsConfig
-from .errors import DealerError
+from .config import RECONNECT_OPTIONS, ProviderSpec, TlsConfig
+from .errors import DealerError, DealerUnreachable
 from .protocols import compare, masked  # noqa: F401  (register their tuple kinds)
 from .protocols.masked import MaskStore
 from .protocols.tuples import KINDS, TupleRequest, kind_of
 
 log = logging.getLogger("mpcvit.dealer")
+
+
+def _short(text: str | None, limit: int = 160) -> str:
+    """gRPC's connection errors can be long; keep their start."""
+    text = (text or "").strip()
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _tensor_msg(t: torch.Tensor) -> dealer_pb2.Tensor:
@@ -113,24 +120,49 @@ class DealerProvider(TupleProvider):
         self.last_stats: dict[str, float] = {}
 
     # -- session lifecycle (called by mpc.runtime / the launcher) -----------------------
-    def _open(self, session: str, rank: int, world_size: int, spec: ProviderSpec) -> _PartyState:
+    @staticmethod
+    def _channel(spec: ProviderSpec) -> grpc.Channel:
         if spec.address is None:
             raise DealerError("dealer provider needs an address")
         options = [("grpc.max_receive_message_length", 1 << 30),
-                   ("grpc.max_send_message_length", 1 << 30)]
+                   ("grpc.max_send_message_length", 1 << 30), *RECONNECT_OPTIONS]
         if spec.tls is not None:
             options += spec.tls.channel_options()
-            channel = grpc.secure_channel(spec.address, spec.tls.channel_credentials(), options)
-        else:
-            channel = grpc.insecure_channel(spec.address, options)
+            return grpc.secure_channel(spec.address, spec.tls.channel_credentials(), options)
+        return grpc.insecure_channel(spec.address, options)
+
+    @staticmethod
+    def probe(spec: ProviderSpec) -> str | None:
+        """None if the dealer answers (its gRPC health service) within
+        ``spec.connect_timeout``; else why not.  A refused connection fails at once."""
+        channel = DealerProvider._channel(spec)
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=spec.connect_timeout)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return (f"dealer unreachable at {spec.address} ({exc.code().name}: "
+                        f"{_short(exc.details())})")
+        finally:
+            channel.close()
+        return None
+
+    def _open(self, session: str, rank: int, world_size: int, spec: ProviderSpec) -> _PartyState:
+        channel = self._channel(spec)
         stub = dealer_pb2_grpc.DealerServiceStub(channel)
         try:
+            # Not wait_for_ready: a dealer that refuses connections fails the session now,
+            # and one that does not answer fails it within the connect timeout.
             reply = stub.OpenSession(
                 dealer_pb2.OpenSessionRequest(session=session, rank=rank, world_size=world_size),
-                timeout=spec.timeout, wait_for_ready=True,
+                timeout=spec.connect_timeout,
             )
         except grpc.RpcError as exc:
             channel.close()
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise DealerUnreachable(
+                    f"dealer unreachable at {spec.address} ({exc.code().name}: "
+                    f"{_short(exc.details())})") from exc
             raise DealerError(
                 f"dealer at {spec.address}: {exc.code().name}: {exc.details()}"
             ) from exc
@@ -145,14 +177,18 @@ class DealerProvider(TupleProvider):
 
     def prepare(
         self, session: str, rank: int, world_size: int, spec: ProviderSpec,
-        trace: list[TupleRequest],
+        trace: list[TupleRequest], check: Callable[[], None] | None = None,
     ) -> float:
         """Offline phase for a future ``session`` that will make exactly ``trace``'s requests.
 
         A party's tuples are the same whether it prepares them or draws them during the
-        session, so the parties may decide this each on its own.  Returns seconds spent.
+        session, so the parties may decide this each on its own.  ``check`` is called now
+        and then and may raise to give the work up (e.g. the peer it is for went away).
+        Returns seconds spent.
         """
         tic = time.perf_counter()
+        check = check or (lambda: None)
+        check()
         state = self._open(session, rank, world_size, spec)
         try:
             corrections: collections.deque = collections.deque()
@@ -163,9 +199,12 @@ class DealerProvider(TupleProvider):
                     batch.append(request_message(req, session, seq))
                     elements += kind_of(req).result_elements(req)
                     if elements >= self.BATCH_ELEMENTS or seq == len(trace) - 1:
+                        check()
                         corrections.extend(self._fetch_batch(state, batch))
                         batch, elements = [], 0
-            for req in trace:
+            for i, req in enumerate(trace):
+                if i % 32 == 0:
+                    check()
                 fetch = corrections.popleft if rank == 0 else None
                 kind = kind_of(req)
                 state.prepared.append(
@@ -201,7 +240,7 @@ class DealerProvider(TupleProvider):
         try:
             state.stub.CloseSession(
                 dealer_pb2.CloseSessionRequest(session=state.session, rank=state.rank),
-                timeout=5.0,
+                timeout=state.spec.connect_timeout,
             )
         except grpc.RpcError:
             pass  # the dealer forgets idle sessions on its own
@@ -248,6 +287,9 @@ class DealerProvider(TupleProvider):
         try:
             reply = getattr(s.stub, method)(request, timeout=s.spec.timeout)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:  # the dealer went away
+                raise DealerUnreachable(f"dealer unreachable at {s.spec.address} (lost during "
+                                        f"the session: {_short(exc.details())})") from exc
             raise DealerError(f"dealer: {exc.code().name}: {exc.details()}") from exc
         s.requests += 1
         s.seconds += time.perf_counter() - tic

@@ -31,5 +31,9 @@ class DealerError(MpcRuntimeError):
     """The dealer could not be reached or refused a request."""
 
 
+class DealerUnreachable(DealerError):
+    """No connection to the dealer (down, restarting, or the network is cut)."""
+
+
 class ConfigError(MpcRuntimeError, ValueError):
     """A runtime configuration is missing a field or has a bad value."""

@@ -113,6 +113,7 @@ def _run_party(s: _PartySettings, fn, args, kwargs, conn):
         # a party shows the dealer its own certificate (the dealer demands one)
         tls=s.tls if s.dealer_tls is not None else None,
         timeout=s.timeouts.dealer,
+        connect_timeout=s.timeouts.dealer_connect,
     )
     if s.backend == "gloo":
         os.environ.update(

@@ -112,20 +112,26 @@ def dealer_provider() -> DealerProvider:
 
 @contextlib.contextmanager
 def crypten_session(
-    transport: PeerTransport, session_id: str | None, provider: ProviderSpec
+    transport: PeerTransport, session_id: str | None, provider: ProviderSpec,
+    generations: dict[int, int] | None = None,
 ) -> Iterator[GrpcCommunicator]:
     """Open one CrypTen session over ``transport``; everything inside runs MPC over gRPC.
 
     Both (all) parties must open the session with the same id and run the same program.
     Sessions in a process run one at a time: CrypTen's state is process-global.
+    ``generations`` pins the peers' links (``PeerTransport.link_state``) on which the
+    parties agreed to run this session: if a peer went away since, the session fails at
+    once with ``PeerDisconnected`` rather than reconnecting to a peer that never heard
+    of it.  Without it, the session (re)connects and uses the links as they are now.
     """
     global _pending
     session_id = session_id or uuid.uuid4().hex
     with _session_lock:
         if _active is not None:
             raise MpcRuntimeError("a CrypTen session is already open in this process")
-        transport.ensure_connected()
-        comm = GrpcCommunicator(transport, session_id)
+        if generations is None:
+            transport.ensure_connected()
+        comm = GrpcCommunicator(transport, session_id, generations)
         cfg.communicator.verbose = True
         select_provider(provider)
         _pending = comm

@@ -11,12 +11,18 @@ Every wait is bounded by a timeout, and a peer whose stream closes wakes every w
 with :class:`PeerDisconnected` instead of letting it sit until the timeout.  A peer whose
 own part of a session failed sends an ABORT frame (:meth:`PeerTransport.abort_session`),
 which wakes a waiter in that session with :class:`PeerAborted` at once.
+
+Each peer's link has a *generation* that changes whenever its inbound stream opens or
+closes.  A caller that agreed on something with the peer over one generation (a session
+to run, a reply to wait for) pins that generation: if the peer went away since, even
+if it came back as a new process, the wait fails at once with
+:class:`PeerDisconnected` instead of waiting for a message that can never come.
+Control messages between the party servers are typed (``peer_pb2.Control``).
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import queue
 import threading
@@ -26,9 +32,10 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ..proto.generated import peer_pb2, peer_pb2_grpc
-from .config import Timeouts, TlsConfig
+from .config import RECONNECT_OPTIONS, Timeouts, TlsConfig
 from .errors import PeerAborted, PeerDisconnected, PeerError, PeerTimeout, ProtocolViolation
 
 log = logging.getLogger("mpcvit.transport")
@@ -51,6 +58,9 @@ def grpc_message_options(chunk_bytes: int) -> list[tuple[str, Any]]:
         # server side: accept those pings instead of answering GOAWAY "too_many_pings"
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
+        # client side: retry a refused connection within about a second (gRPC's default
+        # backoff grows to minutes), so a restarted peer is found again at once
+        *RECONNECT_OPTIONS,
     ]
 
 
@@ -73,12 +83,13 @@ class Message:
 
 
 class _PeerState:
-    __slots__ = ("connected", "generation", "incarnation")
+    __slots__ = ("connected", "generation", "incarnation", "stream")
 
     def __init__(self) -> None:
         self.connected = False
         self.generation = 0
         self.incarnation = ""
+        self.stream = 0  # which inbound stream is the current one
 
 
 class Mailbox:
@@ -94,21 +105,25 @@ class Mailbox:
         self._peers = [_PeerState() for _ in range(world_size)]
 
     # -- peer connection state ---------------------------------------------------------
-    def peer_connected(self, src: int, incarnation: str) -> None:
+    def peer_connected(self, src: int, incarnation: str) -> int:
+        """A new inbound stream from ``src``; returns its token for :meth:`peer_closed`."""
         with self._cond:
             state = self._peers[src]
             state.connected = True
             state.generation += 1
             state.incarnation = incarnation
+            state.stream += 1
             # A new stream starts the peer's control channel afresh.
             self._queues.pop((CONTROL_SESSION, src), None)
             self._next_seq.pop((CONTROL_SESSION, src), None)
             self._cond.notify_all()
+            return state.stream
 
-    def peer_closed(self, src: int, incarnation: str) -> None:
+    def peer_closed(self, src: int, stream: int) -> None:
+        """Inbound stream ``stream`` of ``src`` ended (a newer one may have replaced it)."""
         with self._cond:
             state = self._peers[src]
-            if state.incarnation == incarnation:
+            if state.stream == stream:
                 state.connected = False
                 state.generation += 1
             self._cond.notify_all()
@@ -212,7 +227,7 @@ class _PeerServicer(peer_pb2_grpc.PeerServiceServicer):
         ):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "bad peer hello")
         src, incarnation = hello.src, hello.incarnation
-        t.mailbox.peer_connected(src, incarnation)
+        stream = t.mailbox.peer_connected(src, incarnation)
         log.info("peer %d connected (incarnation %s)", src, incarnation[:8])
         frames = 0
         parts: list[bytes] = []
@@ -241,7 +256,7 @@ class _PeerServicer(peer_pb2_grpc.PeerServiceServicer):
         except Exception as exc:  # stream broken: the peer went away
             log.info("party %d's stream ended: %s", src, type(exc).__name__)
         finally:
-            t.mailbox.peer_closed(src, incarnation)
+            t.mailbox.peer_closed(src, stream)
             log.info("peer %d disconnected", src)
         return peer_pb2.PeerStreamSummary(frames=frames)
 
@@ -345,6 +360,8 @@ class PeerTransport:
         self._addresses: dict[int, str] = {}
         self._seq: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
+        self._control_lock = threading.Lock()  # control messages from many threads
+        self._connect_lock = threading.Lock()
 
     # -- wiring --------------------------------------------------------------------
     def add_to_server(self, server: grpc.Server) -> None:
@@ -369,17 +386,18 @@ class PeerTransport:
         Called at the start of each session, so a restarted peer is picked up again.
         """
         timeout = self.timeouts.connect if timeout is None else timeout
-        for dst, address in self._addresses.items():
-            with self._lock:
-                link = self._links.get(dst)
-                if link is not None and link.alive:
-                    continue
-                if link is not None:
-                    link.close()
-                link = _OutboundLink(self, dst, address)
-                self._links[dst] = link
-                self._seq.pop((CONTROL_SESSION, dst), None)
-            link.open(timeout)
+        with self._connect_lock:  # one thread (re)opens a link; others wait for it
+            for dst, address in self._addresses.items():
+                with self._lock:
+                    link = self._links.get(dst)
+                    if link is not None and link.alive:
+                        continue
+                    if link is not None:
+                        link.close()
+                    link = _OutboundLink(self, dst, address)
+                    self._links[dst] = link
+                    self._seq.pop((CONTROL_SESSION, dst), None)
+                link.open(timeout)
         for src in self._addresses:
             if not self.mailbox.wait_for_peer(src, timeout):
                 raise PeerTimeout(f"party {src} did not connect back within {timeout:.1f} s")
@@ -390,6 +408,25 @@ class PeerTransport:
             link = self._links.get(peer)
         return link is not None and link.alive and self.mailbox.peer_generation(peer)[1]
 
+    def link_state(self, peer: int) -> tuple[int, bool]:
+        """(generation, connected) of ``peer``'s inbound stream (see module docstring)."""
+        return self.mailbox.peer_generation(peer)
+
+    def wait_for_peer(self, peer: int, timeout: float) -> bool:
+        """Wait until ``peer``'s inbound stream is up; False if ``timeout`` ran out."""
+        return self.mailbox.wait_for_peer(peer, timeout)
+
+    def check_link(self, generations: dict[int, int]) -> None:
+        """Raise :class:`PeerDisconnected` unless every peer's link is still the one of
+        ``generations`` (both streams up, no reconnect since)."""
+        for peer, generation in generations.items():
+            now, connected = self.mailbox.peer_generation(peer)
+            with self._lock:
+                link = self._links.get(peer)
+            if now != generation or not connected or link is None or not link.alive:
+                raise PeerDisconnected(f"party {peer} disconnected (its link was lost since "
+                                       "the parties agreed on this step)")
+
     def close(self) -> None:
         with self._lock:
             links, self._links = list(self._links.values()), {}
@@ -397,8 +434,13 @@ class PeerTransport:
             link.close()
 
     # -- messages --------------------------------------------------------------------
-    def begin_session(self, session: str) -> dict[int, int]:
-        """Snapshot each peer's connection generation for :meth:`recv` checks."""
+    def begin_session(self, session: str,
+                      generations: dict[int, int] | None = None) -> dict[int, int]:
+        """Each peer's connection generation for :meth:`recv` checks: the current one,
+        or ``generations`` (pinned by the caller, checked now)."""
+        if generations is not None:
+            self.check_link(generations)
+            return dict(generations)
         return {src: self.mailbox.peer_generation(src)[0] for src in self._addresses}
 
     def end_session(self, session: str) -> None:
@@ -432,7 +474,7 @@ class PeerTransport:
     def _link(self, dst: int) -> _OutboundLink:
         link = self._links.get(dst)
         if link is None:
-            raise PeerError(f"no link to party {dst}: call connect() first")
+            raise PeerDisconnected(f"no link to party {dst} yet (not connected)")
         return link
 
     def send_array(self, session: str, dst: int, array: np.ndarray) -> None:
@@ -489,16 +531,24 @@ class PeerTransport:
         return msg
 
     # -- control messages (outside CrypTen sessions) -----------------------------------
-    def send_control(self, dst: int, msg: dict[str, Any]) -> None:
-        """Send a small JSON message to ``dst`` (ordered per pair of parties)."""
-        self.send_bytes(CONTROL_SESSION, dst, json.dumps(msg).encode(), _Kind.CONTROL)
+    def send_control(self, dst: int, msg: peer_pb2.Control) -> None:
+        """Send a control message to ``dst`` without blocking (ordered per pair of parties,
+        from any thread); :class:`PeerDisconnected` if the link to ``dst`` is down."""
+        data = msg.SerializeToString()
+        with self._control_lock:  # sequence number and frames go out together
+            self.send_bytes(CONTROL_SESSION, dst, data, _Kind.CONTROL)
 
-    def recv_control(self, src: int, timeout: float) -> dict[str, Any]:
-        msg = self.recv(CONTROL_SESSION, src, timeout=timeout, kind=_Kind.CONTROL)
+    def recv_control(self, src: int, timeout: float,
+                     generation: int | None = None) -> peer_pb2.Control:
+        """The next control message from ``src``; with ``generation``, fail at once if the
+        link changed since (see module docstring)."""
+        msg = self.recv(CONTROL_SESSION, src, timeout=timeout, kind=_Kind.CONTROL,
+                        generation=generation)
+        control = peer_pb2.Control()
         try:
-            value = json.loads(bytes(msg.payload).decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            control.ParseFromString(bytes(msg.payload))
+        except DecodeError as exc:
             raise ProtocolViolation(f"party {src} sent a malformed control message") from exc
-        if not isinstance(value, dict):
-            raise ProtocolViolation(f"party {src} sent a control message that is not an object")
-        return value
+        if control.WhichOneof("body") is None:
+            raise ProtocolViolation(f"party {src} sent an empty control message")
+        return control

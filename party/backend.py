@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from mpcvit.models.secure import program_fingerprint
 from mpcvit.mpc.compat import import_crypten
+from mpcvit.mpc.errors import DealerUnreachable, PeerError
 
 from .pairing import SessionStats
 
@@ -133,17 +134,35 @@ class CrypTenBackend:
     def can_prepare(self, batch: int) -> bool:
         return self.provider.kind == "dealer" and batch in self._traces
 
-    def prepare(self, session: str, batch: int) -> float:
+    def _generations(self, link: int | None) -> dict[int, int] | None:
+        return None if link is None else {1 - self.rank: link}
+
+    def probe_dealer(self) -> str | None:
+        """None if the dealer answers (or is not used); else why not."""
+        if self.provider.kind != "dealer":
+            return None
+        from mpcvit.mpc.dealer import DealerProvider
+
+        return DealerProvider.probe(self.provider)
+
+    def prepare(self, session: str, batch: int, link: int | None = None) -> float:
         """Fetch/draw the correlated randomness of a future ``batch``-image session now.
 
         Uses the tuple trace of an earlier session of the same batch size (the protocol
-        is data-oblivious, so every such session makes the same requests)."""
+        is data-oblivious, so every such session makes the same requests).  With ``link``
+        the work stops as soon as the peer's link leaves that generation."""
         from mpcvit.mpc.runtime import dealer_provider
 
         if not self.can_prepare(batch):
             raise RuntimeError(f"no tuple trace for batch size {batch} yet")
+        generations = self._generations(link)
+        check = None
+        if generations is not None:
+            def check() -> None:
+                self.transport.check_link(generations)
+        log.info("event=offline_prepare_start session=%s batch=%d", session, batch)
         seconds = dealer_provider().prepare(session, self.rank, 2, self.provider,
-                                            self._traces[batch])
+                                            self._traces[batch], check)
         log.info("event=offline_prepared session=%s batch=%d seconds=%.3f", session, batch,
                  seconds)
         return seconds
@@ -154,7 +173,7 @@ class CrypTenBackend:
 
             dealer_provider().discard_prepared()
 
-    def share_weights(self, session: str) -> None:
+    def share_weights(self, session: str, link: int | None = None) -> None:
         from mpcvit.models.configs import ViTConfig
         from mpcvit.models.secure import SecureViT
         from mpcvit.models.spec import ArchSpec
@@ -168,14 +187,16 @@ class CrypTenBackend:
         self._traces.clear()
         self.discard_prepared()
         start = time.perf_counter()
-        with crypten_session(self.transport, session, self.provider):
+        with crypten_session(self.transport, session, self.provider,
+                             self._generations(link)):
             secure = SecureViT.from_model(self._model if self.rank == 0 else None,
                                           config, spec, src=0)
         self._secure = secure
         log.info("event=weights_session session=%s seconds=%.2f", session,
                  time.perf_counter() - start)
 
-    def infer(self, session: str, inputs: np.ndarray) -> tuple[np.ndarray, SessionStats]:
+    def infer(self, session: str, inputs: np.ndarray,
+              link: int | None = None) -> tuple[np.ndarray, SessionStats]:
         from crypten.mpc import MPCTensor
         from crypten.mpc.primitives import ArithmeticSharedTensor
         from mpcvit.mpc.runtime import crypten_session
@@ -192,11 +213,14 @@ class CrypTenBackend:
                 # online phase.  Each party decides alone: a party's tuples are the same
                 # whether drawn ahead or online, so the two need not agree.
                 try:
-                    self.prepare(session, len(inputs))
+                    self.prepare(session, len(inputs), link)
+                except (PeerError, DealerUnreachable):
+                    raise  # the session cannot run either: fail it now
                 except Exception as exc:  # noqa: BLE001 - the online phase fetches instead
                     log.warning("event=bulk_prepare_failed session=%s error=%s", session,
                                 type(exc).__name__)
-        with crypten_session(self.transport, session, self.provider) as comm:
+        with crypten_session(self.transport, session, self.provider,
+                             self._generations(link)) as comm:
             x = MPCTensor.from_shares(torch.from_numpy(np.ascontiguousarray(inputs)),
                                       precision=self.precision_bits)
             with torch.no_grad():

@@ -69,9 +69,9 @@ class ServiceLimits:
 
 @dataclass(frozen=True)
 class ServiceTimeouts:
-    """Seconds.  ``pairing``: how long party 1 waits for a half party 0 announced;
-    ``request``: the longest a half may wait in a queue before DEADLINE_EXCEEDED;
-    ``peer_connect``: one attempt to reach the peer for a control message."""
+    """Seconds.  ``pairing``: how long either party holds a half whose twin the other
+    party never announced (then DEADLINE_EXCEEDED); ``request``: the longest a paired
+    half may wait for its session; ``peer_connect``: one attempt to reach the peer."""
 
     pairing: float = 10.0
     request: float = 300.0
@@ -174,7 +174,8 @@ class PartyConfig:
             raise ConfigError(f"bad timeouts/limits: {exc}") from None
         kind = str(data.get("provider") or "dealer")
         provider = ProviderSpec(kind=kind, address=data.get("dealer") if kind == "dealer" else None,
-                                tls=tls, timeout=timeouts.dealer)
+                                tls=tls, timeout=timeouts.dealer,
+                                connect_timeout=timeouts.dealer_connect)
         return cls(
             rank=int(data["rank"]), listen=str(data.get("listen", "")),
             peer=str(data.get("peer", "")), provider=provider, timeouts=timeouts,
@@ -198,7 +199,7 @@ class PartyConfig:
             address = changes.pop("dealer", self.provider.address)
             changes["provider"] = ProviderSpec(
                 kind=kind, address=address if kind == "dealer" else None, tls=self.tls,
-                timeout=self.timeouts.dealer)
+                timeout=self.timeouts.dealer, connect_timeout=self.timeouts.dealer_connect)
         return replace(self, **changes)
 
 

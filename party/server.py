@@ -16,14 +16,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from mpcvit.mpc.errors import PeerDisconnected, PeerError, PeerTimeout
+from mpcvit.mpc.errors import PeerError, PeerTimeout
 from mpcvit.mpc.transport import PeerTransport
-from mpcvit.proto.generated import inference_pb2, inference_pb2_grpc
+from mpcvit.proto.generated import inference_pb2, inference_pb2_grpc, peer_pb2
 
 from .backend import CrypTenBackend, ModelFacts, describe_model
 from .config import PartyConfig, listen_host
 from .coordinator import ChannelDown, ChannelTimeout, Follower, Leader
-from .pairing import InferenceQueue
+from .pairing import PairingTable
 from .probes import mark_alive, serve_probe_port
 from .service import InferenceServicer, PartyService
 
@@ -36,31 +36,34 @@ HEALTH_POLL = 0.5  # seconds between checks of the peer link for the health stat
 class TransportChannel:
     """The coordinator's control channel over the PeerTransport (maps its errors)."""
 
-    def __init__(self, transport: PeerTransport, peer: int, connect_timeout: float) -> None:
+    def __init__(self, transport: PeerTransport, peer: int) -> None:
         self.transport = transport
         self.peer = peer
-        self.connect_timeout = connect_timeout
 
-    def _ensure(self) -> None:
+    def link(self) -> tuple[int, bool]:
+        return self.transport.link_state(self.peer)
+
+    def wait_link(self, timeout: float) -> bool:
+        return self.transport.wait_for_peer(self.peer, timeout)
+
+    def ensure(self, timeout: float) -> None:
         try:
-            self.transport.ensure_connected(self.connect_timeout)
+            self.transport.ensure_connected(timeout)
         except PeerError as exc:
             raise ChannelDown(str(exc)) from None
 
-    def send(self, msg: dict[str, Any]) -> None:
-        self._ensure()
+    def send(self, msg: peer_pb2.Control) -> None:
         try:
             self.transport.send_control(self.peer, msg)
         except PeerError as exc:
             raise ChannelDown(str(exc)) from None
 
-    def recv(self, timeout: float) -> dict[str, Any]:
-        self._ensure()
+    def recv(self, timeout: float, generation: int) -> peer_pb2.Control:
         try:
-            return self.transport.recv_control(self.peer, timeout)
+            return self.transport.recv_control(self.peer, timeout, generation)
         except PeerTimeout as exc:
             raise ChannelTimeout(str(exc)) from None
-        except PeerDisconnected as exc:
+        except PeerError as exc:  # disconnected, or a malformed message (logged, skipped)
             raise ChannelDown(str(exc)) from None
 
 
@@ -100,11 +103,15 @@ class PartyServer:
                                       model=model, facts=facts,
                                       bulk_prepare_max_batch=config.limits.bulk_prepare_max_batch)
         st = config.service_timeouts
-        self.queue = InferenceQueue(request_timeout=st.request,
-                                    max_pending=config.limits.max_pending)
-        channel = TransportChannel(self.transport, 1 - config.rank, st.peer_connect)
+        peer = 1 - config.rank
+        self.queue = PairingTable(peer=peer, pairing_timeout=st.pairing,
+                                  request_timeout=st.request,
+                                  max_pending=config.limits.max_pending)
+        channel = TransportChannel(self.transport, peer)
         self.health = health.HealthServicer()
-        common = dict(pairing_timeout=st.pairing, on_ready_change=self._refresh_health)
+        common = dict(peer=peer, connect_timeout=st.peer_connect,
+                      reply_timeout=max(st.pairing, config.timeouts.dealer),
+                      on_ready_change=self._refresh_health)
         if config.rank == 0:
             self.coordinator: Leader | Follower = Leader(
                 self.queue, channel, self.backend, max_batch=config.limits.max_batch,
@@ -113,9 +120,10 @@ class PartyServer:
         else:
             self.coordinator = Follower(self.queue, channel, self.backend, **common)
         self.service = PartyService(
-            config.rank, self.queue, config.limits, facts=lambda: self.backend.facts,
-            ready=lambda: self.coordinator.ready, precision_bits=self.backend.precision_bits,
-            request_timeout=st.request)
+            config.rank, self.coordinator, config.limits, facts=lambda: self.backend.facts,
+            ready=lambda: self.coordinator.ready,
+            reason=lambda: self.coordinator.status()[1],
+            precision_bits=self.backend.precision_bits, request_timeout=st.request)
         self.metrics = None
         if config.metrics.enabled:
             from .metrics import party_metrics
@@ -126,7 +134,6 @@ class PartyServer:
         self.server: grpc.Server | None = None
         self.probe_server: grpc.Server | None = None
         self.port: int | None = None
-        self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._serving: bool | None = None
         self._health_lock = threading.Lock()
@@ -199,9 +206,7 @@ class PartyServer:
                                    timeout=cfg.service_timeouts.peer_connect)
         except PeerError as exc:
             log.info("event=peer_not_yet_reachable peer=%s error=%s", cfg.peer, exc)
-        self._thread = threading.Thread(target=self.coordinator.run_forever,
-                                        name="coordinator", daemon=True)
-        self._thread.start()
+        self.coordinator.start()
         threading.Thread(target=self._watch_health, name="health", daemon=True).start()
         log.info("event=party_started rank=%d listen=%s port=%d peer=%s provider=%s tls=%s "
                  "model=%s max_batch=%d", cfg.rank, cfg.listen, port, cfg.peer,
@@ -218,8 +223,7 @@ class PartyServer:
         self.health.enter_graceful_shutdown()
         self.coordinator.stop()
         self.queue.close("party is shutting down")
-        if self._thread is not None:
-            self._thread.join(grace)
+        self.coordinator.join(grace)
         if self.server is not None:
             self.server.stop(grace).wait(grace + 1)
         if self.probe_server is not None:

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -21,7 +22,6 @@ from mpcvit.proto.generated import inference_pb2, inference_pb2_grpc
 from . import shares
 from .config import ServiceLimits
 from .pairing import (
-    InferenceQueue,
     PendingRequest,
     RequestResult,
     ServiceError,
@@ -31,29 +31,41 @@ from .pairing import (
 log = logging.getLogger("mpcvit.party")
 
 
+class RequestSink(Protocol):
+    """Where validated halves go (the coordinator: pairing table + announcements)."""
+
+    def submit(self, items: list[PendingRequest]) -> None: ...
+
+    def cancel(self, request_ids: list[str], status: str = ..., message: str = ...) -> None: ...
+
+
 class PartyService:
-    """Validates requests against the served model and the limits; queues their halves.
+    """Validates requests against the served model and the limits; hands their halves on.
 
     ``facts`` returns the public ``ModelFacts`` (or None while party 1 has not received
-    the model yet); ``ready`` says whether the secure model is usable.
+    the model yet); ``ready`` says whether the secure model is usable and ``reason`` why
+    not (peer not connected, dealer unreachable, weights being shared...).
     """
 
-    def __init__(self, rank: int, queue: InferenceQueue, limits: ServiceLimits,
+    def __init__(self, rank: int, requests: RequestSink, limits: ServiceLimits,
                  facts: Callable[[], object | None], ready: Callable[[], bool], *,
+                 reason: Callable[[], str] | None = None,
                  precision_bits: int = shares.DEFAULT_PRECISION_BITS,
                  request_timeout: float = 300.0) -> None:
         self.rank = rank
-        self.queue = queue
+        self.requests = requests
         self.limits = limits
         self._facts = facts
         self._ready = ready
+        self._reason = reason or (lambda: "peer not connected yet")
         self.precision_bits = precision_bits
         self.request_timeout = request_timeout
 
     def _model(self, name: str):
         facts = self._facts()
         if facts is None:
-            raise ServiceError("UNAVAILABLE", "party has not received the model from its peer yet")
+            raise ServiceError("UNAVAILABLE", "party has not received the model from party 0 "
+                                              f"yet ({self._reason()})")
         if name and name != facts.name:
             raise ServiceError("NOT_FOUND", f"unknown model {name!r}; this party serves "
                                             f"{facts.name!r}")
@@ -74,7 +86,7 @@ class PartyService:
         """Check everything about a request before any of it is queued."""
         facts = self._model(request.model)
         if not self._ready():
-            raise ServiceError("UNAVAILABLE", "secure model not ready (peer not connected yet)")
+            raise ServiceError("UNAVAILABLE", f"secure model not ready: {self._reason()}")
         inputs = request.inputs
         if not inputs:
             raise ServiceError("INVALID_ARGUMENT", "request has no inputs")
@@ -103,13 +115,13 @@ class PartyService:
     def infer(self, request: inference_pb2.InferRequest, time_remaining: float | None,
               on_done: Callable[[Callable[[], None]], object] | None = None,
               ) -> inference_pb2.InferResponse:
-        """Queue the request's halves and wait for their output shares."""
+        """Hand the request's halves on and wait for their output shares."""
         items = self.validate(request)
-        self.queue.submit(items)
+        self.requests.submit(items)
         ids = [it.request_id for it in items]
         if on_done is not None:
-            # The RPC ended (answered, cancelled or timed out): drop halves still queued.
-            on_done(lambda: self.queue.cancel(ids))
+            # The RPC ended (answered, cancelled or timed out): drop halves still held.
+            on_done(lambda: self.requests.cancel(ids))
         budget = self.request_timeout + 60.0
         if time_remaining is not None and math.isfinite(time_remaining):
             budget = min(budget, max(0.0, time_remaining))
@@ -119,11 +131,11 @@ class PartyService:
             for it in items:
                 results.append(it.future.result(timeout=max(0.0, deadline - time.monotonic())))
         except FutureTimeout:
-            self.queue.cancel(ids, "DEADLINE_EXCEEDED", "deadline exceeded")
+            self.requests.cancel(ids, "DEADLINE_EXCEEDED", "deadline exceeded")
             raise ServiceError("DEADLINE_EXCEEDED",
                                "request did not complete before its deadline") from None
         except ServiceError:
-            self.queue.cancel(ids)
+            self.requests.cancel(ids)
             raise
         return inference_pb2.InferResponse(party=self.rank, outputs=[
             inference_pb2.OutputShare(

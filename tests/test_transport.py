@@ -84,9 +84,33 @@ def test_recv_times_out_with_a_clear_error(pair):
 
 
 def test_control_messages_round_trip(pair):
+    from mpcvit.proto.generated import peer_pb2
+
     t0, t1, *_ = pair
-    t0.send_control(1, {"op": "run", "ids": ["a", "b"]})
-    assert t1.recv_control(0, timeout=5) == {"op": "run", "ids": ["a", "b"]}
+    msg = peer_pb2.Control(arrived=peer_pb2.Arrived(halves=[
+        peer_pb2.Half(request_id="a", model="m", shape=[1, 28, 28]),
+        peer_pb2.Half(request_id="b", model="m", shape=[1, 28, 28])]))
+    t0.send_control(1, msg)
+    assert t1.recv_control(0, timeout=5) == msg
+    t0.send_bytes("__control__", 1, b"\xff\xff not a message", PeerFrame.Kind.CONTROL)
+    with pytest.raises(ProtocolViolation, match="malformed control message"):
+        t1.recv_control(0, timeout=5)
+
+
+def test_control_wait_pinned_to_a_link_fails_once_the_peer_reconnects(pair):
+    """A reply awaited on one link generation can never come from a restarted peer: the
+    wait fails at once with PeerDisconnected (not after its timeout)."""
+    t0, t1, *_ = pair
+    generation, connected = t1.link_state(0)
+    assert connected
+    t0.close()  # party 0 drops its link and comes back (a new stream)
+    t0.ensure_connected(10)
+    assert t1.wait_for_peer(0, 10)
+    with pytest.raises(PeerDisconnected):
+        t1.recv_control(0, timeout=30, generation=generation)
+    with pytest.raises(PeerDisconnected):
+        t1.check_link({0: generation})
+    t1.check_link({0: t1.link_state(0)[0]})  # the new link is fine
 
 
 def test_kind_mismatch_is_a_protocol_violation(pair):

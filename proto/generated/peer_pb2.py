@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\tmpcvit.v1\"\x96\x02\n\tPeerFrame\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0b\n\x03src\x18\x03 \x01(\r\x12\r\n\x05\x63hunk\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.mpcvit.v1.PeerFrame.Kind\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\r\n\x05shape\x18\x08 \x03(\x03\x12\x0f\n\x07payload\x18\t \x01(\x0c\x12\x0f\n\x07\x63luster\x18\n \x01(\t\x12\x13\n\x0bincarnation\x18\x0b \x01(\t\"A\n\x04Kind\x12\n\n\x06TENSOR\x10\x00\x12\n\n\x06OBJECT\x10\x01\x12\x0b\n\x07\x43ONTROL\x10\x02\x12\t\n\x05HELLO\x10\x03\x12\t\n\x05\x41\x42ORT\x10\x04\"#\n\x11PeerStreamSummary\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x04\x32M\n\x0bPeerService\x12>\n\x06Stream\x12\x14.mpcvit.v1.PeerFrame\x1a\x1c.mpcvit.v1.PeerStreamSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\tmpcvit.v1\"\x96\x02\n\tPeerFrame\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0b\n\x03src\x18\x03 \x01(\r\x12\r\n\x05\x63hunk\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.mpcvit.v1.PeerFrame.Kind\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\r\n\x05shape\x18\x08 \x03(\x03\x12\x0f\n\x07payload\x18\t \x01(\x0c\x12\x0f\n\x07\x63luster\x18\n \x01(\t\x12\x13\n\x0bincarnation\x18\x0b \x01(\t\"A\n\x04Kind\x12\n\n\x06TENSOR\x10\x00\x12\n\n\x06OBJECT\x10\x01\x12\x0b\n\x07\x43ONTROL\x10\x02\x12\t\n\x05HELLO\x10\x03\x12\t\n\x05\x41\x42ORT\x10\x04\"\x8c\x03\n\x07\x43ontrol\x12\x1f\n\x04init\x18\x01 \x01(\x0b\x32\x0f.mpcvit.v1.InitH\x00\x12&\n\x08init_ack\x18\x02 \x01(\x0b\x32\x12.mpcvit.v1.InitAckH\x00\x12%\n\x07prepare\x18\x03 \x01(\x0b\x32\x12.mpcvit.v1.PrepareH\x00\x12\'\n\x08prepared\x18\x04 \x01(\x0b\x32\x13.mpcvit.v1.PreparedH\x00\x12!\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x10.mpcvit.v1.BatchH\x00\x12!\n\x05ready\x18\x06 \x01(\x0b\x32\x10.mpcvit.v1.ReadyH\x00\x12!\n\x05hello\x18\x07 \x01(\x0b\x32\x10.mpcvit.v1.HelloH\x00\x12%\n\x07\x61rrived\x18\x08 \x01(\x0b\x32\x12.mpcvit.v1.ArrivedH\x00\x12%\n\x07\x64ropped\x18\t \x01(\x0b\x32\x12.mpcvit.v1.DroppedH\x00\x12)\n\x06status\x18\n \x01(\x0b\x32\x17.mpcvit.v1.LeaderStatusH\x00\x42\x06\n\x04\x62ody\"8\n\x04Half\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\":\n\x04Init\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x12\n\nmodel_json\x18\x03 \x01(\t\"6\n\x07InitAck\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"8\n\x07Prepare\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\r\"7\n\x08Prepared\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"H\n\x05\x42\x61tch\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x1f\n\x06halves\x18\x03 \x03(\x0b\x32\x0f.mpcvit.v1.Half\"K\n\x05Ready\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x03(\t\x12\x0f\n\x07missing\x18\x03 \x03(\t\x12\x14\n\x0cneed_weights\x18\x04 \x01(\x08\",\n\x05Hello\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x14\n\x0cneed_weights\x18\x02 \x01(\x08\"*\n\x07\x41rrived\x12\x1f\n\x06halves\x18\x01 \x03(\x0b\x32\x0f.mpcvit.v1.Half\"\x88\x01\n\x07\x44ropped\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\'\n\x05\x63\x61use\x18\x02 \x01(\x0e\x32\x18.mpcvit.v1.Dropped.Cause\x12\x0e\n\x06reason\x18\x03 \x01(\t\"/\n\x05\x43\x61use\x12\r\n\tCANCELLED\x10\x00\x12\x0b\n\x07\x45XPIRED\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\"-\n\x0cLeaderStatus\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x11PeerStreamSummary\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x04\x32M\n\x0bPeerService\x12>\n\x06Stream\x12\x14.mpcvit.v1.PeerFrame\x1a\x1c.mpcvit.v1.PeerStreamSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEERFRAME']._serialized_end=304
   _globals['_PEERFRAME_KIND']._serialized_start=239
   _globals['_PEERFRAME_KIND']._serialized_end=304
-  _globals['_PEERSTREAMSUMMARY']._serialized_start=306
-  _globals['_PEERSTREAMSUMMARY']._serialized_end=341
-  _globals['_PEERSERVICE']._serialized_start=343
-  _globals['_PEERSERVICE']._serialized_end=420
+  _globals['_CONTROL']._serialized_start=307
+  _globals['_CONTROL']._serialized_end=703
+  _globals['_HALF']._serialized_start=705
+  _globals['_HALF']._serialized_end=761
+  _globals['_INIT']._serialized_start=763
+  _globals['_INIT']._serialized_end=821
+  _globals['_INITACK']._serialized_start=823
+  _globals['_INITACK']._serialized_end=877
+  _globals['_PREPARE']._serialized_start=879
+  _globals['_PREPARE']._serialized_end=935
+  _globals['_PREPARED']._serialized_start=937
+  _globals['_PREPARED']._serialized_end=992
+  _globals['_BATCH']._serialized_start=994
+  _globals['_BATCH']._serialized_end=1066
+  _globals['_READY']._serialized_start=1068
+  _globals['_READY']._serialized_end=1143
+  _globals['_HELLO']._serialized_start=1145
+  _globals['_HELLO']._serialized_end=1189
+  _globals['_ARRIVED']._serialized_start=1191
+  _globals['_ARRIVED']._serialized_end=1233
+  _globals['_DROPPED']._serialized_start=1236
+  _globals['_DROPPED']._serialized_end=1372
+  _globals['_DROPPED_CAUSE']._serialized_start=1325
+  _globals['_DROPPED_CAUSE']._serialized_end=1372
+  _globals['_LEADERSTATUS']._serialized_start=1374
+  _globals['_LEADERSTATUS']._serialized_end=1419
+  _globals['_PEERSTREAMSUMMARY']._serialized_start=1421
+  _globals['_PEERSTREAMSUMMARY']._serialized_end=1456
+  _globals['_PEERSERVICE']._serialized_start=1458
+  _globals['_PEERSERVICE']._serialized_end=1535
 # @@protoc_insertion_point(module_scope)
