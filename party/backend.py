@@ -173,6 +173,25 @@ class CrypTenBackend:
 
             dealer_provider().discard_prepared()
 
+    def _bulk_prepare(self, session: str, batch: int, link: int | None) -> None:
+        """A session that nothing prepared while idle (a busy service) fetches its
+        randomness now in a few bulk requests, not tuple by tuple during the online phase.
+        Each party decides alone: a party's tuples are the same whether drawn ahead or
+        online, so the two need not agree."""
+        if batch > self.bulk_prepare_max_batch or not self.can_prepare(batch):
+            return
+        from mpcvit.mpc.runtime import dealer_provider
+
+        if dealer_provider().is_prepared(session):
+            return
+        try:
+            self.prepare(session, batch, link)
+        except (PeerError, DealerUnreachable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the online phase fetches instead
+            log.warning("event=bulk_prepare_failed session=%s error=%s", session,
+                        type(exc).__name__)
+
     def share_weights(self, session: str, link: int | None = None) -> None:
         from mpcvit.models.configs import ViTConfig
         from mpcvit.models.secure import SecureViT
@@ -204,21 +223,16 @@ class CrypTenBackend:
         if self._secure is None:
             raise RuntimeError("no weight shares: the start-up session has not run")
         start = time.perf_counter()
-        if len(inputs) <= self.bulk_prepare_max_batch and self.can_prepare(len(inputs)):
-            from mpcvit.mpc.runtime import dealer_provider
-
-            if not dealer_provider().is_prepared(session):
-                # Nothing was prepared while idle (a busy service): fetch this session's
-                # randomness now in a few bulk requests, not tuple by tuple during the
-                # online phase.  Each party decides alone: a party's tuples are the same
-                # whether drawn ahead or online, so the two need not agree.
-                try:
-                    self.prepare(session, len(inputs), link)
-                except (PeerError, DealerUnreachable):
-                    raise  # the session cannot run either: fail it now
-                except Exception as exc:  # noqa: BLE001 - the online phase fetches instead
-                    log.warning("event=bulk_prepare_failed session=%s error=%s", session,
-                                type(exc).__name__)
+        try:
+            self._bulk_prepare(session, len(inputs), link)
+        except (PeerError, DealerUnreachable) as exc:
+            # The session cannot run either.  The peer may already wait in it: tell it
+            # now (as a failing session would), not after its receive timeout.
+            reason = type(exc).__name__
+            if isinstance(exc, DealerUnreachable):
+                reason = f"{reason}: {exc}"
+            self.transport.abort_session(session, reason)
+            raise
         with crypten_session(self.transport, session, self.provider,
                              self._generations(link)) as comm:
             x = MPCTensor.from_shares(torch.from_numpy(np.ascontiguousarray(inputs)),
