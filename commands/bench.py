@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "run benchmarks: transport (gRPC vs gloo), throughput (batching), network (LAN/WAN)"
+HELP = ("run benchmarks: transport (gRPC vs gloo), throughput (batching), network (LAN/WAN), "
+        "soak (reliability)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tp.add_argument("--max-wait", type=float, default=0.05, help="seconds to fill a batch")
     tp.add_argument("--provider", choices=["dealer", "tfp"], default="dealer")
     tp.add_argument("--json", action="store_true", help="end with one JSON object")
+
+    sk = sub.add_parser("soak", help="long run of the real TLS service: sequential and "
+                                     "concurrent load, hostile inputs, kills of party 1 "
+                                     "and the dealer (docs/reliability.md)")
+    sk.add_argument("--requests", type=int, default=1000, help="sequential requests")
+    sk.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    sk.add_argument("--per-client", type=int, default=50, help="requests per client")
+    sk.add_argument("--party-kills", type=int, default=10, help="kills of party 1")
+    sk.add_argument("--dealer-kills", type=int, default=3, help="kills of the dealer")
+    sk.add_argument("--model", default="demo", help="checkpoint path or shipped name")
+    sk.add_argument("--data", default="fashion-mnist")
+    sk.add_argument("--seed", type=int, default=0, help="picks the kill phases' order")
+    sk.add_argument("--workdir", default=None, help="keep certificates and logs here")
+    sk.add_argument("--json", action="store_true", help="end with one JSON object")
 
     nw = sub.add_parser("network", help="a whole secure ViT over an emulated LAN/WAN link")
     nw.add_argument("--model", default="vit_7_4_32", help="config name (random weights) or "
@@ -80,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"rows": rows}))
         return 0
+    if args.bench == "soak":
+        return _soak(args)
     if args.bench == "network":
         from mpcvit.bench.network import bench_network
         from mpcvit.models.checkpoint import load_checkpoint
@@ -109,3 +126,31 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(res))
         return 0
     raise AssertionError(args.bench)
+
+
+def _soak(args: argparse.Namespace) -> int:
+    import sys
+
+    from mpcvit.bench.soak import SoakConfig, soak
+
+    cfg = SoakConfig(sequential=args.requests, clients=args.clients,
+                     per_client=args.per_client, party_kills=args.party_kills,
+                     dealer_kills=args.dealer_kills, model=args.model, data=args.data,
+                     seed=args.seed)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = soak(cfg, progress, workdir=args.workdir)
+    s = result["summary"]
+    print(f"{s['requests']} requests: {s['failures']} failures, {s['mismatches']} argmax "
+          f"mismatches, {s['crossed']} crossed sessions; RSS growth after warm-up "
+          f"{s['rss_growth_mb']} MB")
+    print(f"{s['kills']} kills: {s['recovered']} recovered; max time to error "
+          f"{s['max_error_s']} s, max time to recover {s['max_recover_s']} s")
+    print(f"hostile inputs: {s['hostile_unexpected']} unexpected outcomes; "
+          f"{s['unauthorized_accepted']} of {s['role_probes']} unauthorized connections accepted")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "summary"}))
+        print(json.dumps(s))
+    return 0

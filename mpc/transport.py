@@ -280,6 +280,14 @@ class _OutboundLink:
         )
         self._queue: queue.SimpleQueue | None = None
         self._future = None
+        self._control_seq = 0
+
+    def next_control_seq(self) -> int:
+        """Sequence number of the next control message on this stream (callers hold the
+        transport's control lock)."""
+        seq = self._control_seq
+        self._control_seq += 1
+        return seq
 
     def _frames(self, q: queue.SimpleQueue):
         yield self._hello
@@ -396,7 +404,6 @@ class PeerTransport:
                         link.close()
                     link = _OutboundLink(self, dst, address)
                     self._links[dst] = link
-                    self._seq.pop((CONTROL_SESSION, dst), None)
                 link.open(timeout)
         for src in self._addresses:
             if not self.mailbox.wait_for_peer(src, timeout):
@@ -498,7 +505,14 @@ class PeerTransport:
 
     def send_bytes(self, session: str, dst: int, data: bytes, kind: int) -> None:
         link = self._link(dst)
-        seq = self._next_seq(session, dst)
+        if session == CONTROL_SESSION:
+            # The control channel's numbering belongs to the stream: a new stream starts
+            # it at 0 on both sides, and a send refused by a dead stream uses no number.
+            if not link.alive:
+                raise PeerDisconnected(f"link to party {dst} is down ({link.error()})")
+            seq = link.next_control_seq()
+        else:
+            seq = self._next_seq(session, dst)
         n = max(1, -(-len(data) // self.chunk_bytes))
         for i in range(n):
             link.put(

@@ -526,6 +526,12 @@ class Leader(_Base):
             except ChannelDown:
                 self._wait_retry(started)
             return False
+        try:
+            self.channel.ensure(self.connect_timeout)  # our side of the link, too
+        except ChannelDown as exc:
+            self._not_ready(f"party {self.peer} not connected: {exc}")
+            self._wait_retry(started)
+            return False
         dealer_down = self.backend.probe_dealer()
         if dealer_down:
             self._not_ready(dealer_down)

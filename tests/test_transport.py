@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent import futures
 
 import grpc
@@ -158,3 +159,27 @@ def test_abort_wakes_the_peer_waiting_in_that_session_only(pair):
     t1.end_session("s")
     with pytest.raises(PeerTimeout):
         t1.recv("s", 0, timeout=0.3)
+
+
+def test_a_refused_control_send_leaves_the_new_streams_numbering_intact(pair):
+    """A control message refused while the link is being reopened must not use up a
+    sequence number of the new stream (the peer would then refuse every later one)."""
+    from mpcvit.mpc.transport import _OutboundLink
+    from mpcvit.proto.generated import peer_pb2
+
+    t0, t1, s0, s1, port1 = pair
+    t0.close()
+    link = _OutboundLink(t0, 1, f"127.0.0.1:{port1}")
+    t0._links[1] = link  # reopening: not up yet
+    hello = peer_pb2.Control(hello=peer_pb2.Hello(need_weights=True))
+    with pytest.raises(PeerDisconnected):
+        t0.send_control(1, hello)
+    link.open(10)
+    generation = None
+    for _ in range(100):
+        generation, connected = t1.link_state(0)
+        if connected:
+            break
+        time.sleep(0.05)
+    t0.send_control(1, hello)
+    assert t1.recv_control(0, timeout=10, generation=generation) == hello
