@@ -9,6 +9,10 @@ importer: our models are written against CrypTen's tensor API.
 every normal finder failed, and then supplies an empty stand-in module under the removed
 name.  On a torch that still has the module nothing changes, and installing the finder
 imports nothing (so the torch-free client can import ``mpcvit.mpc``'s package safely).
+It also puts a finder FIRST that answers for ``crypten.nn.onnx_converter`` alone, with
+importers that refuse with a clear error: the real module imports onnx and torch.onnx,
+about a third of a party's start-up time (which a restarted party's recovery waits for),
+for an importer that cannot work on this torch.
 The MPC core (communicator, providers, ``MPCTensor``) is untouched.
 
 ``mpcvit.mpc``'s package ``__init__`` installs it, so any ``mpcvit.mpc.*`` import comes
@@ -79,10 +83,42 @@ class _StandInFinder(importlib.abc.MetaPathFinder):
         return importlib.machinery.ModuleSpec(fullname, _StandInLoader())
 
 
+_CONVERTER = "crypten.nn.onnx_converter"
+
+
+def _unsupported_importer(*_args, **_kwargs):
+    raise RuntimeError("CrypTen's ONNX/TensorFlow model importers are not available in "
+                       "mpcvit: models are built on CrypTen's tensor API instead")
+
+
+class _ConverterLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__doc__ = "mpcvit stand-in for CrypTen's ONNX importer (unsupported here)."
+        module.from_onnx = module.from_pytorch = module.from_tensorflow = (
+            _unsupported_importer)
+        module.TF_AND_TF2ONNX = False
+
+
+class _ConverterFinder(importlib.abc.MetaPathFinder):
+    """First-asked finder for CrypTen's ONNX importer only: loading the real one imports
+    onnx and torch.onnx (about a third of a party's start-up time) for an importer that
+    cannot work on this torch anyway."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _CONVERTER:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, _ConverterLoader())
+
+
 def install() -> None:
-    """Register the fallback finder (idempotent; imports nothing)."""
+    """Register the stand-in finders (idempotent; imports nothing)."""
     if not any(isinstance(f, _StandInFinder) for f in sys.meta_path):
         sys.meta_path.append(_StandInFinder())
+    if not any(isinstance(f, _ConverterFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _ConverterFinder())
 
 
 def _exact_decode(self, tensor):

@@ -240,7 +240,7 @@ class DealerProvider(TupleProvider):
         try:
             state.stub.CloseSession(
                 dealer_pb2.CloseSessionRequest(session=state.session, rank=state.rank),
-                timeout=state.spec.connect_timeout,
+                timeout=5.0,
             )
         except grpc.RpcError:
             pass  # the dealer forgets idle sessions on its own

@@ -21,6 +21,13 @@ def test_crypten_imports_on_this_torch_and_onnx_import_fails_loudly():
         "    assert 'not supported' in str(e)\n"
         "else:\n"
         "    raise SystemExit('stand-in registry did not refuse')\n"
+        "assert 'onnx' not in sys.modules  # CrypTen's ONNX importer is a stand-in\n"
+        "try:\n"
+        "    crypten.nn.from_pytorch(None, None)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not available' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('stand-in importer did not refuse')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

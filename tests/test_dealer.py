@@ -196,3 +196,18 @@ def test_carry_products_pack_to_their_output_bits(shift):
                     if (live >> i) & (v >> i) & 1:
                         want |= 1 << (i - k * shift)
             assert int(packed[row, w]) % (1 << 64) == want
+
+
+@pytest.mark.parametrize("op, s0, s1", [
+    ("mul", (2, 1, 3), (4, 3)), ("mul", (), (3,)), ("mul", (5, 1), (1, 6)),
+    ("matmul", (3,), (3,)), ("matmul", (2, 3), (3,)), ("matmul", (3,), (3, 4)),
+    ("matmul", (5, 2, 3), (3, 4)), ("matmul", (1, 3, 4), (7, 1, 4, 2)),
+    ("matmul", (65, 64), (64, 128)),
+])
+def test_result_size_worked_out_without_meta_tensors_matches_torch(op, s0, s1) -> None:
+    """Party 1 sizes its share of c = op(a, b) without computing it; the direct rules for
+    mul and matmul (no meta tensors, whose first use costs seconds) agree with torch."""
+    from mpcvit.mpc.protocols.tuples import op_result_size
+
+    want = getattr(torch, op)(torch.zeros(s0), torch.zeros(s1)).shape
+    assert op_result_size(op, s0, s1, {}) == want

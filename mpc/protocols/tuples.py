@@ -140,9 +140,31 @@ def xor_sum(ts: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def _matmul_size(s0: tuple[int, ...], s1: tuple[int, ...]) -> torch.Size:
+    """torch.matmul's result shape (1-d operands are promoted, then dropped)."""
+    a = (1, *s0) if len(s0) == 1 else s0
+    b = (*s1, 1) if len(s1) == 1 else s1
+    if a[-1] != b[-2]:
+        raise ValueError(f"matmul of shapes {s0} and {s1}")
+    out = [*np.broadcast_shapes(a[:-2], b[:-2]), a[-2], b[-1]]
+    if len(s1) == 1:
+        out.pop(-1)
+    if len(s0) == 1:
+        out.pop(-2 if len(s1) > 1 else -1)
+    return torch.Size(out)
+
+
 def op_result_size(op: str, size0: Sequence[int], size1: Sequence[int],
                    kwargs: dict[str, Any]) -> torch.Size:
-    """Shape of op(a, b) without computing it (meta tensors)."""
+    """Shape of op(a, b) without computing it (meta tensors).
+
+    ``mul`` and ``matmul`` are worked out directly: torch's first ops on meta tensors
+    import torch._dynamo and sympy, about 3 s on this machine, which a party would pay
+    in the first session after every start."""
+    if op == "mul":
+        return torch.Size(np.broadcast_shapes(tuple(size0), tuple(size1)))
+    if op == "matmul" and not kwargs and size0 and size1:
+        return _matmul_size(tuple(size0), tuple(size1))
     a = torch.empty(tuple(size0), dtype=torch.long, device="meta")
     b = torch.empty(tuple(size1), dtype=torch.long, device="meta")
     try:
@@ -190,8 +212,6 @@ class AdditiveTriple(TupleKind):
         return c - ring_sum([ring(c.shape, g) for g in others]) if others else c
 
     def result_elements(self, req: TupleRequest) -> int:
-        if req.op == "mul":
-            return numel(torch.broadcast_shapes(torch.Size(req.size0), torch.Size(req.size1)))
         return numel(op_result_size(req.op, req.size0, req.size1, self._kwargs(req)))
 
 
