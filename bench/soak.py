@@ -192,11 +192,14 @@ def run_sequential(sc: SoakCluster, ref: Reference, cfg: SoakConfig,
 
     failures, mismatches, errors, max_err = 0, 0, [], 0.0
     rss_warm: dict[str, int] = {}
+    trend: list[dict[str, float]] = []
     tic = time.perf_counter()
     with sc.client(cfg.request_timeout) as client:
         for i in range(cfg.sequential):
             if i == min(cfg.warmup, cfg.sequential - 1):
-                rss_warm = {str(w): rss_kb(sc.pid(w)) for w in ("dealer", 0, 1)}
+                rss_warm = _rss_settled(sc)
+            if i % 100 == 0:
+                trend.append({str(w): _mb(rss_kb(sc.pid(w))) for w in ("dealer", 0, 1)})
             k = i % len(ref)
             try:
                 pred = client.infer(ref.images[k], preprocessed=True)
@@ -210,13 +213,21 @@ def run_sequential(sc: SoakCluster, ref: Reference, cfg: SoakConfig,
             if (i + 1) % 50 == 0:
                 progress(f"sequential {i + 1}/{cfg.sequential}: {failures} failures, "
                          f"{mismatches} mismatches, {time.perf_counter() - tic:.0f} s")
-    rss_end = {str(w): rss_kb(sc.pid(w)) for w in ("dealer", 0, 1)}
+    seconds = time.perf_counter() - tic
+    rss_end = _rss_settled(sc)
     growth = {w: _mb(rss_end[w] - rss_warm.get(w, rss_end[w])) for w in rss_end}
     return {"requests": cfg.sequential, "failures": failures, "mismatches": mismatches,
             "max_abs_error": max_err, "errors": errors[:5],
             "rss_mb_after_warmup": {w: _mb(v) for w, v in rss_warm.items()},
             "rss_mb_end": {w: _mb(v) for w, v in rss_end.items()},
-            "rss_growth_mb": growth, "seconds": time.perf_counter() - tic}
+            "rss_growth_mb": growth, "rss_mb_every_100": trend, "seconds": seconds}
+
+
+def _rss_settled(sc: SoakCluster) -> dict[str, int]:
+    """VmRSS of every process once the service is idle (the offline phase of the next
+    session done), so that two readings compare the same state."""
+    time.sleep(1.5)
+    return {str(w): rss_kb(sc.pid(w)) for w in ("dealer", 0, 1)}
 
 
 def run_concurrent(sc: SoakCluster, ref: Reference, cfg: SoakConfig,

@@ -13,12 +13,12 @@ from .errors import ConfigError
 
 PROVIDERS = ("dealer", "tfp")
 
-# gRPC channel options: retry a refused connection within about a second (gRPC's default
+# gRPC channel options: retry a refused connection every quarter second (gRPC's default
 # backoff grows to minutes), so a restarted peer or dealer is found again at once.
 RECONNECT_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.max_reconnect_backoff_ms", 250),
 ]
 
 

@@ -58,7 +58,7 @@ def grpc_message_options(chunk_bytes: int) -> list[tuple[str, Any]]:
         # server side: accept those pings instead of answering GOAWAY "too_many_pings"
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
-        # client side: retry a refused connection within about a second (gRPC's default
+        # client side: retry a refused connection every quarter second (gRPC's default
         # backoff grows to minutes), so a restarted peer is found again at once
         *RECONNECT_OPTIONS,
     ]

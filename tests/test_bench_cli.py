@@ -86,3 +86,20 @@ def test_pareto_report_shows_measured_wan_speed_ups(tmp_path):
     assert "namespaces + tbf + relays" in md and "median of 5 test images" in md
     pareto.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_bench_soak_json_contract(capsys, tmp_path):
+    """A small soak: the last line is one JSON object with the documented keys, and a
+    short run of the real TLS service has no failure, no crossed session, every kill
+    recovered and no unauthorized connection accepted."""
+    assert main(["bench", "soak", "--requests", "3", "--clients", "2", "--per-client", "2",
+                 "--party-kills", "1", "--dealer-kills", "1", "--workdir", str(tmp_path),
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("requests", "failures", "mismatches", "crossed", "rss_growth_mb", "kills",
+                "recovered", "max_error_s", "max_recover_s", "unauthorized_accepted"):
+        assert key in res
+    assert res["requests"] == 3 + 2 * 2
+    assert res["failures"] == res["crossed"] == res["unauthorized_accepted"] == 0
+    assert res["kills"] == res["recovered"] == 2
+    assert res["hostile_unexpected"] == 0
