@@ -30,6 +30,7 @@ import numpy as np
 from ..proto.generated import peer_pb2, peer_pb2_grpc
 from .config import Timeouts, TlsConfig
 from .errors import PeerAborted, PeerDisconnected, PeerError, PeerTimeout, ProtocolViolation
+from .roles import Allowed, RoleChecker
 
 log = logging.getLogger("mpcvit.transport")
 
@@ -200,6 +201,9 @@ class _PeerServicer(peer_pb2_grpc.PeerServiceServicer):
 
     def Stream(self, request_iterator, context):  # noqa: N802 (gRPC method name)
         t = self._t
+        # Only another party may stream to us, and only as the rank its certificate states.
+        role = t.roles.check(context, Allowed.parties(*(r for r in range(t.world_size)
+                                                        if r != t.rank)))
         try:
             hello = next(request_iterator)
         except StopIteration:
@@ -211,6 +215,10 @@ class _PeerServicer(peer_pb2_grpc.PeerServiceServicer):
             or hello.src == t.rank
         ):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "bad peer hello")
+        if role is not None and hello.src != role.rank:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"permission denied: HELLO claims party/{hello.src}, the caller's "
+                          f"certificate is {role}")
         src, incarnation = hello.src, hello.incarnation
         t.mailbox.peer_connected(src, incarnation)
         log.info("peer %d connected (incarnation %s)", src, incarnation[:8])
@@ -335,6 +343,7 @@ class PeerTransport:
         self.rank = rank
         self.world_size = world_size
         self.tls = tls
+        self.roles = RoleChecker.from_tls(tls)  # who may open a PeerService stream
         self.timeouts = timeouts or Timeouts()
         self.chunk_bytes = chunk_bytes
         self.cluster = cluster

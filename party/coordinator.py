@@ -24,6 +24,7 @@ at a time, because CrypTen's state is process-global.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -195,8 +196,10 @@ class Leader(_Base):
         self._counter = 0
 
     def _session_id(self, kind: str) -> str:
+        # 128 random bits: nobody can name a session (and ask the dealer for its seeds)
+        # before the parties use it; the kind prefix only helps reading logs.
         self._counter += 1
-        return f"{kind}-{self.epoch}-{self._counter}"
+        return f"{kind}-{secrets.token_hex(16)}"
 
     def _forget_prepared(self) -> None:
         if not self.offline_sessions:

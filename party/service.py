@@ -16,6 +16,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 import numpy as np
+from mpcvit.mpc.roles import Allowed, RoleChecker
 from mpcvit.proto.generated import inference_pb2, inference_pb2_grpc
 
 from . import shares
@@ -145,12 +146,20 @@ def _abort(context: grpc.ServicerContext, err: ServiceError) -> None:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """gRPC face of :class:`PartyService` (maps ServiceError to status codes)."""
+    """gRPC face of :class:`PartyService` (maps ServiceError to status codes).
 
-    def __init__(self, service: PartyService) -> None:
+    Only clients may call it (``mpcvit://client/*``, or the names in ``allowed``): a party
+    or the dealer has no business sending images, and a party that could would see both
+    halves of what it sent."""
+
+    def __init__(self, service: PartyService, roles: RoleChecker | None = None,
+                 allowed: Allowed | None = None) -> None:
         self.service = service
+        self.roles = roles or RoleChecker(None)
+        self.allowed = allowed or Allowed.clients()
 
     def Infer(self, request, context):  # noqa: N802 (gRPC method name)
+        self.roles.check(context, self.allowed)
         started = time.monotonic()
         n = len(request.inputs)
         try:
@@ -165,6 +174,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return response
 
     def GetModelInfo(self, request, context):  # noqa: N802
+        self.roles.check(context, self.allowed)
         try:
             return self.service.model_info(request)
         except ServiceError as err:

@@ -25,7 +25,8 @@ NODES = ["dealer", "party0", "party1", "client"]
 
 
 def tls_dict(cfg) -> dict:
-    return {"ca": cfg.ca, "cert": cfg.cert, "key": cfg.key}
+    # client_ca: a party also trusts the client CA (clients have their own)
+    return {k: getattr(cfg, k) for k in ("ca", "cert", "key", "client_ca") if getattr(cfg, k)}
 
 
 @pytest.fixture(scope="module")
