@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.mpcvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-fast lint install dataset kubectl proto bench clean
+.PHONY: demo test test-fast lint install dataset kubectl tcpdump proto bench clean
 
 install: $(STAMP)
 
@@ -45,10 +45,21 @@ kubectl:
 		echo "kubectl missing: install Debian's kubectl (as root) to run the render tests" >&2; \
 	fi
 
+# tcpdump captures loopback traffic during a request (tests/test_party_roles.py checks that
+# no image or logits encoding crosses the wire).  Debian's tcpdump (needs root and apt);
+# without it, or without the right to capture, that test skips and says why.
+tcpdump:
+	@if command -v tcpdump >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump; \
+	else \
+		echo "tcpdump missing: install Debian's tcpdump (as root) to run the capture test" >&2; \
+	fi
+
 demo: install dataset
 	$(VENV)/bin/mpcvit demo
 
-test: install dataset kubectl
+test: install dataset kubectl tcpdump
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

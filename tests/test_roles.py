@@ -43,9 +43,10 @@ def pki(tmp_path_factory):
     return out, configs
 
 
-def leaf(sans: list[x509.GeneralName], signer=None) -> x509.Certificate:
-    """A certificate with exactly these SANs, signed by ``signer`` (cert, key) or itself."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def leaf(sans: list[x509.GeneralName], signer=None, key=None) -> x509.Certificate:
+    """A certificate of ``key`` (default: a fresh one) with exactly these SANs, signed by
+    ``signer`` (cert, key) or by itself."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test")])
     now = dt.datetime.now(dt.timezone.utc)
     builder = (x509.CertificateBuilder().subject_name(name)
@@ -308,3 +309,70 @@ def test_certs_command_issues_more_clients_from_the_client_ca(tmp_path) -> None:
     assert main(["certs", "--out", str(tmp_path), "--client", "alice"]) == 2  # unique names
     assert main(["certs", "--out", str(tmp_path), "--client", "bad name"]) == 2
     assert main(["certs", "--out", str(tmp_path / "none"), "--client", "x"]) == 2
+
+
+# -- the two CAs over real gRPC (in this process) -----------------------------------------
+def _pem_files(tmp_path: Path, cert: x509.Certificate, key) -> tuple[str, str]:
+    cert_path, key_path = tmp_path / "forged.pem", tmp_path / "forged.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_the_client_ca_cannot_mint_a_party_and_clients_cannot_reach_the_dealer(
+        pki, tmp_path) -> None:
+    import dataclasses
+    from concurrent import futures
+
+    import grpc
+    from mpcvit.mpc.transport import PeerTransport
+    from mpcvit.proto.generated import dealer_pb2, dealer_pb2_grpc, peer_pb2, peer_pb2_grpc
+
+    out, configs = pki
+    client_ca = cert_of(str(out / "client-ca.pem"))
+    client_ca_key = serialization.load_pem_private_key((out / "client-ca.key").read_bytes(),
+                                                       None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged = leaf([uri("mpcvit://party/1")], signer=(client_ca, client_ca_key), key=key)
+    cert_path, key_path = _pem_files(tmp_path, forged, key)
+    as_forged = dataclasses.replace(configs["client"], cert=cert_path, key=key_path)
+
+    transport = PeerTransport(0, 2, tls=configs["party0"])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    transport.add_to_server(server)
+    port = server.add_secure_port("127.0.0.1:0", configs["party0"].server_credentials())
+    server.start()
+    try:
+        with grpc.secure_channel(f"localhost:{port}", as_forged.channel_credentials()) as ch:
+            hello = peer_pb2.PeerFrame(kind=peer_pb2.PeerFrame.Kind.HELLO, src=1,
+                                       cluster="mpcvit", incarnation="forged")
+            with pytest.raises(grpc.RpcError) as info:
+                peer_pb2_grpc.PeerServiceStub(ch).Stream(iter([hello]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "party certificate must be signed by the CA of parties and dealer" in \
+            info.value.details()
+    finally:
+        server.stop(0)
+
+    import_crypten()
+    from mpcvit.mpc.dealer import serve_dealer
+
+    dealer, port = serve_dealer("127.0.0.1:0", configs["dealer"])
+    try:
+        # The dealer trusts only the parties' CA: a client certificate fails the handshake.
+        client = configs["client"]
+        with grpc.secure_channel(f"localhost:{port}", client.channel_credentials()) as ch:
+            with pytest.raises(grpc.RpcError) as info:
+                dealer_pb2_grpc.DealerServiceStub(ch).OpenSession(
+                    dealer_pb2.OpenSessionRequest(session="s", rank=1, world_size=2),
+                    timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.secure_channel(f"localhost:{port}",
+                                 configs["party1"].channel_credentials()) as ch:
+            reply = dealer_pb2_grpc.DealerServiceStub(ch).OpenSession(
+                dealer_pb2.OpenSessionRequest(session="s", rank=1, world_size=2), timeout=10)
+        assert len(reply.seed) == 8
+    finally:
+        dealer.stop(0)
