@@ -5,7 +5,8 @@ environment variables so the same files serve Docker Compose (service host names
 local runs (127.0.0.1 and free ports): ``MPCVIT_LISTEN``, ``MPCVIT_PEER``,
 ``MPCVIT_DEALER``, ``MPCVIT_MODEL``, ``MPCVIT_PROVIDER``; ``MPCVIT_TLS_DIR`` turns on
 mutual TLS with ``ca.pem`` and ``<role>.pem``/``<role>.key`` from that directory (the
-layout ``mpcvit certs`` writes; roles dealer, party0, party1, client).  ``{ordinal}`` in
+layout ``mpcvit certs`` writes; roles dealer, party0, party1, client; a party also trusts
+``client-ca.pem`` there, if present).  ``{ordinal}`` in
 a party's addresses becomes its StatefulSet replica ordinal (see ``ordinal.py``).
 """
 
