@@ -1,0 +1,1 @@
+"""Secure-computation protocol building blocks that do not depend on CrypTen."""
