@@ -372,3 +372,15 @@ def test_reduced_width_spline_is_exact_away_from_the_thresholds():
     got = _signed(fss.spline_eval(0, k0, y, thresholds, coeffs)
                   + fss.spline_eval(1, k1, y, thresholds, coeffs))
     assert np.array_equal(got, _plain_spline(x, thresholds, coeffs))
+
+
+def test_benchmark_runs_on_a_tiny_grid():
+    from mpcvit.bench import dcf as bench
+
+    result = bench.run([256], [16], [1, 2], repeats=1)
+    assert [(row["n"], row["k"]) for row in result["dcf"]] == [(16, 1), (16, 2)]
+    assert [row["key_bytes"] for row in result["dcf"]] == [fss.dcf_key_bytes(16, k)
+                                                          for k in (1, 2)]
+    assert {row["gate"] for row in result["gates"]} == {"sign", "relu"}
+    exact = result["reduced"][0]
+    assert (exact["bits"], exact["shift"], exact["sign_error_rate"]) == (32, 0, 0.0)

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from dataclasses import dataclass
 from math import comb
@@ -68,10 +69,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 U64 = np.uint64
 DEFAULT_LABEL = b"mpcvit/fss/aes-mmo/v1"
-_CLEAR_T = np.array([0xFFFF_FFFF_FFFF_FFFE, 0xFFFF_FFFF_FFFF_FFFF], dtype=U64)
-_EVAL_LANES = 16384  # lanes (element x point) per chunk: numpy call overhead vs cache
+_CLEAR_LOW = U64(0xFFFF_FFFF_FFFF_FFFE)
+_EVAL_LANES = 32768  # lanes (element x point) per chunk: numpy call overhead vs cache
 _ONE = np.array(1, dtype=U64)
-_ONE8 = np.array(1, dtype=np.uint8)
 _GEN_LANES = 8192
 
 
@@ -124,14 +124,14 @@ class AesPrg:
         return words
 
     def throughput(self, nbytes: int = 1 << 26, block_bytes: int = 1 << 18) -> float:
-        """Raw AES-ECB speed of the seed key in GB/s (for benchmarks)."""
+        """Raw AES-ECB speed of the seed key in GB/s of thread CPU time (for benchmarks)."""
         x = np.zeros(block_bytes // 8, dtype=U64)
         out = _Blocks(block_bytes // 16)
         reps = max(1, nbytes // block_bytes)
-        start = time.perf_counter()
+        start = time.thread_time()
         for _ in range(reps):
             self._seed.update_into(x.view(np.uint8), out.raw)
-        return reps * block_bytes / (time.perf_counter() - start) / 1e9
+        return reps * block_bytes / max(time.thread_time() - start, 1e-9) / 1e9
 
 
 class _Blocks:
@@ -144,15 +144,16 @@ class _Blocks:
         return self.raw[: 16 * nblocks].view(U64)
 
 
-_DEFAULT_PRG: AesPrg | None = None
+_THREAD_PRG = threading.local()
 
 
 def default_prg() -> AesPrg:
-    """The shared PRG with the default label (AES key schedules are built once)."""
-    global _DEFAULT_PRG
-    if _DEFAULT_PRG is None:
-        _DEFAULT_PRG = AesPrg()
-    return _DEFAULT_PRG
+    """This thread's PRG with the default label (cipher contexts are not shared between
+    threads; key schedules are built once per thread)."""
+    prg = getattr(_THREAD_PRG, "prg", None)
+    if prg is None:
+        prg = _THREAD_PRG.prg = AesPrg()
+    return prg
 
 
 def make_rng(rng: np.random.Generator | int | None = None) -> np.random.Generator:
@@ -187,7 +188,7 @@ class KeyStream:
 # --------------------------------------------------------------------------- DCF keys
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DcfKey:
     """One party's DCF keys for N elements (correction words are common to both parties).
 
@@ -247,7 +248,7 @@ def dcf_keygen(
     stream = rng if isinstance(rng, KeyStream) else KeyStream(rng)
     prg = prg or default_prg()
     seeds = stream.words((2, count, 2))
-    seeds[..., 0] &= _CLEAR_T[0]
+    seeds[..., 0] &= _CLEAR_LOW
     common = (_touched((n, 2, count), U64), _touched((n, k, count), U64),
               _touched((n, count), np.uint8), _touched((k, count), U64))
     keys = (DcfKey(0, n, k, seeds[0], *common), DcfKey(1, n, k, seeds[1], *common))
@@ -363,8 +364,7 @@ class _EvalScratch:
         self.seed_a = _Blocks(lanes)
         self.seed_b = _Blocks(lanes)
         self.values = [_Blocks(lanes) for _ in range((k + 1) // 2)]
-        self.u64 = [np.empty(lanes, U64) for _ in range(4)]
-        self.u8 = [np.empty(lanes, np.uint8) for _ in range(4)]
+        self.u64 = [np.empty(lanes, U64) for _ in range(8)]
 
 
 def _eval_chunk(key: DcfKey, z: np.ndarray, c0: int, out: np.ndarray, prg: AesPrg,
@@ -372,19 +372,19 @@ def _eval_chunk(key: DcfKey, z: np.ndarray, c0: int, out: np.ndarray, prg: AesPr
     """Walk the n levels for points z (m, C) of elements c0..c0+C; writes out (k, m, C).
 
     Per level and lane: one seed block and ceil(k/2) payload blocks of AES, then in-place
-    numpy passes.  Bits (path bit, control bit) live in uint8 arrays; the control bit is
-    widened once per level to a uint64 mask so corrections are ANDs, and the next level's
-    child tweak rides on the seed correction's XOR.
+    numpy passes.  The control bit is kept both as 0/1 and as a mask (0 or all ones) so
+    corrections are ANDs, and the next level's child tweak rides on the seed correction.
     """
     points, size = z.shape
     c1, lanes, shape = c0 + size, points * size, (points, size)
-    zc, tmask, tmp, word = (u[:lanes].reshape(shape) for u in scratch.u64)
-    xb, xb_next, t8, sel = (u[:lanes].reshape(shape) for u in scratch.u8)
+    zc, xb, xb_next, t, t_new, tmask, tmp, word = (u[:lanes].reshape(shape)
+                                                    for u in scratch.u64)
     np.copyto(zc, z)
     cur, nxt = scratch.seed_a, scratch.seed_b
     s = cur.words(lanes).reshape(points, size, 2)
     s[...] = key.seed[c0:c1]
-    tmask.fill(0 if key.party == 0 else ~U64(0))
+    t.fill(key.party)
+    np.negative(t, out=tmask)
     _bit(zc, key.n - 1, xb)
     np.bitwise_or(s[..., 0], xb, out=s[..., 0])  # child tweak in the seed's free low bit
     acc = out  # (k, m, C): payload words and corrections (party 1 negates at the end)
@@ -393,33 +393,33 @@ def _eval_chunk(key: DcfKey, z: np.ndarray, c0: int, out: np.ndarray, prg: AesPr
         _add_payload(acc, key.vcw[i, :, c0:c1], tmask, s, _value_blocks(prg, s, scratch),
                      tmp, word)
         s_next = prg.seed_into(s, nxt)
-        np.bitwise_and(s_next[..., 0], _ONE, out=t8, casting="unsafe")
+        np.bitwise_and(s_next[..., 0], _ONE, out=t_new)
         # low word: seed correction, clear the control bit, set the next child tweak
         np.bitwise_and(key.scw[i, 0, c0:c1], tmask, out=tmp)
-        np.bitwise_xor(tmp, t8, out=tmp)
+        np.bitwise_xor(tmp, t_new, out=tmp)
         if i + 1 < key.n:
             _bit(zc, key.n - 2 - i, xb_next)
             np.bitwise_xor(tmp, xb_next, out=tmp)
         np.bitwise_xor(s_next[..., 0], tmp, out=s_next[..., 0])
         np.bitwise_and(key.scw[i, 1, c0:c1], tmask, out=tmp)
         np.bitwise_xor(s_next[..., 1], tmp, out=s_next[..., 1])
-        # control bit: t' = t_raw XOR (t AND t_cw[child]); tmask = -t' (widened to 64 bits)
-        np.right_shift(key.tcw[i, c0:c1], xb, out=sel)
-        np.bitwise_and(sel, tmask, out=sel, casting="unsafe")
-        np.bitwise_xor(t8, sel, out=t8)
-        np.bitwise_and(t8, _ONE8, out=t8)
-        np.negative(t8, out=tmask, dtype=U64)
+        # control bit: t' = t_raw XOR (t AND t_cw[child]), t in {0, 1}
+        np.right_shift(key.tcw[i, c0:c1], xb, out=tmp, dtype=U64)
+        np.bitwise_and(tmp, t, out=tmp)
+        np.bitwise_xor(t_new, tmp, out=t_new)
+        np.negative(t_new, out=tmask)
         s, cur, nxt = s_next, nxt, cur
         xb, xb_next = xb_next, xb
+        t, t_new = t_new, t
     _add_payload(acc, key.fcw[:, c0:c1], tmask, s, _value_blocks(prg, s, scratch), tmp, word)
     if key.party == 1:
         np.negative(acc, out=acc)
 
 
 def _bit(z: np.ndarray, position: int, out: np.ndarray) -> None:
-    """Bit ``position`` of each word of z into the uint8 array out."""
-    np.right_shift(z, U64(position), out=out, casting="unsafe")
-    np.bitwise_and(out, _ONE8, out=out)
+    """Bit ``position`` of each word of z (0 or 1)."""
+    np.right_shift(z, U64(position), out=out)
+    np.bitwise_and(out, _ONE, out=out)
 
 
 def _value_blocks(prg: AesPrg, s: np.ndarray, scratch: _EvalScratch) -> list[np.ndarray]:
@@ -477,7 +477,7 @@ def deserialize_dcf_key(buf: bytes | bytearray | memoryview | np.ndarray, party:
 # --------------------------------------------------------------------------- gates
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GateKey:
     """One party's key for the sign (degree 0), ReLU (1) or spline (<= 2) gate.
 
