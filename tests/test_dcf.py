@@ -223,6 +223,15 @@ def test_sign_on_a_32_bit_domain_with_small_inputs():
     assert np.count_nonzero((y32 < r32) != (x < 0)) > 5  # what ignoring the wrap gets wrong
 
 
+def test_sign_on_the_smallest_domain():
+    """bits=2: a 1-bit DCF plus the MSB term; x in [-2, 2) is exact."""
+    rng = np.random.default_rng(10)
+    x = rng.integers(-2, 2, size=4000)
+    r = _uniform(rng, x.size)
+    k0, k1 = fss.sign_keygen(r, bits=2, rng=rng)
+    assert np.array_equal(_msb(k0, k1, _ring(x) + r), (x < 0).astype(U64))
+
+
 def test_gate_keys_check_the_party():
     k0, _ = fss.sign_keygen(np.array([3], U64))
     with pytest.raises(ValueError, match="party"):
@@ -267,6 +276,17 @@ def test_spline_matches_the_plain_piecewise_polynomial(width):
     got = _signed(fss.spline_eval(0, k0, y, thresholds, coeffs)
                   + fss.spline_eval(1, k1, y, thresholds, coeffs))
     assert np.array_equal(got, _plain_spline(x, thresholds, coeffs))
+
+
+def test_spline_without_thresholds_is_the_polynomial():
+    rng = np.random.default_rng(11)
+    x = rng.integers(-(1 << 30), 1 << 30, size=1000)
+    r = _uniform(rng, x.size)
+    k0, k1 = fss.gate_keygen(r, 2, rng=rng)
+    y = _ring(x) + r
+    got = _signed(fss.spline_eval(0, k0, y, [], [[7, -3, 2]])
+                  + fss.spline_eval(1, k1, y, [], [[7, -3, 2]]))
+    assert np.array_equal(got, _plain_spline(x, [], [[7, -3, 2]]))
 
 
 def test_spline_rejects_bad_tables():

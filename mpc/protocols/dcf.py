@@ -349,6 +349,8 @@ def dcf_eval_raw(key: DcfKey, z: np.ndarray, prg: AesPrg | None = None) -> np.nd
     prg = prg or default_prg()
     points, count = z.shape
     out = np.empty((key.k, points, count), U64)
+    if out.size == 0:
+        return out
     per_chunk = max(1, _EVAL_LANES // points)
     scratch = _EvalScratch(min(count, per_chunk) * points, key.k)
     for c0 in range(0, count, per_chunk):
@@ -610,25 +612,30 @@ def _opened(y: np.ndarray, key: GateKey) -> np.ndarray:
     return y
 
 
-def _compare(key: GateKey, y: np.ndarray, thresholds: np.ndarray,
-             prg: AesPrg | None) -> tuple[np.ndarray, np.ndarray]:
-    """Shares of ``r^j [x - t_k >= 0]`` as (d+1, P, N), and of ``r^j`` as (d+1, N)."""
+def _r_powers(key: GateKey) -> np.ndarray:
+    """Shares of ``r^j`` for j = 0..d as (d+1, N); party 0 holds r^0 = 1."""
+    d = key.degree
+    r_pow = np.empty((d + 1, key.count), U64)
+    r_pow[0] = 1 - key.party
+    r_pow[1:] = key.extra[d + 1:]
+    return r_pow
+
+
+def _compare(key: GateKey, y: np.ndarray, thresholds: np.ndarray, r_pow: np.ndarray,
+             prg: AesPrg | None) -> np.ndarray:
+    """Shares of ``r^j [x - t_k >= 0]`` as (d+1, P, N)."""
     bits = key.bits
     cmp = reduce_bits(y[None, :] - thresholds[:, None], key.shift, bits)  # (P, N)
     y_msb = cmp >> U64(bits - 1)
     low = cmp & U64((1 << (bits - 1)) - 1)
     words = dcf_eval_raw(key.dcf, low, prg)  # (d+1, P, N): r^j (1 - 2 MSB(r')) [low < r'_low]
-    d = key.degree
-    r_pow = np.empty((d + 1, key.count), U64)
-    r_pow[0] = 1 - key.party
-    r_pow[1:] = key.extra[d + 1:]
     coef_a = U64(1) - y_msb  # [x >= t] = A + B w with w = MSB(r') XOR carry
     coef_b = (y_msb << U64(1)) - U64(1)
-    for j in range(d + 1):
+    for j in range(key.degree + 1):
         words[j] += key.extra[j]  # now shares of r^j w
         words[j] *= coef_b
         words[j] += coef_a * r_pow[j]
-    return words, r_pow
+    return words
 
 
 def msb_eval(party: int, key: GateKey, y: np.ndarray, prg: AesPrg | None = None) -> np.ndarray:
@@ -704,7 +711,8 @@ def spline_eval(
     c = np.pad(c, ((0, 0), (0, key.degree + 1 - c.shape[1])))
     diffs = np.concatenate([c[:1], c[1:] - c[:-1]])  # p_0, then q_k = p_k - p_{k-1}
     e = _shifted_coeffs(diffs, y)  # (m, d+1, N)
-    ind, r_pow = _compare(key, y, t, prg)  # (d+1, P, N), (d+1, N)
+    r_pow = _r_powers(key)  # (d+1, N)
+    ind = _compare(key, y, t, r_pow, prg)  # (d+1, P, N)
     share = np.zeros(key.count, U64)
     for j in range(key.degree + 1):
         share += e[0, j] * r_pow[j]
