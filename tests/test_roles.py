@@ -376,3 +376,31 @@ def test_the_client_ca_cannot_mint_a_party_and_clients_cannot_reach_the_dealer(
         assert len(reply.seed) == 8
     finally:
         dealer.stop(0)
+
+
+def test_a_hello_must_claim_the_rank_the_certificate_states(tmp_path) -> None:
+    """With three parties, party 1's certificate may stream to party 0, but not as 2."""
+    from concurrent import futures
+
+    import grpc
+    from mpcvit.mpc.transport import PeerTransport
+    from mpcvit.proto.generated import peer_pb2, peer_pb2_grpc
+
+    configs = generate_pki(tmp_path, ["party0", "party1", "party2"])
+    transport = PeerTransport(0, 3, tls=configs["party0"])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    transport.add_to_server(server)
+    port = server.add_secure_port("127.0.0.1:0", configs["party0"].server_credentials())
+    server.start()
+    try:
+        with grpc.secure_channel(f"localhost:{port}",
+                                 configs["party1"].channel_credentials()) as ch:
+            hello = peer_pb2.PeerFrame(kind=peer_pb2.PeerFrame.Kind.HELLO, src=2,
+                                       cluster="mpcvit", incarnation="liar")
+            with pytest.raises(grpc.RpcError) as info:
+                peer_pb2_grpc.PeerServiceStub(ch).Stream(iter([hello]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "HELLO claims party/2, the caller's certificate is party/1" in \
+            info.value.details()
+    finally:
+        server.stop(0)

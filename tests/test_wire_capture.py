@@ -176,3 +176,11 @@ def test_logs_hold_no_tensor_values(cluster) -> None:
     for name in ("share0", "share1", "out0", "out1", "image_fixed"):
         for piece in windows(sent[name], 8)[:32]:
             assert piece.hex() not in text, name
+
+
+def test_every_server_warns_that_roles_are_unchecked_without_tls(cluster) -> None:
+    for who in ("dealer", 0, 1):
+        lines = [ln for ln in cluster.logs(who, tail=100_000).splitlines()
+                 if "event=no_tls" in ln]
+        assert lines and '"level": "WARNING"' in lines[0], (who, lines)
+        assert "anyone who can reach this port can act as any party" in lines[0]
