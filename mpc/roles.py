@@ -245,10 +245,10 @@ class RoleChecker:
             cert = x509.load_pem_x509_certificate(pem)
             role: Role | RoleError = role_of_certificate(cert)
             self.trust.check_issuer(cert, role)
+        except RoleError as exc:  # (a ValueError too: caught first)
+            role = exc
         except ValueError as exc:
             role = RoleError(f"unreadable peer certificate: {exc}")
-        except RoleError as exc:
-            role = exc
         with self._lock:
             self._cache[pem] = role
             while len(self._cache) > _CACHE_SIZE:

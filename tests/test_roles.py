@@ -183,6 +183,13 @@ def test_checker_reads_the_auth_context(pki) -> None:
             checker.role_of(ctx, Allowed.clients())
     with pytest.raises(RoleError, match="no client certificate"):
         checker.role_of({"transport_security_type": [b"ssl"]}, Allowed.parties())
+    roleless = leaf([x509.DNSName("party1")]).public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(RoleError, match="^certificate states no mpcvit:// role URI; "
+                                        "expected party/1$"):
+        checker.role_of({"x509_pem_cert": [roleless]}, Allowed.parties(1))
+    with pytest.raises(RoleError, match="unreadable peer certificate"):
+        checker.role_of({"x509_pem_cert": [b"-----BEGIN CERTIFICATE-----\nAAAA\n"
+                                           b"-----END CERTIFICATE-----\n"]}, Allowed.parties())
     # Without TLS there is nothing to check: no role, and no refusal.
     assert RoleChecker(None).role_of({}, Allowed.clients()) is None
     assert not RoleChecker(None).enabled and checker.enabled
