@@ -32,7 +32,8 @@ exit codes:
   4  the parties could not be used: nothing answered at an address, the server
      there is not an mpcvit party (e.g. the dealer's port), they were not ready
      within wait_ready, or a party failed during the run
-  5  a module of an extra is missing (see `pip install 'mpcvit[image]'`)
+  5  a module that an extra brings is missing (any mpcvit command; the message
+     names the extra).  Without Pillow a PNG/JPEG is one failed image (3).
 """
 
 
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send all images in one request instead of one by one")
     parser.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                         help="negate grey values for a 1-channel model: auto (default) when "
-                             "the picture's border is light, as Fashion-MNIST was made")
+                             "a picture to resize has a light border, as Fashion-MNIST was made")
 
 
 def _say(line: str) -> None:

@@ -23,7 +23,8 @@ a black ground, 28 x 28):
    antialiased bilinear (triangle) filter whose width grows with the reduction, and the
    shorter side is padded, centred, with the background value.
 
-A picture already at the model's height and width skips steps 4 and 5.  For a 3-channel
+A picture already at the model's height and width is taken as model-ready: it skips
+steps 4 and 5, and step 3 unless ``invert`` is given.  For a 3-channel
 model, grey is repeated to RGB, and the shorter side is resized to the model's side and
 the centre cut out (no polarity, no trim).  Very large pictures are first averaged down
 by an integer factor (exact box filter) to at most 8 times the model's side.  The result
@@ -37,7 +38,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from mpcvit.models.data import FASHION_MNIST_ENV, fashion_mnist_dir, read_idx
@@ -58,12 +59,14 @@ __all__ = [
     "ImageError",
     "ImageSource",
     "LabelledImage",
+    "PendingImage",
     "as_pixels",
     "fashion_mnist_split",
     "iter_images",
     "load_images",
     "read_image",
     "read_pixels",
+    "source_name",
     "to_model_input",
 ]
 
@@ -237,7 +240,7 @@ def _read_pillow(fp: IO[bytes], name: str, fmt: str, max_pixels: int,
         raise ImageError(f"{name}: unreadable {fmt} ({exc})") from None
 
 
-def _pillow_array(im) -> np.ndarray:  # noqa: ANN001 -- a PIL.Image.Image
+def _pillow_array(im: Any) -> np.ndarray:
     """The decoded picture as uint8 L/RGB/RGBA, or uint16 for 16-bit grey."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(im.convert("I"), dtype=np.int64).clip(0, 65535).astype(np.uint16)
@@ -376,7 +379,8 @@ def to_model_input(pixels: np.ndarray, input_shape: tuple[int, ...], *,
     """Pixels of any size and colour -> float32 (C, H, W) in [0, 255] for the model.
 
     See the module docstring for the steps.  ``invert`` (1-channel models): None
-    decides from the border, True/False forces it.  Raises :class:`ImageError`.
+    decides from the border (never for a model-sized picture), True/False forces it.
+    Raises :class:`ImageError`.
     """
     c, h, w = (int(d) for d in input_shape)
     a = as_pixels(pixels, name)
@@ -396,8 +400,8 @@ def to_model_input(pixels: np.ndarray, input_shape: tuple[int, ...], *,
     elif c == 1:
         a = _grey(a)
         background = float(np.median(_border(a)))
-        if invert is None:
-            invert = background > 127.5
+        if invert is None:  # a model-sized picture is taken as model-ready
+            invert = not exact and background > 127.5
         if invert:
             a, background = np.float32(255.0) - a, 255.0 - background
         out = a if exact else _letterbox(_trim(a, background), h, w, background)

@@ -105,3 +105,31 @@ def test_model_info_reports_the_configured_limits(cluster) -> None:
         info = client.model_info()
     # deploy/party*.yaml: 64 images per request, 1 image per secure session.
     assert (info.max_inputs_per_request, info.max_session_batch) == (64, 1)
+
+
+def test_waiting_for_a_starting_party_says_so(tmp_path) -> None:
+    """Party 1 alone never gets the weights: the client reports it as starting, then gives
+    up after wait_ready with that reason (never a silent wait)."""
+    import time
+
+    from mpcvit.party.client import PartyUnavailable
+    from mpcvit.party.local import health_status
+
+    lonely = LocalCluster(tmp_path, model="demo")
+    lonely._spawn(1)
+    try:
+        deadline = time.monotonic() + 300
+        while health_status(lonely.address(1)) != "NOT_SERVING":
+            assert time.monotonic() < deadline and lonely.procs[1].poll() is None, \
+                lonely.logs(1)
+            time.sleep(0.5)
+        lines: list[str] = []
+        address = lonely.address(1)
+        with PrivateInferenceClient([address, address]) as client:
+            with pytest.raises(PartyUnavailable) as err:
+                client.wait_ready(2, connect_timeout=10, progress=lines.append)
+    finally:
+        lonely.stop()
+    assert lines and lines[0].startswith(f"waiting for party 0 at {address}: starting (")
+    assert "not received the model" in lines[0]
+    assert "parties not ready after 2 s" in str(err.value)
