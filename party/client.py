@@ -15,9 +15,10 @@ An image may be a path or the bytes of a PNG, JPEG, WebP, BMP, GIF or TIFF (thes
 Pillow: ``pip install 'mpcvit[image]'``), an NPY or a binary PGM/PPM file, or a numpy
 array of pixels: HxW or HxWxC (C = 1, 3 or 4), uint8, uint16, or float in [0, 1].  The
 client converts it to the model's input the way the training images were made
-(:func:`mpcvit.party.imaging.to_model_input`: grey by luminance, light backgrounds
-negated, trimmed, the longer side resized to the model's side with an antialiased
-bilinear filter and centred), then normalises it with the model's mean and std.  A float
+(:func:`mpcvit.party.images.to_model_input`: grey by luminance; a picture of another
+size with a light background negated, trimmed, its longer side resized to the model's
+side with an antialiased bilinear filter and centred), then normalises it with the
+model's mean and std.  A float
 array of exactly the model's (C, H, W) is taken as already normalised.
 
 Errors are :class:`ClientError` subclasses.  :class:`InvalidInput` is raised locally for a
@@ -203,7 +204,7 @@ class ModelInfo:
                    name: str = "image") -> np.ndarray:
         """Pixels of any size and colour -> the normalised float32 (C, H, W) of the model.
 
-        Conversion as in :func:`mpcvit.party.imaging.to_model_input`, then
+        Conversion as in :func:`mpcvit.party.images.to_model_input`, then
         ``(pixel / 255 - mean) / std``.  Raises :class:`InvalidInput`.
         """
         try:
