@@ -67,7 +67,8 @@ class PartyService:
             num_classes=facts.num_classes, class_names=list(facts.class_names),
             precision_bits=self.precision_bits, mean=list(facts.mean), std=list(facts.std),
             max_request_bytes=self.limits.max_request_bytes,
-            max_batch=self.limits.max_inputs_per_request, party=self.rank,
+            max_inputs_per_request=self.limits.max_inputs_per_request,
+            max_session_batch=self.limits.max_batch, party=self.rank,
             ready=bool(self._ready()), models=[facts.name],
         )
 
