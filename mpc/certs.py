@@ -105,6 +105,8 @@ def _issue(ca_cert, ca_key, role: Role, hosts: list[str], days: int):
 
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(role.uri)]
+    if role.kind != CLIENT:
+        names.append(x509.DNSName(role.server_name))
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))

@@ -22,8 +22,10 @@ class TlsConfig:
     clients have their own; the party's port then trusts both, and the role checks
     (:mod:`mpcvit.mpc.roles`) demand that each role was signed by its own CA.
     ``allowed_clients``: the client names a party serves (None: any client of the CA).
-    ``server_name`` overrides the name checked in the peer's certificate (useful when
-    peers are reached by IP address).
+    Whoever dials a party or the dealer checks the role name that node's certificate
+    carries (``Role.server_name``, e.g. ``party1.role.mpcvit.invalid``), not the address
+    dialled: a certificate of another role cannot answer.  ``server_name`` replaces that
+    name, for certificates made without role names (the check is then the host name's).
     """
 
     ca: str
@@ -68,10 +70,11 @@ class TlsConfig:
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                             certificate_chain=cert)
 
-    def channel_options(self) -> list[tuple[str, Any]]:
-        if self.server_name:
-            return [("grpc.ssl_target_name_override", self.server_name)]
-        return []
+    def channel_options(self, expected: Any = None) -> list[tuple[str, Any]]:
+        """Channel options that make the TLS handshake check the server's role
+        (``expected``, a :class:`~mpcvit.mpc.roles.Role`) or ``server_name``."""
+        name = self.server_name or (expected.server_name if expected is not None else None)
+        return [("grpc.ssl_target_name_override", name)] if name else []
 
 
 @dataclass(frozen=True)

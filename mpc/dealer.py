@@ -43,7 +43,7 @@ from .errors import DealerError
 from .protocols import compare, masked  # noqa: F401  (register their tuple kinds)
 from .protocols.masked import MaskStore
 from .protocols.tuples import KINDS, TupleRequest, kind_of
-from .roles import Allowed, RoleChecker
+from .roles import Allowed, Role, RoleChecker
 
 log = logging.getLogger("mpcvit.dealer")
 
@@ -120,7 +120,7 @@ class DealerProvider(TupleProvider):
         options = [("grpc.max_receive_message_length", 1 << 30),
                    ("grpc.max_send_message_length", 1 << 30)]
         if spec.tls is not None:
-            options += spec.tls.channel_options()
+            options += spec.tls.channel_options(Role.dealer())  # only the dealer may answer
             channel = grpc.secure_channel(spec.address, spec.tls.channel_credentials(), options)
         else:
             channel = grpc.insecure_channel(spec.address, options)

@@ -39,6 +39,10 @@ log = logging.getLogger("mpcvit.roles")
 
 SCHEME = "mpcvit://"
 PARTY, DEALER, CLIENT = "party", "dealer", "client"
+# Node certificates also carry their role as a DNS name under this reserved domain (it never
+# resolves): whoever dials a party or the dealer checks that name in the server's
+# certificate, so a certificate of another role cannot answer in its place.
+ROLE_DOMAIN = "role.mpcvit.invalid"
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _CACHE_SIZE = 256
 
@@ -74,6 +78,14 @@ class Role:
     def uri(self) -> str:
         """The URI SAN that states this role in a certificate."""
         return SCHEME + str(self)
+
+    @property
+    def server_name(self) -> str:
+        """The DNS SAN that a node of this role serves under (checked by whoever dials it)."""
+        if self.kind == CLIENT:
+            raise RoleError("clients serve nothing")
+        node = f"party{self.rank}" if self.kind == PARTY else self.kind
+        return f"{node}.{ROLE_DOMAIN}"
 
     def __str__(self) -> str:
         if self.kind == PARTY:

@@ -30,7 +30,7 @@ import numpy as np
 from ..proto.generated import peer_pb2, peer_pb2_grpc
 from .config import Timeouts, TlsConfig
 from .errors import PeerAborted, PeerDisconnected, PeerError, PeerTimeout, ProtocolViolation
-from .roles import Allowed, RoleChecker
+from .roles import Allowed, Role, RoleChecker
 
 log = logging.getLogger("mpcvit.transport")
 
@@ -263,7 +263,7 @@ class _OutboundLink:
         t = transport
         options = grpc_message_options(t.chunk_bytes)
         if t.tls is not None:
-            options += t.tls.channel_options()
+            options += t.tls.channel_options(Role.party(dst))  # only party dst may answer
             self.channel = grpc.secure_channel(address, t.tls.channel_credentials(), options)
         else:
             self.channel = grpc.insecure_channel(address, options)

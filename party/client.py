@@ -38,6 +38,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from mpcvit.mpc.roles import Role
 from mpcvit.party import images as imaging
 from mpcvit.party import shares
 from mpcvit.party.images import ImageSource
@@ -146,7 +147,9 @@ def error_from_rpc(exc: grpc.RpcError, party: int, address: str | None = None) -
 class ClientTls:
     """Mutual TLS: the CA that signed the parties and this client's certificate pair.
 
-    ``server_name`` overrides the host name checked in the parties' certificates.
+    Each party must present its role's name (``party0.role.mpcvit.invalid``, ...; see
+    :mod:`mpcvit.mpc.roles`) whatever address is dialled; ``server_name`` replaces it, for
+    certificates made without role names.
     """
 
     ca: str
@@ -304,13 +307,17 @@ class PrivateInferenceClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        if tls is not None and tls.server_name:
-            options.append(("grpc.ssl_target_name_override", tls.server_name))
         if tls is None:
             self._channels = [grpc.insecure_channel(a, options=options) for a in parties]
         else:
+            # Each party must answer with its own role's certificate: were party 1 able to
+            # pose as party 0, it would receive both shares of the image.
             creds = tls.credentials()
-            self._channels = [grpc.secure_channel(a, creds, options=options) for a in parties]
+            self._channels = [
+                grpc.secure_channel(a, creds, options=[
+                    *options, ("grpc.ssl_target_name_override",
+                               tls.server_name or Role.party(rank).server_name)])
+                for rank, a in enumerate(parties)]
         self._stubs = [inference_pb2_grpc.InferenceServiceStub(c) for c in self._channels]
         self._info: dict[str, ModelInfo] = {}
 

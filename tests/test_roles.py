@@ -411,3 +411,53 @@ def test_a_hello_must_claim_the_rank_the_certificate_states(tmp_path) -> None:
             info.value.details()
     finally:
         server.stop(0)
+
+
+def test_node_certificates_carry_their_role_name(pki) -> None:
+    out, _ = pki
+    for node, role in (("party0", Role.party(0)), ("party1", Role.party(1)),
+                       ("dealer", Role.dealer())):
+        san = cert_of(str(out / f"{node}.pem")).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+        assert role.server_name in san.get_values_for_type(x509.DNSName), node
+    client = cert_of(str(out / "client.pem")).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert not client.get_values_for_type(x509.DNSName)  # a client serves nothing
+
+
+def test_a_server_of_another_role_cannot_answer_for_the_dealer_or_a_party(pki) -> None:
+    """Party 1's certificate, valid for the same host names, serving where party 0 expects
+    the dealer (it would learn party 0's seeds) or where a client expects party 0 (it would
+    get both shares of the image): the handshake fails, since the dialler checks the role
+    name.  The real dealer at the same kind of address is accepted."""
+    from mpcvit.mpc.config import ProviderSpec
+    from mpcvit.mpc.dealer import DealerProvider, serve_dealer
+    from mpcvit.mpc.errors import DealerError
+    from mpcvit.party.client import ClientTls, PartyUnavailable, PrivateInferenceClient
+
+    _, configs = pki
+    import_crypten()
+    for serving, accepted in (("party1", False), ("dealer", True)):
+        server, port = serve_dealer("127.0.0.1:0", configs[serving])
+        provider = DealerProvider()
+        spec = ProviderSpec(kind="dealer", address=f"localhost:{port}",
+                            tls=configs["party0"], timeout=10.0)
+        try:
+            if accepted:
+                provider.begin("handshake-ok", 0, 2, spec)
+                provider.end()
+            else:
+                with pytest.raises(DealerError):
+                    provider.begin("impostor", 0, 2, spec)
+        finally:
+            server.stop(0)
+    impostor, port = serve_dealer("127.0.0.1:0", configs["party1"])
+    try:
+        c = configs["client"]
+        with PrivateInferenceClient([f"localhost:{port}", f"localhost:{port}"], timeout=10,
+                                    tls=ClientTls(c.ca, c.cert, c.key)) as client:
+            with pytest.raises(PartyUnavailable) as info:
+                client.model_info()
+        assert info.value.party == 0  # refused at the handshake with "party 0"
+    finally:
+        impostor.stop(0)
