@@ -17,7 +17,8 @@ then, in order:
    (idle, pairing, randomness fetch, online forward, result return), then restarted:
    time-to-error (kill -> a client sees an error) and time-to-recover (restart -> the
    first successful request);
-5. **role probes** (:func:`hostile_role_probes`): connections that mutual TLS must refuse.
+5. **role probes** (:func:`hostile_role_probes`): connections mutual TLS and the role
+   checks must refuse.
 
 Progress goes to stderr; :func:`soak` returns the figures (the command prints them).
 """
@@ -109,8 +110,9 @@ class SoakCluster:
         self.rogue = generate_pki(workdir / "rogue", ["client"], ca_name="rogue CA")
 
         def tls(node: str) -> dict[str, str]:
-            cfg = self.pki[node]
-            return {"ca": cfg.ca, "cert": cfg.cert, "key": cfg.key}
+            cfg = self.pki[node]  # a party also trusts the client CA (clients have their own)
+            return {k: getattr(cfg, k) for k in ("ca", "cert", "key", "client_ca")
+                    if getattr(cfg, k)}
 
         self.cluster = LocalCluster(workdir / "cluster", model=model, log_format="text",
                                     per_party={0: {"tls": tls("party0")},
@@ -130,19 +132,22 @@ class SoakCluster:
         return PrivateInferenceClient(self.cluster.party_addresses, tls=self.client_tls,
                                       timeout=timeout)
 
-    def stub(self, who: int, tls: Any = "client"):
-        """A raw InferenceService stub to party ``who`` (``tls``: a node's PKI entry,
-        None for plaintext)."""
+    def channel(self, who: Any, node: str = "client"):
+        """A gRPC channel to ``who`` (a rank or "dealer") with ``node``'s certificate,
+        checking that ``who``'s role answers."""
         import grpc
+        from mpcvit.mpc.roles import Role
+
+        cfg = self.pki[node]
+        role = Role.dealer() if who == "dealer" else Role.party(who)
+        return grpc.secure_channel(self.cluster.address(who), cfg.channel_credentials(),
+                                   cfg.channel_options(role))
+
+    def stub(self, who: int, node: str = "client"):
+        """A raw InferenceService stub to party ``who``."""
         from mpcvit.proto.generated import inference_pb2_grpc
 
-        address = self.cluster.address(who)
-        if tls is None:
-            channel = grpc.insecure_channel(address)
-        else:
-            cfg = self.pki[tls] if isinstance(tls, str) else tls
-            channel = grpc.secure_channel(address, cfg.channel_credentials())
-        return inference_pb2_grpc.InferenceServiceStub(channel)
+        return inference_pb2_grpc.InferenceServiceStub(self.channel(who, node))
 
     def pid(self, who: Any) -> int:
         return self.cluster.procs[who].pid
@@ -479,11 +484,7 @@ def run_hostile(sc: SoakCluster, ref: Reference,
 
 def _garbage_call(sc: SoakCluster) -> Any:
     """Random bytes where an InferRequest should be (not a protobuf)."""
-    import grpc
-
-    cfg = sc.pki["client"]
-    channel = grpc.secure_channel(sc.cluster.address(0), cfg.channel_credentials())
-    with channel:
+    with sc.channel(0) as channel:
         call = channel.unary_unary("/mpcvit.v1.InferenceService/Infer")
         return call(os.urandom(512), timeout=10)
 
@@ -493,35 +494,84 @@ def _refused(call: Callable[[], Any]) -> bool:
     return _code(call) in ("UNAVAILABLE", "UNAUTHENTICATED", "PERMISSION_DENIED")
 
 
-def hostile_role_probes(sc: SoakCluster) -> tuple[int, int]:
-    """Connections mutual TLS must refuse: (attempts, accepted).
-
-    HOOK for role-checked mTLS.  Checked today: a certificate from another CA, no client
-    certificate, plaintext, at both parties and the dealer.  Not yet here (they need the
-    parties and the dealer to check the *role* named in a certificate of the right CA):
-    a client certificate opening the peer channel or a dealer session, a party's
-    certificate used by the other party's role.  Add those probes with the role checks.
-    """
+def _ca_probes(sc: SoakCluster) -> list[bool]:
+    """A certificate from another CA, no client certificate, plaintext: at both parties
+    and the dealer.  True for each connection that was accepted."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from mpcvit.mpc.config import TlsConfig
 
     good, rogue = sc.pki["client"], sc.rogue["client"]
     wrong_ca = TlsConfig(ca=good.ca, cert=rogue.cert, key=rogue.key)
-    attempts = accepted = 0
+    accepted = []
     for who in (0, 1, "dealer"):
         address = sc.cluster.address(who)
-        channels = [grpc.secure_channel(address, wrong_ca.channel_credentials()),
-                    grpc.secure_channel(address, grpc.ssl_channel_credentials(
-                        Path(good.ca).read_bytes())),
-                    grpc.insecure_channel(address)]
-        for channel in channels:
+        for channel in (grpc.secure_channel(address, wrong_ca.channel_credentials()),
+                        grpc.secure_channel(address, grpc.ssl_channel_credentials(
+                            Path(good.ca).read_bytes())),
+                        grpc.insecure_channel(address)):
             with channel:
                 stub = health_pb2_grpc.HealthStub(channel)
-                attempts += 1
-                accepted += not _refused(lambda s=stub: s.Check(
-                    health_pb2.HealthCheckRequest(), timeout=5))
-    return attempts, accepted
+                accepted.append(not _refused(lambda s=stub: s.Check(
+                    health_pb2.HealthCheckRequest(), timeout=5)))
+    return accepted
+
+
+def _peer_stream_accepted(sc: SoakCluster, node: str, claim: int) -> bool:
+    """Whether party 0 lets ``node``'s certificate open the peer channel as party
+    ``claim`` (only party 1's may)."""
+    from mpcvit.proto.generated import peer_pb2, peer_pb2_grpc
+
+    hello = peer_pb2.PeerFrame(kind=peer_pb2.PeerFrame.Kind.HELLO, src=claim,
+                               cluster="mpcvit", incarnation=uuid.uuid4().hex)
+
+    def frames():
+        yield hello
+        time.sleep(0.5)
+
+    with sc.channel(0, node) as channel:
+        return not _refused(lambda: peer_pb2_grpc.PeerServiceStub(channel).Stream(
+            frames(), timeout=5))
+
+
+def _dealer_session_accepted(sc: SoakCluster, node: str, rank: int) -> bool:
+    """Whether the dealer hands ``node``'s certificate the seed of ``rank``."""
+    from mpcvit.proto.generated import dealer_pb2, dealer_pb2_grpc
+
+    with sc.channel("dealer", node) as channel:
+        return not _refused(lambda: dealer_pb2_grpc.DealerServiceStub(channel).OpenSession(
+            dealer_pb2.OpenSessionRequest(session=f"probe-{uuid.uuid4().hex}", rank=rank,
+                                          world_size=2), timeout=5))
+
+
+def _infer_service_accepted(sc: SoakCluster, node: str) -> bool:
+    """Whether party 0's InferenceService answers ``node``'s (non-client) certificate."""
+    from mpcvit.proto.generated import inference_pb2
+
+    return not _refused(lambda: sc.stub(0, node).GetModelInfo(
+        inference_pb2.ModelInfoRequest(), timeout=5))
+
+
+def hostile_role_probes(sc: SoakCluster) -> tuple[int, int]:
+    """Connections mutual TLS with role checks must refuse: (attempts, accepted).
+
+    Certificates of the right CA used by the wrong role (TLS itself accepts them, only
+    the role check can refuse): a client or the dealer opening the peer channel, a
+    client or party 1 asking the dealer for a seed that is not theirs, a party or the
+    dealer calling the InferenceService; plus a certificate from another CA, no client
+    certificate and plaintext at both parties and the dealer.
+    """
+    accepted = _ca_probes(sc)
+    accepted += [
+        _peer_stream_accepted(sc, "client", 1),     # a client posing as party 1
+        _peer_stream_accepted(sc, "dealer", 1),     # the dealer posing as party 1
+        _dealer_session_accepted(sc, "client", 0),  # a client asking for a party's seed
+        _dealer_session_accepted(sc, "client", 1),
+        _dealer_session_accepted(sc, "party1", 0),  # party 1 asking for party 0's seed
+        _infer_service_accepted(sc, "party1"),      # a party sending images
+        _infer_service_accepted(sc, "dealer"),
+    ]
+    return len(accepted), sum(accepted)
 
 
 # ----------------------------------------------------------------------------- driver

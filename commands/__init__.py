@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # subcommand -> module implementing it
@@ -24,6 +25,46 @@ COMMANDS: dict[str, str] = {
     "profile": "mpcvit.commands.profile",
     "search": "mpcvit.commands.search",
 }
+
+#: Exit code when a module that an extra brings is missing (every subcommand).
+EXIT_MISSING_EXTRA = 5
+
+_SERVER = ("torch", "crypten", "omegaconf", "onnx", "scipy", "grpc_health", "grpc_reflection",
+           "prometheus_client")
+# subcommand -> modules it needs beyond the client SDK (checked before it is imported)
+NEEDS: dict[str, tuple[str, ...]] = {
+    "bench": _SERVER, "party": _SERVER, "dealer": _SERVER, "demo": _SERVER, "eval": _SERVER,
+    "profile": _SERVER, "search": _SERVER, "train": ("torch",), "certs": ("cryptography",),
+}
+
+_SERVER_HINT = "pip install 'mpcvit[server]' (in a checkout: pip install -e '.[server]')"
+# top-level module -> how to install it
+INSTALL_HINTS: dict[str, str] = {
+    **{name: _SERVER_HINT for name in _SERVER},
+    "cryptography": _SERVER_HINT,
+    "crypten": "pip install --no-deps crypten==0.4.1, after the server extra "
+               "(README, 'Installing by hand')",
+    "PIL": "pip install 'mpcvit[image]' (in a checkout: pip install -e '.[image]')",
+    "matplotlib": "pip install 'mpcvit[dev]' (in a checkout: pip install -e '.[dev]')",
+}
+
+
+def missing_extra(command: str, module: str) -> int:
+    """Say in one line which module is missing and what brings it; the exit code."""
+    top = module.split(".", 1)[0]
+    print(f"mpcvit {command}: needs the Python module {top!r}, which is not installed: "
+          f"{INSTALL_HINTS[top]}", file=sys.stderr)
+    return EXIT_MISSING_EXTRA
+
+
+def _first_missing(command: str) -> str | None:
+    for module in NEEDS.get(command, ()):
+        try:
+            if importlib.util.find_spec(module) is None:
+                return module
+        except ImportError:  # a broken or blocked install counts as missing
+            return module
+    return None
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -58,9 +99,17 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_parser(name, help=importlib.import_module(module_name).HELP)
         parser.parse_args(argv)
         return 2
-    args = build_parser(only).parse_args(argv)
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    missing = None if wants_help else _first_missing(only)
+    if missing is not None:
+        return missing_extra(only, missing)
     try:
+        args = build_parser(only).parse_args(argv)
         return int(args._module.run(args) or 0)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".", 1)[0] not in INSTALL_HINTS:
+            raise
+        return missing_extra(only, exc.name or "")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

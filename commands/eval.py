@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate the first N test images (default: all; --secure: 20)")
     parser.add_argument("--secure", action="store_true",
-                        help="also run the images through the 2-party secure service")
+                        help="also run the images through the 2-party secure service: starts "
+                             "its own dealer and two parties on 127.0.0.1 for the run")
     parser.add_argument("--provider", choices=["dealer", "tfp"], default="dealer",
                         help="correlated randomness for --secure (tfp is insecure)")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
@@ -80,6 +81,12 @@ def secure_run(model, ckpt: Path | None, images: np.ndarray, provider: str,
             ckpt = Path(tmp) / "model.pt"
             save_checkpoint(model, ckpt)
         cluster = LocalCluster(Path(tmp) / "cluster", model=str(ckpt), provider=provider)
+        started = "a dealer, " if provider == "dealer" else ""
+        progress(f"starting its own {started}party 0 and party 1 as local processes "
+                 f"(party 0 {cluster.address(0)}, party 1 {cluster.address(1)}"
+                 + (f", dealer {cluster.address('dealer')}" if started else "")
+                 + f"; logs in {cluster.workdir}); they stop when this run ends, and no "
+                 "running server is used")
         cluster.start()
         try:
             cluster.wait_ready(600)

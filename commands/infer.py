@@ -1,77 +1,169 @@
 """``mpcvit infer --config deploy/client.yaml IMAGE...``: classify images privately.
 
-IMAGE is a file (.npy uint8, .pgm/.ppm, .png/.jpg with Pillow) or
+IMAGE is a picture file (PNG, JPEG, WebP, BMP, GIF, TIFF with Pillow, the ``image``
+extra; PGM/PPM and NPY without it) of any size and colour, or
 ``fashion-mnist:test:INDEX`` (also ``fashion-mnist:test:START-END``) to pick real
-Fashion-MNIST test images, whose true labels are then printed too.  Torch-free: only the
-client SDK, numpy, grpcio, protobuf and PyYAML.
+Fashion-MNIST test images, whose true labels are then printed too.  Each result, or each
+image's error, is printed as it comes; one bad image does not stop the others.
+Torch-free: only the client SDK, numpy, grpcio, protobuf and PyYAML (and Pillow).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+import warnings
 from typing import Any
 
 HELP = "classify images privately with the two party servers (client)"
 
+#: Exit codes of ``mpcvit infer`` (also in docs/service.md).
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad arguments or client config (argparse's code too)
+EXIT_SOME_FAILED = 3  # some images failed (unreadable, too large, refused); the rest printed
+EXIT_PARTIES = 4  # parties unreachable, not mpcvit parties, not ready in time, or lost
+
+EPILOG = """\
+exit codes:
+  0  every image was classified
+  2  bad arguments or client config
+  3  some images failed (unreadable, too large, not convertible, or refused by a
+     party); the others were classified and printed
+  4  the parties could not be used: nothing answered at an address, the server
+     there is not an mpcvit party (e.g. the dealer's port), they were not ready
+     within wait_ready, or a party failed during the run
+  5  a module that an extra brings is missing (any mpcvit command; the message
+     names the extra).  Without Pillow a PNG/JPEG is one failed image (3).
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="client YAML (deploy/client.yaml)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("--config", required=True,
+                        help="client YAML (deploy/client.yaml; deploy/local/client.yaml for "
+                             "servers on this machine)")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
-                        help="image file or fashion-mnist:test:INDEX[-END]")
+                        help="picture file (any size and colour) or fashion-mnist:test:INDEX[-END]")
     parser.add_argument("--top-k", type=int, help="classes to print per image")
     parser.add_argument("--batch", action="store_true",
                         help="send all images in one request instead of one by one")
+    parser.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                        help="negate grey values for a 1-channel model: auto (default) when "
+                             "a picture to resize has a light border, as Fashion-MNIST was made")
 
 
-def wait_until_ready(client, seconds: float) -> Any:
-    """Poll ModelInfo until both parties are ready (their start-up session is done)."""
-    from mpcvit.party.client import ClientError, PartyUnavailable, RequestTimeout
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
-    deadline = time.monotonic() + seconds
-    while True:
+
+class Report:
+    """Prints each result or error as it comes and counts them."""
+
+    def __init__(self, info: Any, top_k: int) -> None:
+        self.info = info
+        self.top_k = top_k
+        self.failed = self.correct = self.known = 0
+
+    def error(self, name: str, exc: Exception) -> None:
+        self.failed += 1
+        message = _message(exc)
+        _say(f"mpcvit infer: {message if message.startswith(name) else f'{name}: {message}'}")
+
+    def result(self, name: str, label: int | None, p: Any) -> None:
+        names = self.info.class_names
+        tops = ", ".join(f"{cls} {prob:.3f}" for _, cls, prob in p.top_k(self.top_k))
+        truth = ""
+        if label is not None:
+            self.known += 1
+            self.correct += int(p.label == label)
+            truth = f" true={names[label]}"
+        print(f"{name}:{truth} predicted={names[p.label]} | top{self.top_k}: {tops} | "
+              f"{p.seconds:.2f} s, {p.megabytes:.1f} MB, {p.rounds} rounds", flush=True)
+
+
+def _message(exc: Exception) -> str:
+    from mpcvit.party.client import ClientError
+
+    if isinstance(exc, ClientError) and exc.party is not None:
+        return f"{type(exc).__name__}: {exc}"
+    return str(exc)
+
+
+def _image_failure(exc: Exception) -> bool:
+    """Errors that concern one image only: report it and go on with the next."""
+    from mpcvit.party.client import InvalidInput, RequestAborted, RequestTimeout, RequestTooLarge
+    from mpcvit.party.images import ImageError
+
+    return isinstance(exc, (ImageError, InvalidInput, RequestTooLarge, RequestTimeout,
+                            RequestAborted))
+
+
+def classify(client: Any, pending: list[Any], report: Report, *, batch: bool,
+             invert: bool | None) -> int:
+    """Classify ``pending`` images one by one (or in one request); return an exit code."""
+    from mpcvit.party.client import ClientError
+
+    info = report.info
+    loaded = []
+    for i, item in enumerate(pending):
         try:
-            return client.model_info(refresh=True)
-        except (PartyUnavailable, RequestTimeout) as exc:
-            if time.monotonic() >= deadline:
-                raise ClientError(f"parties not ready after {seconds:g} s: {exc}") from None
-            time.sleep(0.5)
+            x = info.preprocess(item.load(), invert=invert, name=item.name)
+            if batch:
+                loaded.append((item, x))
+                continue
+            report.result(item.name, item.label, client.infer(x, preprocessed=True))
+        except ClientError as exc:
+            if not _image_failure(exc):
+                report.error(item.name, exc)
+                left = len(pending) - i - 1
+                if left:
+                    _say(f"mpcvit infer: stopped; {left} image(s) not sent")
+                return EXIT_PARTIES
+            report.error(item.name, exc)
+        except ValueError as exc:  # ImageError: unreadable or unconvertible picture
+            report.error(item.name, exc)
+    if batch and loaded:
+        try:
+            preds = client.infer_batch([x for _, x in loaded], preprocessed=True)
+        except ClientError as exc:
+            report.error(f"batch of {len(loaded)}", exc)
+            return EXIT_SOME_FAILED if _image_failure(exc) else EXIT_PARTIES
+        for (item, _), p in zip(loaded, preds, strict=True):
+            report.result(item.name, item.label, p)
+    return EXIT_SOME_FAILED if report.failed else EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:
     from mpcvit.party.client import ClientError
     from mpcvit.party.client_config import ClientConfig
-    from mpcvit.party.images import load_images
+    from mpcvit.party.images import WORK_FACTOR, iter_images
 
+    # Pillow's own size warning: pictures over the limit are refused with a clear message.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     try:
         config = ClientConfig.from_yaml(args.config)
-        images = load_images(args.images)
+        client = config.client()
     except (ValueError, OSError) as exc:
-        print(f"mpcvit infer: {exc}", file=sys.stderr)
-        return 2
-    top_k = args.top_k or config.top_k
-    correct = known = 0
-    try:
-        with config.client() as client:
-            info = wait_until_ready(client, config.wait_ready)
-            print(f"model {info.name}: input {info.input_shape}, {info.num_classes} classes, "
-                  f"{info.precision_bits}-bit fixed point")
-            if args.batch:
-                predictions = client.infer_batch([im.pixels for im in images])
-            else:
-                predictions = [client.infer(im.pixels) for im in images]
-    except ClientError as exc:
-        print(f"mpcvit infer: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    for im, p in zip(images, predictions, strict=True):
-        tops = ", ".join(f"{name} {prob:.3f}" for _, name, prob in p.top_k(top_k))
-        truth = ""
-        if im.label is not None:
-            known += 1
-            correct += int(p.label == im.label)
-            truth = f" true={info.class_names[im.label]}"
-        print(f"{im.name}:{truth} predicted={info.class_names[p.label]} | top{top_k}: {tops} | "
-              f"{p.seconds:.2f} s, {p.megabytes:.1f} MB, {p.rounds} rounds")
-    if known:
-        print(f"accuracy {correct}/{known}")
-    return 0
+        print(f"mpcvit infer: {args.config}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    invert = {"auto": None, "yes": True, "no": False}[args.invert]
+    with client:
+        try:
+            info = client.wait_ready(config.wait_ready, connect_timeout=config.connect_timeout,
+                                     progress=_say)
+        except ClientError as exc:
+            print(f"mpcvit infer: {exc}", file=sys.stderr)
+            return EXIT_PARTIES
+        print(f"model {info.name}: input {info.input_shape}, {info.num_classes} classes, "
+              f"{info.precision_bits}-bit fixed point", flush=True)
+        c, h, w = info.input_shape
+        pending = list(iter_images(args.images, max_pixels=config.max_pixels,
+                                   draft=(WORK_FACTOR * h, WORK_FACTOR * w)))
+        report = Report(info, args.top_k or config.top_k)
+        code = classify(client, pending, report, batch=args.batch, invert=invert)
+    if report.known:
+        print(f"accuracy {report.correct}/{report.known}")
+    if report.failed:
+        _say(f"mpcvit infer: {report.failed} of {len(pending)} image(s) failed")
+    return code

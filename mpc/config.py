@@ -24,31 +24,50 @@ RECONNECT_OPTIONS: list[tuple[str, Any]] = [
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """PEM files for mutual TLS: the CA that signs every party, and this node's pair.
+    """PEM files for mutual TLS: the CA that signs parties and dealer, and this node's pair.
 
-    ``server_name`` overrides the name checked in the peer's certificate (useful when
-    peers are reached by IP address).
+    ``client_ca`` (a party's server only): the CA that signs client certificates, when
+    clients have their own; the party's port then trusts both, and the role checks
+    (:mod:`mpcvit.mpc.roles`) demand that each role was signed by its own CA.
+    ``allowed_clients``: the client names a party serves (None: any client of the CA).
+    Whoever dials a party or the dealer checks the role name that node's certificate
+    carries (``Role.server_name``, e.g. ``party1.role.mpcvit.invalid``), not the address
+    dialled: a certificate of another role cannot answer.  ``server_name`` replaces that
+    name, for certificates made without role names (the check is then the host name's).
     """
 
     ca: str
     cert: str
     key: str
     server_name: str | None = None
+    client_ca: str | None = None
+    allowed_clients: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        names = self.allowed_clients
+        if names is None:
+            return
+        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError("tls.allowed_clients must be a list of client names")
+        object.__setattr__(self, "allowed_clients", tuple(names))
 
     def read(self) -> tuple[bytes, bytes, bytes]:
         out = []
         for what in ("ca", "cert", "key"):
-            path = Path(getattr(self, what))
-            try:
-                out.append(path.read_bytes())
-            except OSError as exc:
-                raise ConfigError(f"tls.{what}: cannot read {path}: {exc.strerror}") from exc
+            out.append(_read_pem(getattr(self, what), f"tls.{what}"))
         return out[0], out[1], out[2]
 
+    def read_client_ca(self) -> bytes | None:
+        return None if self.client_ca is None else _read_pem(self.client_ca, "tls.client_ca")
+
     def server_credentials(self):
+        """Require a client certificate signed by ``ca`` (or ``client_ca``, if set)."""
         import grpc
 
         ca, cert, key = self.read()
+        client_ca = self.read_client_ca()
+        if client_ca is not None:
+            ca = ca.rstrip(b"\n") + b"\n" + client_ca
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                            require_client_auth=True)
 
@@ -59,10 +78,11 @@ class TlsConfig:
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                             certificate_chain=cert)
 
-    def channel_options(self) -> list[tuple[str, Any]]:
-        if self.server_name:
-            return [("grpc.ssl_target_name_override", self.server_name)]
-        return []
+    def channel_options(self, expected: Any = None) -> list[tuple[str, Any]]:
+        """Channel options that make the TLS handshake check the server's role
+        (``expected``, a :class:`~mpcvit.mpc.roles.Role`) or ``server_name``."""
+        name = self.server_name or (expected.server_name if expected is not None else None)
+        return [("grpc.ssl_target_name_override", name)] if name else []
 
 
 @dataclass(frozen=True)
@@ -157,6 +177,13 @@ class LaunchConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> LaunchConfig:
         return cls.from_dict(load_yaml(path))
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

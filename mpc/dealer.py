@@ -44,6 +44,7 @@ from .errors import DealerError, DealerUnreachable
 from .protocols import compare, masked  # noqa: F401  (register their tuple kinds)
 from .protocols.masked import MaskStore
 from .protocols.tuples import KINDS, TupleRequest, kind_of
+from .roles import Allowed, Role, RoleChecker
 
 log = logging.getLogger("mpcvit.dealer")
 
@@ -127,7 +128,7 @@ class DealerProvider(TupleProvider):
         options = [("grpc.max_receive_message_length", 1 << 30),
                    ("grpc.max_send_message_length", 1 << 30), *RECONNECT_OPTIONS]
         if spec.tls is not None:
-            options += spec.tls.channel_options()
+            options += spec.tls.channel_options(Role.dealer())  # only the dealer may answer
             return grpc.secure_channel(spec.address, spec.tls.channel_credentials(), options)
         return grpc.insecure_channel(spec.address, options)
 
@@ -211,7 +212,9 @@ class DealerProvider(TupleProvider):
                     (req, kind.fold(req, kind.draw(state.generator, req, fetch),
                                     self.public_factors)))
         except BaseException:
-            state.channel.close()  # nothing prepared: do not leak the session's channel
+            # Nothing prepared: close the session (it counts against this party's cap at
+            # the dealer) and its channel.
+            self._close(state, timeout=1.0)
             raise
         state.offline_seconds = time.perf_counter() - tic
         self._prepared[session] = state
@@ -227,9 +230,22 @@ class DealerProvider(TupleProvider):
         return session in self._prepared
 
     def discard_prepared(self) -> None:
+        """Forget every prepared session, telling the dealer (it caps open sessions per
+        caller, so sessions left open would count against this party until they expire)."""
         for state in self._prepared.values():
-            state.channel.close()
+            self._close(state, timeout=1.0)
         self._prepared.clear()
+
+    @staticmethod
+    def _close(state: _PartyState, timeout: float) -> None:
+        try:
+            state.stub.CloseSession(
+                dealer_pb2.CloseSessionRequest(session=state.session, rank=state.rank),
+                timeout=timeout,
+            )
+        except grpc.RpcError:
+            pass  # the dealer forgets idle sessions on its own
+        state.channel.close()
 
     def end(self) -> None:
         state, self._state = self._state, None
@@ -237,14 +253,7 @@ class DealerProvider(TupleProvider):
             return
         self.last_trace = state.trace
         self.last_stats = self._stats(state)
-        try:
-            state.stub.CloseSession(
-                dealer_pb2.CloseSessionRequest(session=state.session, rank=state.rank),
-                timeout=5.0,
-            )
-        except grpc.RpcError:
-            pass  # the dealer forgets idle sessions on its own
-        state.channel.close()
+        self._close(state, timeout=5.0)
 
     @property
     def state(self) -> _PartyState:
@@ -363,82 +372,148 @@ class _DealerSession:
     world_size: int
     seeds: list[bytes]
     generators: list[torch.Generator]
-    handed_out: set[int] = field(default_factory=set)
+    holders: dict[int, str] = field(default_factory=dict)  # rank -> caller it went to
     closed: set[int] = field(default_factory=set)
     next_seq: int = 0
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def open_ranks(self) -> list[int]:
+        return [r for r in self.holders if r not in self.closed]
+
+
+class CallerLimit(OverflowError):
+    """One caller holds as many open sessions as it may; others are unaffected."""
+
+
+class SessionRetired(LookupError):
+    """The session id was closed or expired: ids are single-use (fresh seeds under an old
+    id would silently break a party that drew from the old ones)."""
+
 
 class DealerState:
-    """Plain-Python dealer logic (the gRPC servicer below is a thin shell over it)."""
+    """Plain-Python dealer logic (the gRPC servicer below is a thin shell over it).
 
-    def __init__(self, *, max_sessions: int = 1024, idle_ttl: float = 900.0,
-                 masks: MaskStore | None = None) -> None:
+    A caller is whoever the servicer says opened a rank (its certificate role and address,
+    or the claimed rank without TLS).  Each caller may hold ``sessions_per_caller`` ranks
+    of open sessions, the table ``max_sessions`` sessions in all; a session unused for
+    ``idle_ttl`` seconds is forgotten and its id refused from then on.
+    """
+
+    RETIRED_KEPT = 1 << 16
+
+    def __init__(self, *, max_sessions: int = 1024, sessions_per_caller: int = 32,
+                 idle_ttl: float = 60.0, masks: MaskStore | None = None,
+                 clock=time.monotonic) -> None:
         self.max_sessions = max_sessions
+        self.sessions_per_caller = sessions_per_caller
         self.idle_ttl = idle_ttl
+        self._clock = clock
         self._sessions: dict[str, _DealerSession] = {}
+        self._held: collections.Counter[str] = collections.Counter()
+        self._retired: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.masks = masks or MaskStore()
         self._lock = threading.Lock()
 
     @property
     def open_sessions(self) -> int:
         """Sessions whose seeds were handed out and not all closed yet (a metrics gauge)."""
-        return len(self._sessions)
+        with self._lock:
+            self._expire()
+            return len(self._sessions)
 
     @property
     def weight_masks(self) -> int:
         """Weight masks kept for loaded models (a metrics gauge)."""
-        return len(self._masks)
+        return len(self.masks)
+
+    def held_by(self, caller: str) -> int:
+        """Ranks of open sessions ``caller`` holds (what its cap counts)."""
+        with self._lock:
+            self._expire()
+            return self._held[caller]
+
+    def _retire(self, sid: str, why: str) -> None:
+        s = self._sessions.pop(sid)
+        for rank in s.open_ranks():
+            self._held[s.holders[rank]] -= 1
+            if self._held[s.holders[rank]] <= 0:
+                del self._held[s.holders[rank]]
+        self._retired[sid] = why
+        while len(self._retired) > self.RETIRED_KEPT:
+            self._retired.popitem(last=False)
 
     def _expire(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         for sid in [k for k, s in self._sessions.items() if now - s.last_used > self.idle_ttl]:
-            del self._sessions[sid]
+            self._retire(sid, "expired")
 
-    def open(self, session: str, rank: int, world_size: int) -> bytes:
+    def _new_session(self, session: str, world_size: int) -> _DealerSession:
+        if session in self._retired:
+            raise SessionRetired(f"dealer session {session[:40]!r} was "
+                                 f"{self._retired[session]}: session ids are single-use")
+        if len(self._sessions) >= self.max_sessions:
+            raise OverflowError("too many open dealer sessions")
+        seeds = [os.urandom(8) for _ in range(world_size)]
+        gens = []
+        for seed in seeds:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(int.from_bytes(seed, "little"))
+            gens.append(g)
+        s = _DealerSession(world_size, seeds, gens, last_used=self._clock())
+        self._sessions[session] = s
+        return s
+
+    def open(self, session: str, rank: int, world_size: int, caller: str | None = None) -> bytes:
+        """Hand ``rank``'s seed of ``session`` to ``caller`` (once per rank)."""
         if not session or len(session) > 128:
             raise ValueError("session id must be 1..128 characters")
         if not 2 <= world_size <= 16 or not 0 <= rank < world_size:
             raise ValueError(f"bad rank {rank} / world size {world_size}")
+        caller = caller or f"rank {rank}"
         with self._lock:
             self._expire()
             s = self._sessions.get(session)
-            if s is None:
-                if len(self._sessions) >= self.max_sessions:
-                    raise OverflowError("too many open dealer sessions")
-                seeds = [os.urandom(8) for _ in range(world_size)]
-                gens = []
-                for seed in seeds:
-                    g = torch.Generator(device="cpu")
-                    g.manual_seed(int.from_bytes(seed, "little"))
-                    gens.append(g)
-                s = _DealerSession(world_size, seeds, gens)
-                self._sessions[session] = s
-            if s.world_size != world_size:
-                raise ValueError("world size differs from the session's")
-            if rank in s.handed_out:
+            if s is not None and rank in s.holders:
                 # A seed goes to one party once: a second asker could be anyone.
                 raise PermissionError(f"rank {rank}'s seed was already handed out")
-            s.handed_out.add(rank)
-            s.last_used = time.monotonic()
+            if self._held[caller] >= self.sessions_per_caller:
+                raise CallerLimit(
+                    f"{caller} holds {self._held[caller]} open dealer sessions, the most one "
+                    f"caller may; close sessions or wait for idle ones to expire "
+                    f"({self.idle_ttl:g} s)")
+            if s is None:
+                s = self._new_session(session, world_size)
+            if s.world_size != world_size:
+                raise ValueError("world size differs from the session's")
+            s.holders[rank] = caller
+            self._held[caller] += 1
+            s.last_used = self._clock()
             return s.seeds[rank]
 
-    def close(self, session: str, rank: int) -> None:
+    def close(self, session: str, rank: int, caller: str | None = None) -> None:
+        """``caller`` is done with ``rank`` of ``session`` (unknown sessions: nothing to do)."""
+        caller = caller or f"rank {rank}"
         with self._lock:
             s = self._sessions.get(session)
-            if s is None:
+            if s is None or rank in s.closed or s.holders.get(rank) != caller:
                 return
             s.closed.add(rank)
+            self._held[caller] -= 1
+            if self._held[caller] <= 0:
+                del self._held[caller]
             if len(s.closed) == s.world_size:
-                del self._sessions[session]
+                self._retire(session, "closed")
 
-    def correction(self, msg: dealer_pb2.CorrectionRequest) -> torch.Tensor:
-        """Party 0's share of one tuple's dependent value."""
+    def correction(self, msg: dealer_pb2.CorrectionRequest,
+                   caller: str | None = None) -> torch.Tensor:
+        """Party 0's share of one tuple's dependent value (only to whoever holds rank 0)."""
         with self._lock:
             s = self._sessions.get(msg.session)
         if s is None:
             raise KeyError(f"unknown dealer session {msg.session!r}")
+        if caller is not None and s.holders.get(0) != caller:
+            raise PermissionError("only the holder of the session's rank 0 gets corrections")
         if msg.kind not in KINDS:
             raise ValueError(f"unknown correction kind {msg.kind!r}")
         req = request_from(msg)
@@ -448,45 +523,74 @@ class DealerState:
             if msg.seq != s.next_seq:
                 raise ValueError(f"request {msg.seq} out of order (expected {s.next_seq})")
             s.next_seq += 1
-            s.last_used = time.monotonic()
+            s.last_used = self._clock()
             return kind.correction(s.generators, req, self)
 
 
-class DealerService(dealer_pb2_grpc.DealerServiceServicer):
-    """gRPC face of :class:`DealerState`: maps bad requests to clear status codes."""
+def _peer_host(context) -> str:
+    """The caller's address without its port (``ipv4:10.0.0.5:4711`` -> ``10.0.0.5``)."""
+    peer = context.peer() or "unknown"
+    kind, _, rest = peer.partition(":")
+    return rest.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else peer
 
-    def __init__(self, state: DealerState | None = None) -> None:
+
+class DealerService(dealer_pb2_grpc.DealerServiceServicer):
+    """gRPC face of :class:`DealerState`: checks each caller's role (parties only, each
+    as its own rank; corrections to party 0 only) and maps bad requests to clear status
+    codes."""
+
+    def __init__(self, state: DealerState | None = None,
+                 roles: RoleChecker | None = None) -> None:
         self.state = state or DealerState()
+        self.roles = roles or RoleChecker(None)
+
+    def _caller(self, context, rank: int, allowed: Allowed) -> str:
+        """Who is asking as ``rank``: its role (checked) at its address."""
+        role = self.roles.check(context, allowed)
+        if role is not None and role.rank != rank:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"permission denied: the caller's certificate is {role}, "
+                          f"which cannot act as party/{rank}")
+        who = str(role) if role is not None else f"rank {rank} (unauthenticated)"
+        return f"{who}@{_peer_host(context)}"
 
     def OpenSession(self, request, context):  # noqa: N802
+        caller = self._caller(context, request.rank, Allowed.parties())
         try:
-            seed = self.state.open(request.session, request.rank, request.world_size)
+            seed = self.state.open(request.session, request.rank, request.world_size, caller)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except PermissionError as exc:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except SessionRetired as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except OverflowError as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         log.info("session %s: seed handed to rank %d", request.session[:12], request.rank)
         return dealer_pb2.OpenSessionReply(seed=seed)
 
-    def _one(self, request, context) -> dealer_pb2.CorrectionReply:
+    def _one(self, request, context, caller: str) -> dealer_pb2.CorrectionReply:
         try:
-            share = self.state.correction(request)
+            share = self.state.correction(request, caller)
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        except PermissionError as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except (ValueError, TypeError, RuntimeError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return dealer_pb2.CorrectionReply(share=_tensor_msg(share))
 
     def Correction(self, request, context):  # noqa: N802
-        return self._one(request, context)
+        return self._one(request, context, self._caller(context, 0, Allowed.parties(0)))
 
     def CorrectionBatch(self, request, context):  # noqa: N802
-        return dealer_pb2.PrepareReply(replies=[self._one(r, context) for r in request.requests])
+        caller = self._caller(context, 0, Allowed.parties(0))
+        return dealer_pb2.PrepareReply(
+            replies=[self._one(r, context, caller) for r in request.requests])
 
     def CloseSession(self, request, context):  # noqa: N802
-        self.state.close(request.session, request.rank)
+        caller = self._caller(context, request.rank, Allowed.parties())
+        self.state.close(request.session, request.rank, caller)
         return dealer_pb2.CloseSessionReply()
 
 
@@ -505,7 +609,8 @@ def serve_dealer(
                  ("grpc.max_receive_message_length", 16 << 20)],
         interceptors=list(interceptors),
     )
-    dealer_pb2_grpc.add_DealerServiceServicer_to_server(DealerService(state), server)
+    dealer_pb2_grpc.add_DealerServiceServicer_to_server(
+        DealerService(state, RoleChecker.from_tls(tls)), server)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     name = dealer_pb2.DESCRIPTOR.services_by_name["DealerService"].full_name

@@ -37,6 +37,7 @@ from google.protobuf.message import DecodeError
 from ..proto.generated import peer_pb2, peer_pb2_grpc
 from .config import RECONNECT_OPTIONS, Timeouts, TlsConfig
 from .errors import PeerAborted, PeerDisconnected, PeerError, PeerTimeout, ProtocolViolation
+from .roles import Allowed, Role, RoleChecker
 
 log = logging.getLogger("mpcvit.transport")
 
@@ -215,6 +216,9 @@ class _PeerServicer(peer_pb2_grpc.PeerServiceServicer):
 
     def Stream(self, request_iterator, context):  # noqa: N802 (gRPC method name)
         t = self._t
+        # Only another party may stream to us, and only as the rank its certificate states.
+        role = t.roles.check(context, Allowed.parties(*(r for r in range(t.world_size)
+                                                        if r != t.rank)))
         try:
             hello = next(request_iterator)
         except StopIteration:
@@ -226,6 +230,10 @@ class _PeerServicer(peer_pb2_grpc.PeerServiceServicer):
             or hello.src == t.rank
         ):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "bad peer hello")
+        if role is not None and hello.src != role.rank:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"permission denied: HELLO claims party/{hello.src}, the caller's "
+                          f"certificate is {role}")
         src, incarnation = hello.src, hello.incarnation
         stream = t.mailbox.peer_connected(src, incarnation)
         log.info("peer %d connected (incarnation %s)", src, incarnation[:8])
@@ -270,7 +278,7 @@ class _OutboundLink:
         t = transport
         options = grpc_message_options(t.chunk_bytes)
         if t.tls is not None:
-            options += t.tls.channel_options()
+            options += t.tls.channel_options(Role.party(dst))  # only party dst may answer
             self.channel = grpc.secure_channel(address, t.tls.channel_credentials(), options)
         else:
             self.channel = grpc.insecure_channel(address, options)
@@ -358,6 +366,7 @@ class PeerTransport:
         self.rank = rank
         self.world_size = world_size
         self.tls = tls
+        self.roles = RoleChecker.from_tls(tls)  # who may open a PeerService stream
         self.timeouts = timeouts or Timeouts()
         self.chunk_bytes = chunk_bytes
         self.cluster = cluster

@@ -5,7 +5,8 @@ environment variables so the same files serve Docker Compose (service host names
 local runs (127.0.0.1 and free ports): ``MPCVIT_LISTEN``, ``MPCVIT_PEER``,
 ``MPCVIT_DEALER``, ``MPCVIT_MODEL``, ``MPCVIT_PROVIDER``; ``MPCVIT_TLS_DIR`` turns on
 mutual TLS with ``ca.pem`` and ``<role>.pem``/``<role>.key`` from that directory (the
-layout ``mpcvit certs`` writes; roles dealer, party0, party1, client).  ``{ordinal}`` in
+layout ``mpcvit certs`` writes; roles dealer, party0, party1, client; a party also trusts
+``client-ca.pem`` there, if present).  ``{ordinal}`` in
 a party's addresses becomes its StatefulSet replica ordinal (see ``ordinal.py``).
 """
 
@@ -161,7 +162,7 @@ class PartyConfig:
             raise ConfigError(f"unknown party config keys: {sorted(unknown)}")
         if "rank" not in data:
             raise ConfigError("party config needs 'rank'")
-        tls = _tls(data.get("tls")) or tls_from_dir(env, f"party{int(data['rank'])}")
+        tls = _tls(data.get("tls"), env, f"party{int(data['rank'])}")
         raw_timeouts = dict(data.get("timeouts") or {})
         service_keys = {"pairing", "request", "peer_connect"}
         service_timeouts = ServiceTimeouts(
@@ -204,6 +205,39 @@ class PartyConfig:
 
 
 @dataclass(frozen=True)
+class DealerLimits:
+    """How many dealer sessions may be open, and for how long an idle one is kept.
+
+    ``sessions_per_caller`` bounds the sessions one caller (a party's certificate role at
+    one address) holds open, so one caller cannot fill the table for the others.  A party
+    holds its ``limits.offline_sessions`` prepared sessions plus the running one; a
+    restarted party may still hold its previous life's for up to ``idle_ttl``, so keep the
+    cap above twice ``offline_sessions`` + 2.  ``idle_ttl`` (seconds) must exceed the
+    longest pause between one party's dealer calls inside a session; sessions prepared
+    offline may expire sooner than they run: the parties no longer need the dealer then.
+    """
+
+    max_sessions: int = 1024
+    sessions_per_caller: int = 32
+    idle_ttl: float = 60.0
+
+    def __post_init__(self) -> None:
+        if int(self.max_sessions) < 1 or int(self.sessions_per_caller) < 1:
+            raise ConfigError("limits.max_sessions and limits.sessions_per_caller must be >= 1")
+        if not float(self.idle_ttl) > 0:
+            raise ConfigError("limits.idle_ttl must be positive (seconds)")
+
+    @classmethod
+    def from_value(cls, value: Any) -> DealerLimits:
+        if not value:
+            return cls()
+        if not isinstance(value, dict) or set(value) - {"max_sessions", "sessions_per_caller",
+                                                        "idle_ttl"}:
+            raise ConfigError("dealer limits take max_sessions, sessions_per_caller, idle_ttl")
+        return cls(**value)
+
+
+@dataclass(frozen=True)
 class DealerConfig:
     listen: str
     tls: TlsConfig | None = None
@@ -211,6 +245,7 @@ class DealerConfig:
     log_level: str = "INFO"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health_port: int = 0  # see side_ports
+    limits: DealerLimits = field(default_factory=DealerLimits)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], env: dict[str, str] | None = None) -> DealerConfig:
@@ -219,13 +254,17 @@ class DealerConfig:
         if env.get("MPCVIT_LISTEN"):
             data["listen"] = env["MPCVIT_LISTEN"]
         unknown = set(data) - {"listen", "tls", "log_format", "log_level", "metrics",
-                               "health_port"}
+                               "health_port", "limits"}
         if unknown:
             raise ConfigError(f"unknown dealer config keys: {sorted(unknown)}")
-        return cls(listen=str(data.get("listen", "0.0.0.0:50050")),
-                   tls=_tls(data.get("tls")) or tls_from_dir(env, "dealer"),
+        tls = _tls(data.get("tls"), env, "dealer")
+        if tls is not None and (tls.client_ca or tls.allowed_clients is not None):
+            raise ConfigError("the dealer serves no clients: tls.client_ca and "
+                              "tls.allowed_clients belong in a party's config")
+        return cls(listen=str(data.get("listen", "0.0.0.0:50050")), tls=tls,
                    log_format=str(data.get("log_format", "json")),
-                   log_level=str(data.get("log_level", "INFO")), **side_ports(data))
+                   log_level=str(data.get("log_level", "INFO")),
+                   limits=DealerLimits.from_value(data.get("limits")), **side_ports(data))
 
     @classmethod
     def from_yaml(cls, path: str | Path, env: dict[str, str] | None = None) -> DealerConfig:
@@ -237,18 +276,37 @@ def listen_host(listen: str) -> str:
     return listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
 
 
-def _tls(value: Any) -> TlsConfig | None:
+TLS_FILES = ("ca", "cert", "key")
+TLS_KEYS = {*TLS_FILES, "server_name", "client_ca", "allowed_clients"}
+
+
+def _tls(value: Any, env: dict[str, str] | os._Environ, role: str) -> TlsConfig | None:
+    """The ``tls:`` mapping; without its three files, those of ``$MPCVIT_TLS_DIR``
+    (so a file may set only ``allowed_clients`` and take the files from the directory)."""
+    from_dir = tls_from_dir(env, role)
     if not value:
-        return None
-    if not isinstance(value, dict) or not {"ca", "cert", "key"} <= set(value):
-        raise ConfigError("tls needs ca, cert and key paths")
-    return TlsConfig(**value)
+        return from_dir
+    if not isinstance(value, dict) or set(value) - TLS_KEYS:
+        raise ConfigError(f"tls takes {sorted(TLS_KEYS)}")
+    files = set(TLS_FILES) & set(value)
+    if files and files != set(TLS_FILES):
+        raise ConfigError("tls needs ca, cert and key paths together")
+    if files:
+        return TlsConfig(**value)
+    if from_dir is None:
+        raise ConfigError("tls without ca, cert and key needs MPCVIT_TLS_DIR")
+    return replace(from_dir, **value)
 
 
 def tls_from_dir(env: dict[str, str] | os._Environ, role: str) -> TlsConfig | None:
-    """mTLS files of ``role`` from ``$MPCVIT_TLS_DIR`` (None when the variable is unset)."""
+    """mTLS files of ``role`` from ``$MPCVIT_TLS_DIR`` (None when the variable is unset).
+
+    A party also trusts ``client-ca.pem`` there, if present (clients with their own CA)."""
     directory = env.get(ENV_TLS_DIR)
     if not directory:
         return None
     d = Path(directory)
-    return TlsConfig(ca=str(d / "ca.pem"), cert=str(d / f"{role}.pem"), key=str(d / f"{role}.key"))
+    client_ca = d / "client-ca.pem"
+    return TlsConfig(ca=str(d / "ca.pem"), cert=str(d / f"{role}.pem"), key=str(d / f"{role}.key"),
+                     client_ca=str(client_ca) if role.startswith("party") and client_ca.is_file()
+                     else None)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -438,8 +439,10 @@ class Leader(_Base):
         self._counter = 0
 
     def _session_id(self, kind: str) -> str:
+        # 128 random bits: nobody can name a session (and ask the dealer for its seeds)
+        # before the parties use it; the kind prefix only helps reading logs.
         self._counter += 1
-        return f"{kind}-{self.epoch}-{self._counter}"
+        return f"{kind}-{secrets.token_hex(16)}"
 
     # -- receiver side -------------------------------------------------------------------
     def _handle(self, kind: str, msg: peer_pb2.Control, generation: int) -> None:

@@ -3,11 +3,15 @@ side ports, the plaintext probe port and the Prometheus endpoint (see ``config.p
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from grpc_health.v1 import health
 
 from .config import DealerConfig, listen_host
 from .probes import mark_alive, serve_probe_port
+
+log = logging.getLogger("mpcvit.dealer")
 
 
 class DealerServer:
@@ -18,7 +22,10 @@ class DealerServer:
 
         self.config = config
         self.listen = listen or config.listen
-        self.state = DealerState()
+        limits = config.limits
+        self.state = DealerState(max_sessions=limits.max_sessions,
+                                 sessions_per_caller=limits.sessions_per_caller,
+                                 idle_ttl=limits.idle_ttl)
         self.health = health.HealthServicer()
         self.metrics = None
         if config.metrics.enabled:
@@ -31,7 +38,10 @@ class DealerServer:
     def start(self) -> int:
         """Bind every port and start serving; return the dealer's port."""
         from mpcvit.mpc.dealer import serve_dealer
+        from mpcvit.mpc.roles import warn_unchecked
 
+        if self.config.tls is None:
+            warn_unchecked(log, "dealer")
         interceptors = (self.metrics.interceptor(),) if self.metrics is not None else ()
         self.server, port = serve_dealer(self.listen, self.config.tls, state=self.state,
                                          health_servicer=self.health,

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from mpcvit.mpc.errors import PeerError, PeerTimeout
+from mpcvit.mpc.roles import Allowed, RoleChecker, warn_unchecked
 from mpcvit.mpc.transport import PeerTransport
 from mpcvit.proto.generated import inference_pb2, inference_pb2_grpc, peer_pb2
 
@@ -161,6 +162,8 @@ class PartyServer:
     def start(self) -> int:
         """Bind the port, start serving and the coordinator; return the bound port."""
         cfg = self.config
+        if cfg.tls is None:
+            warn_unchecked(log, f"party{cfg.rank}")
         limit = cfg.limits.max_request_bytes + (64 << 10)
         options = self.transport.server_options()
         options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
@@ -181,8 +184,10 @@ class PartyServer:
                                   interceptors=[self.metrics.interceptor()] if self.metrics
                                   else None)
         self.transport.add_to_server(self.server)
+        allowed = Allowed.clients(cfg.tls.allowed_clients if cfg.tls is not None else None)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.service), self.server)
+            InferenceServicer(self.service, RoleChecker.from_tls(cfg.tls), allowed),
+            self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import grpc
 import numpy as np
+from mpcvit.mpc.roles import Allowed, RoleChecker
 from mpcvit.proto.generated import inference_pb2, inference_pb2_grpc
 
 from . import shares
@@ -78,7 +79,8 @@ class PartyService:
             num_classes=facts.num_classes, class_names=list(facts.class_names),
             precision_bits=self.precision_bits, mean=list(facts.mean), std=list(facts.std),
             max_request_bytes=self.limits.max_request_bytes,
-            max_batch=self.limits.max_inputs_per_request, party=self.rank,
+            max_inputs_per_request=self.limits.max_inputs_per_request,
+            max_session_batch=self.limits.max_batch, party=self.rank,
             ready=bool(self._ready()), models=[facts.name],
         )
 
@@ -157,12 +159,20 @@ def _abort(context: grpc.ServicerContext, err: ServiceError) -> None:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """gRPC face of :class:`PartyService` (maps ServiceError to status codes)."""
+    """gRPC face of :class:`PartyService` (maps ServiceError to status codes).
 
-    def __init__(self, service: PartyService) -> None:
+    Only clients may call it (``mpcvit://client/*``, or the names in ``allowed``): a party
+    or the dealer has no business sending images, and a party that could would see both
+    halves of what it sent."""
+
+    def __init__(self, service: PartyService, roles: RoleChecker | None = None,
+                 allowed: Allowed | None = None) -> None:
         self.service = service
+        self.roles = roles or RoleChecker(None)
+        self.allowed = allowed or Allowed.clients()
 
     def Infer(self, request, context):  # noqa: N802 (gRPC method name)
+        self.roles.check(context, self.allowed)
         started = time.monotonic()
         n = len(request.inputs)
         try:
@@ -177,6 +187,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return response
 
     def GetModelInfo(self, request, context):  # noqa: N802
+        self.roles.check(context, self.allowed)
         try:
             return self.service.model_info(request)
         except ServiceError as err:

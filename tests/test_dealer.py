@@ -119,7 +119,9 @@ def test_weight_masks_serve_products_with_the_kept_mask():
     g0, g1 = _parties(state, "load")
     size = (5, 3)
     b = [generate_random_ring_element(size, generator=g) for g in (g0, g1)]
+    assert state.weight_masks == 0
     handle = state.correction(_req("load", "mask", size, seq=0))
+    assert state.weight_masks == 1  # the metrics gauge counts what the store keeps
     key = "".join(f"{int(v) & (2**64 - 1):016x}" for v in handle)
     state.close("load", 0)
     state.close("load", 1)

@@ -25,7 +25,7 @@ from mpcvit.party.config import DealerConfig, MetricsConfig, PartyConfig, tls_fr
 from mpcvit.party.ordinal import expand_ordinal, pod_ordinal
 
 REPO = Path(__file__).resolve().parent.parent
-K8S = REPO / "deploy" / "k8s"
+K8S = REPO / "deploy" / "k8s" / "overlays"
 OVERLAYS = ("party0", "party1", "dealer")
 SCHEMA_VERSIONS = ("1.28.0", "1.37.0")  # pod-index label (1.28) .. newest bundled
 
@@ -255,7 +255,7 @@ def test_dealer_overlay_structure() -> None:
 
 
 def test_peer_address_is_a_parameter_of_the_overlay(tmp_path) -> None:
-    """Across clusters: an organisation's own overlay on top of deploy/k8s/party0 sets the
+    """Across clusters: an organisation's own overlay on top of deploy/k8s/overlays/party0 sets the
     peer's published names (docs/deploy.md) with a ConfigMap merge."""
     base = os.path.relpath(K8S / "party0", tmp_path)
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({

@@ -4,6 +4,7 @@ restarted.  Real processes, real gRPC with TLS, real CrypTen with the dealer."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -11,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from mpcvit.mpc.certs import generate_pki
+from mpcvit.mpc.roles import Role
 from mpcvit.party.client import (
     ClientTls,
     PartyUnavailable,
@@ -25,7 +27,8 @@ NODES = ["dealer", "party0", "party1", "client"]
 
 
 def tls_dict(cfg) -> dict:
-    return {"ca": cfg.ca, "cert": cfg.cert, "key": cfg.key}
+    # client_ca: a party also trusts the client CA (clients have their own)
+    return {k: getattr(cfg, k) for k in ("ca", "cert", "key", "client_ca") if getattr(cfg, k)}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +121,9 @@ def test_party_killed_mid_request_then_restarted(tls_cluster, pki, victim) -> No
                         grpc.StatusCode.CANCELLED)
     # The survivor keeps serving model info while its peer is down.
     survivor = 1 - victim
-    with PrivateInferenceClient([tls_cluster.address(survivor)] * 2, tls=tls,
+    # (One party dialled alone: the SDK's role check must expect the survivor's role.)
+    alone = dataclasses.replace(tls, server_name=Role.party(survivor).server_name)
+    with PrivateInferenceClient([tls_cluster.address(survivor)] * 2, tls=alone,
                                 timeout=10) as one:
         stub_info = one._call_both  # noqa: F841 - the plain RPC below is enough
         from mpcvit.proto.generated import inference_pb2

@@ -35,7 +35,8 @@ class RecordingParty(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.ModelInfo(
             name="m", input_shape=[1, 28, 28], num_classes=10, precision_bits=16,
             mean=[0.2860], std=[0.3530], class_names=[str(i) for i in range(10)],
-            max_request_bytes=1 << 20, max_batch=8, party=self.rank, ready=True, models=["m"])
+            max_request_bytes=1 << 20, max_inputs_per_request=8, party=self.rank, ready=True,
+            models=["m"])
 
     def Infer(self, request, context):  # noqa: N802
         with self.lock:

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from mpcvit.party.client import (
+    InvalidInput,
     ModelNotFound,
     PrivateInferenceClient,
     RequestTooLarge,
@@ -163,11 +164,18 @@ def test_bad_request_id_unknown_model_and_too_many_inputs(cluster) -> None:
         # The SDK splits a batch larger than the advertised request limit into calls.
         preds = client.infer_batch([np.zeros((28, 28), np.uint8)] * 3)
         assert [p.stats[0].batch_size for p in preds] == [2, 2, 1]
-        with pytest.raises(ValueError):
-            client.infer(np.zeros((27, 28), np.uint8))
+        # ModelInfo reports both image limits: per request, and per secure session.
+        info = client.model_info()
+        assert (info.max_inputs_per_request, info.max_session_batch) == (64, 2)
+        # A picture of another size is converted locally; one that cannot be is refused
+        # locally (InvalidInput) before anything is sent.
+        assert client.infer(np.zeros((27, 28), np.uint8)).logits.shape == (10,)
+        with pytest.raises(InvalidInput, match="shape"):
+            client.infer(np.zeros((2, 3, 4, 5), np.uint8))
     with PrivateInferenceClient(cluster.party_addresses) as client:
         client.model_info()
-        client._info[""] = replace(client._info[""], max_request_bytes=0, max_batch=0)
+        client._info[""] = replace(client._info[""], max_request_bytes=0,
+                                   max_inputs_per_request=0)
         with pytest.raises(RequestTooLarge):  # a client ignoring the limits is refused
             client.infer_batch([np.zeros((28, 28), np.uint8)] * 3)
 

@@ -69,7 +69,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "input_shape", "num_classes", "class_names", "precision_bits", "mean", "std", "max_request_bytes", "max_batch", "party", "ready", "models")
+    __slots__ = ("name", "input_shape", "num_classes", "class_names", "precision_bits", "mean", "std", "max_request_bytes", "max_inputs_per_request", "party", "ready", "models", "max_session_batch")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -78,10 +78,11 @@ class ModelInfo(_message.Message):
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
-    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     PARTY_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_BATCH_FIELD_NUMBER: _ClassVar[int]
     name: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     num_classes: int
@@ -90,8 +91,9 @@ class ModelInfo(_message.Message):
     mean: _containers.RepeatedScalarFieldContainer[float]
     std: _containers.RepeatedScalarFieldContainer[float]
     max_request_bytes: int
-    max_batch: int
+    max_inputs_per_request: int
     party: int
     ready: bool
     models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., precision_bits: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., max_request_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ..., party: _Optional[int] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_session_batch: int
+    def __init__(self, name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., precision_bits: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., max_request_bytes: _Optional[int] = ..., max_inputs_per_request: _Optional[int] = ..., party: _Optional[int] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., max_session_batch: _Optional[int] = ...) -> None: ...
