@@ -128,6 +128,11 @@ _ERRORS_BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
 }
 
 
+def _not_ready(msg: inference_pb2.ModelInfo) -> str:
+    """Why a party is not ready, as it says (older parties say nothing)."""
+    return msg.not_ready_reason or "weights not shared yet"
+
+
 def error_from_rpc(exc: grpc.RpcError, party: int, address: str | None = None) -> ClientError:
     """Map a gRPC failure of ``party`` to the matching ClientError subclass."""
     code = exc.code() if hasattr(exc, "code") else None
@@ -344,7 +349,7 @@ class PrivateInferenceClient:
         for msg, party in zip(replies, (0, 1), strict=True):
             if not msg.ready:
                 raise PartyUnavailable(f"party {party} at {self.addresses[party]}: model not "
-                                       "ready yet (weights not shared)", party=party)
+                                       f"ready yet ({_not_ready(msg)})", party=party)
         return self._agree([ModelInfo.from_proto(r) for r in replies])
 
     def _agree(self, infos: list[ModelInfo]) -> ModelInfo:
@@ -410,7 +415,7 @@ class PrivateInferenceClient:
                 return exc.details() or code.name
             raise error_from_rpc(exc, party, address) from None
         if not msg.ready:
-            return "weights not shared yet"
+            return _not_ready(msg)
         return ModelInfo.from_proto(msg)
 
     def _transport_error(self, party: int) -> str:

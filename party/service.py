@@ -74,6 +74,7 @@ class PartyService:
 
     def model_info(self, request: inference_pb2.ModelInfoRequest) -> inference_pb2.ModelInfo:
         facts = self._model(request.model)
+        ready = bool(self._ready())
         return inference_pb2.ModelInfo(
             name=facts.name, input_shape=list(facts.input_shape),
             num_classes=facts.num_classes, class_names=list(facts.class_names),
@@ -81,7 +82,8 @@ class PartyService:
             max_request_bytes=self.limits.max_request_bytes,
             max_inputs_per_request=self.limits.max_inputs_per_request,
             max_session_batch=self.limits.max_batch, party=self.rank,
-            ready=bool(self._ready()), models=[facts.name],
+            ready=ready, not_ready_reason="" if ready else self._reason(),
+            models=[facts.name],
         )
 
     def validate(self, request: inference_pb2.InferRequest) -> list[PendingRequest]:

@@ -175,6 +175,11 @@ def test_dealer_down_gives_unavailable_naming_the_dealer_then_service_resumes(fa
             break
         time.sleep(0.05)
     assert health_status(c.address(0)) == "NOT_SERVING"
+    # A new client asking whether the parties are ready is told the same cause.
+    with PrivateInferenceClient(c.party_addresses, timeout=120) as fresh:
+        with pytest.raises(PartyUnavailable) as err:
+            fresh.model_info()
+    assert "dealer unreachable" in str(err.value), err.value
     c.restart("dealer")
     c.wait_ready(180)
     with PrivateInferenceClient(c.party_addresses, timeout=120) as client:

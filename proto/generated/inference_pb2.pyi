@@ -69,7 +69,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "input_shape", "num_classes", "class_names", "precision_bits", "mean", "std", "max_request_bytes", "max_inputs_per_request", "party", "ready", "models", "max_session_batch")
+    __slots__ = ("name", "input_shape", "num_classes", "class_names", "precision_bits", "mean", "std", "max_request_bytes", "max_inputs_per_request", "party", "ready", "models", "max_session_batch", "not_ready_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class ModelInfo(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_BATCH_FIELD_NUMBER: _ClassVar[int]
+    NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     num_classes: int
@@ -96,4 +97,5 @@ class ModelInfo(_message.Message):
     ready: bool
     models: _containers.RepeatedScalarFieldContainer[str]
     max_session_batch: int
-    def __init__(self, name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., precision_bits: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., max_request_bytes: _Optional[int] = ..., max_inputs_per_request: _Optional[int] = ..., party: _Optional[int] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., max_session_batch: _Optional[int] = ...) -> None: ...
+    not_ready_reason: str
+    def __init__(self, name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., precision_bits: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., max_request_bytes: _Optional[int] = ..., max_inputs_per_request: _Optional[int] = ..., party: _Optional[int] = ..., ready: _Optional[bool] = ..., models: _Optional[_Iterable[str]] = ..., max_session_batch: _Optional[int] = ..., not_ready_reason: _Optional[str] = ...) -> None: ...
