@@ -179,6 +179,11 @@ class Mailbox:
                     f"party {src} sent nothing for session {session!r} in {timeout:.1f} s"
                 )
             q = self._queues.get(key)
+            if (session == CONTROL_SESSION and generation is not None
+                    and self._peers[src].generation != generation):
+                # The control queue belongs to one stream: what it holds now came on a
+                # newer link than the caller's, so it is not the caller's to read.
+                raise PeerDisconnected(f"party {src} disconnected (its control link changed)")
             if not q and session in self._aborted:
                 who, reason = self._aborted[session]
                 raise PeerAborted(f"party {who} aborted session {session!r}: {reason}")

@@ -183,3 +183,25 @@ def test_a_refused_control_send_leaves_the_new_streams_numbering_intact(pair):
         time.sleep(0.05)
     t0.send_control(1, hello)
     assert t1.recv_control(0, timeout=10, generation=generation) == hello
+
+
+def test_a_control_wait_never_returns_a_message_of_a_newer_link(pair):
+    """What the peer sends after reconnecting belongs to the new link: a wait pinned to
+    the old one fails (the caller then reads it on the new link) instead of taking it."""
+    from mpcvit.proto.generated import peer_pb2
+
+    t0, t1, *_ = pair
+    old, _ = t1.link_state(0)
+    t0.close()
+    t0.ensure_connected(10)
+    hello = peer_pb2.Control(hello=peer_pb2.Hello(need_weights=True))
+    t0.send_control(1, hello)
+    new = old
+    for _ in range(100):
+        new, connected = t1.link_state(0)
+        if connected and new != old and t1.mailbox._queues.get(("__control__", 0)):
+            break  # the hello is waiting in the new link's queue
+        time.sleep(0.05)
+    with pytest.raises(PeerDisconnected):
+        t1.recv_control(0, timeout=5, generation=old)
+    assert t1.recv_control(0, timeout=5, generation=new) == hello
