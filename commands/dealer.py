@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # gRPC's own C-core lines are not JSON: keep only its errors (set before grpc loads).
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from .common import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any thread starts: keeps resident memory from creeping
     from mpcvit.mpc.errors import ConfigError
     from mpcvit.party.config import DealerConfig
     from mpcvit.party.logs import setup_logging
