@@ -161,3 +161,26 @@ def test_killing_a_party_moves_new_requests_to_the_other_pair(cluster, pool) -> 
     assert cluster.probe("party0", 0) == cluster.probe("party1", 0) == "SERVING"
     down = {p["index"]: p["down"] for p in pool.pairs()}
     assert down[1], "the pool marked the broken pair down"
+
+
+@pytest.mark.slow
+def test_infer_cli_spreads_over_the_serving_pairs(cluster) -> None:
+    """`mpcvit infer --pairs` over both pairs: every image is classified, each by a pair
+    whose parties are SERVING (after the previous test, pair 0 only)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    serving = {k for k in range(PAIRS)
+               if cluster.probe("party0", k) == cluster.probe("party1", k) == "SERVING"}
+    pairs = ";".join(",".join(cluster.pair_addresses(k)) for k in range(PAIRS))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MPCVIT_")},
+           "MPCVIT_TLS_DIR": str(cluster.certs)}
+    proc = subprocess.run([sys.executable, "-m", "mpcvit.commands", "infer", "--pairs", pairs,
+                           "fashion-mnist:test:0-3"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    used = [int(k) for k in re.findall(r", pair (\d+)$", proc.stdout, flags=re.M)]
+    assert len(used) == 4 and set(used) <= serving and serving, (proc.stdout, serving)
+    assert "accuracy" in proc.stdout and "served" in proc.stderr

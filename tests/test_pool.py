@@ -171,3 +171,10 @@ def test_infer_cli_pairs(tmp_path) -> None:
     for argv in (["--pairs", "a:1", "x.png"], ["x.png"]):
         proc = subprocess.run([*cli, *argv], capture_output=True, text=True, timeout=120)
         assert proc.returncode == EXIT_USAGE and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bench_throughput_pairs_needs_the_one_pair_baseline(capsys) -> None:
+    from mpcvit.commands import main
+
+    assert main(["bench", "throughput", "--pairs", "2,4"]) == 2
+    assert "--pairs needs 1" in capsys.readouterr().err
