@@ -25,6 +25,9 @@ Errors are :class:`ClientError` subclasses.  :class:`InvalidInput` is raised loc
 picture the client cannot read or convert (before anything is sent), and by a party for
 a request it rejects; :class:`PartyUnreachable` and :class:`NotAParty` say which address
 did not answer, or answered as something other than an mpcvit party.
+
+Several party pairs: :class:`mpcvit.party.pool.PairPool` has the same calls and sends
+each request to a healthy, least-loaded pair.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ __all__ = [
     "RequestTimeout",
     "RequestTooLarge",
     "error_from_rpc",
+    "health_check",
 ]
 
 
