@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 HELP = "run benchmarks: transport (gRPC vs gloo), throughput (batching), network (LAN/WAN)"
 
@@ -30,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tp.add_argument("--max-batch", type=int, default=32)
     tp.add_argument("--max-wait", type=float, default=0.05, help="seconds to fill a batch")
     tp.add_argument("--provider", choices=["dealer", "tfp"], default="dealer")
+    tp.add_argument("--pairs", default=None, metavar="P,P",
+                    help="scale out instead: images/s with each number of party pairs "
+                         "(e.g. 1,2), each pair with its own dealer, all the clients "
+                         "sharing one PairPool; compared with one pair")
     tp.add_argument("--json", action="store_true", help="end with one JSON object")
 
     nw = sub.add_parser("network", help="a whole secure ViT over an emulated LAN/WAN link")
@@ -68,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
         counts = tuple(int(c) for c in args.clients.split(","))
         ckpt = str(resolve_checkpoint(args.model))
+        if args.pairs:
+            return _bench_pairs(args, ckpt, counts)
         print(f"party service on this machine, model {ckpt}, provider {args.provider}; "
               f"baseline: one client, max_batch 1", flush=True)
         rows = throughput_table(ckpt, args.data, counts, args.requests, args.max_batch,
@@ -109,3 +116,20 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(res))
         return 0
     raise AssertionError(args.bench)
+
+
+def _bench_pairs(args: argparse.Namespace, ckpt: str, counts: tuple[int, ...]) -> int:
+    from mpcvit.bench.throughput import pairs_table
+
+    pair_counts = tuple(int(p) for p in args.pairs.split(","))
+    if min(pair_counts) < 1 or 1 not in pair_counts:
+        print("mpcvit bench throughput: --pairs needs 1 (the baseline) and counts >= 1",
+              file=sys.stderr)
+        return 2
+    print(f"party pairs on this machine, model {ckpt}, provider {args.provider}, "
+          f"max_batch {args.max_batch}; baseline: one pair with the same clients", flush=True)
+    rows = pairs_table(ckpt, args.data, pair_counts, counts, args.requests, args.max_batch,
+                       args.max_wait, args.provider)
+    if args.json:
+        print(json.dumps({"rows": rows}))
+    return 0
