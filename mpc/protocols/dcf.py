@@ -638,6 +638,27 @@ def _compare(key: GateKey, y: np.ndarray, thresholds: np.ndarray, r_pow: np.ndar
     return words
 
 
+def threshold_eval(party: int, key: GateKey, y: np.ndarray, thresholds,
+                   prg: AesPrg | None = None) -> np.ndarray:
+    """Party side: shares (d+1, P, N) uint64 of ``r^j [x - t_k >= 0]`` for j = 0..d and the P
+    public thresholds (ring integers, signed), from the opened ``y = x + r``.
+
+    Row j = 0 is the indicator itself; with the rows j >= 1, ``x^i [x >= t_k]`` for
+    i <= d is local, since ``x = y - r`` with ``y`` public (``x [x >= t] = y row0 - row1``).
+    One key per element serves all P thresholds (the exactness window of each comparison
+    ``x - t_k`` is the key's, see the module doc).
+    """
+    _check_party(party, key)
+    y = _opened(y, key)
+    return _compare(key, y, _as_words(thresholds).reshape(-1), _r_powers(key), prg)
+
+
+def mask_share(key: GateKey) -> np.ndarray | None:
+    """This party's additive share (N,) of the 64-bit mask ``r`` when the key carries one
+    (degree >= 1: the ``r^1`` row of ``extra``), else None."""
+    return key.extra[key.degree + 1] if key.degree >= 1 else None
+
+
 def msb_eval(party: int, key: GateKey, y: np.ndarray, prg: AesPrg | None = None) -> np.ndarray:
     """Party side: additive share (N,) uint64 of ``[x < 0]`` from the opened ``y = x + r``."""
     _check_party(party, key)
