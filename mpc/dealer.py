@@ -355,7 +355,7 @@ class DealerState:
         self.idle_ttl = idle_ttl
         self._sessions: dict[str, _DealerSession] = {}
         self.masks = masks or MaskStore()
-        self.keys = keys or fss.KeyCache()  # FSS key halves not handed out yet
+        self.keys = keys if keys is not None else fss.KeyCache()  # FSS halves not handed out
         self._lock = threading.Lock()
 
     @property
