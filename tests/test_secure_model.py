@@ -265,10 +265,11 @@ def model_results(request):
 OP_TOLERANCE = {  # max absolute error on the ranges above (measured: about 1/3 of these)
     "gelu": 2e-3,  # polynomial fit 2e-4 + fixed-point rounding of the powers
     "gelu_alt": 2e-3,  # the other variant (spline: fit 4.3e-4 + rounding)
-    # square: y = x/2**8 rounded to 2**-16, then 8 squarings amplify its relative error
-    # 2**8-fold (4e-3 near 0); spline: fit 9e-5 + rounding
-    "exp_square": 5e-3,
-    "exp_spline": 3e-4,
+    # square: y = x/2**8 rounded to 2**-16 (and each squaring truncated), then 8
+    # squarings amplify the relative error 2**8-fold (3-5e-3 near 0 measured); spline:
+    # fit 2.8e-4 + rounding
+    "exp_square": 1e-2,
+    "exp_spline": 5e-4,
     "softmax_alt": 3e-3,
     "div_sqrt_pieces_alt": 2e-4,
     "div_sqrt_octaves_alt": 3e-4,
