@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from typing import Any
 
@@ -102,10 +103,12 @@ def bench_ops(config_name: str, ops_wanted: list[str], repeats: int) -> dict[str
 def bench_whole(config_name: str, arch: str, plans: dict[str, ProtocolPlan], images: int
                 ) -> dict[str, Any]:
     """A whole secure model under each plan: party 0's rounds, bytes, median online
-    seconds on loopback, dealer material, and the WAN preset's prediction."""
+    seconds on loopback, each party's median CPU seconds, dealer material, and the WAN
+    preset's prediction."""
     from mpcvit.models.configs import get_config
-    from mpcvit.models.profiler import measure_secure_model
+    from mpcvit.models.profiler import secure_forward_party, secure_run
     from mpcvit.models.spec import ArchSpec
+    from mpcvit.mpc.launcher import run_parties
     from mpcvit.mpc.netem import PRESETS
 
     cfg = get_config(config_name)
@@ -114,15 +117,20 @@ def bench_whole(config_name: str, arch: str, plans: dict[str, ProtocolPlan], ima
                     generator=torch.Generator().manual_seed(1))
     out: dict[str, Any] = {}
     for label, plan in plans.items():
-        run = measure_secure_model(cfg, spec, x, protocol=plan, timeout=7200)
-        c = run.cost
+        res = run_parties(secure_forward_party, cfg.to_dict(), spec.to_dict(), None, x,
+                          protocol_dict=plan.to_dict(), provider="dealer", timeout=7200)
+        c = secure_run(res[0]["rows"]).cost
+        cpu = [statistics.median(r["cpu_s"] for r in party["rows"]) for party in res]
+        p1_bytes = statistics.median(r["offline_bytes"] for r in res[1]["rows"])
         out[label] = {"rounds": c.rounds, "bytes": c.bytes, "online_s": c.compute_s,
-                      "offline_bytes": c.offline_bytes, "plan": plan.describe(),
+                      "cpu_s": cpu, "offline_bytes": [c.offline_bytes, p1_bytes],
+                      "plan": plan.describe(),
                       "wan_predicted_s": c.compute_s
                       + PRESETS["wan"].mpc_seconds(c.bytes, c.rounds)}
         print(f"  {arch} {label}: {c.rounds:.0f} rounds, {c.bytes / 1e6:.1f} MB, "
-              f"{c.compute_s:.2f} s online on loopback, {c.offline_bytes / 1e6:.1f} MB dealer "
-              f"material; WAN predicted {out[label]['wan_predicted_s']:.2f} s", flush=True)
+              f"{c.compute_s:.2f} s online on loopback (CPU s {cpu[0]:.2f} / {cpu[1]:.2f}), "
+              f"dealer material {c.offline_bytes / 1e6:.1f} / {p1_bytes / 1e6:.1f} MB; "
+              f"WAN predicted {out[label]['wan_predicted_s']:.2f} s", flush=True)
     return out
 
 

@@ -282,9 +282,10 @@ def build_secure(config_dict: dict[str, Any], spec_dict: dict[str, Any],
 
 def timed_forward(secure, image: torch.Tensor) -> dict[str, Any]:
     """Party program helper: one batch-1 secure forward of ``image`` (shared by party 1)
-    with this party's rounds, bytes, wall seconds, dealer material (``offline_bytes``:
-    what the session prepared plus what the forward fetched online) and the revealed
-    logits."""
+    with this party's rounds, bytes, wall seconds, CPU seconds of this process (all its
+    threads: on a shared machine wall time also counts waiting for a core), dealer
+    material (``offline_bytes``: what the session prepared plus what the forward fetched
+    online) and the revealed logits."""
     from .secure import reveal_float, share_input
 
     comm = import_crypten().communicator.get()
@@ -292,13 +293,13 @@ def timed_forward(secure, image: torch.Tensor) -> dict[str, Any]:
     comm.barrier()
     comm.reset_communication_stats()
     d0, b0 = _dealer_requests(), _dealer_bytes()
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), time.process_time()
     y = secure(x)
-    seconds = time.perf_counter() - tic
+    seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
     stats = comm.get_communication_stats()
     dealer = _dealer_requests() - d0
     return {"rounds": stats["rounds"], "bytes": stats["bytes"], "compute_s": seconds,
-            "dealer_requests": dealer,
+            "cpu_s": cpu, "dealer_requests": dealer,
             "offline_bytes": _dealer_bytes("offline_bytes") + _dealer_bytes() - b0,
             "logits": reveal_float(y)[0]}
 

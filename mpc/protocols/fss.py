@@ -64,6 +64,7 @@ Tensor = Any  # crypten MPCTensor
 
 KIND = "fss_gate"
 MAX_KEY_BYTES = 1 << 29  # one request's key per party (512 MiB; the reply limit is 1 GiB)
+REQUEST_KEY_BYTES = 1 << 26  # a gate asks for its keys in requests of at most this size
 CACHE_BYTES = 1 << 30  # pending key halves a dealer keeps at once; oldest go first
 SPLINE_SHIFT = 8  # low bits dropped by spline breakpoint comparisons (module doc)
 _U64 = np.uint64
@@ -267,19 +268,36 @@ def draw_key(n: int, degree: int, bits: int, shift: int = 0
 
 class Gate:
     """One gate over the elements of a shared tensor: its opening ``x + r`` is one
-    :data:`fused.Part`'s tensor, and once opened it is evaluated at any thresholds."""
+    :data:`fused.Part`'s tensor, and once opened it is evaluated at any thresholds.
+
+    Its keys come in requests of at most ``REQUEST_KEY_BYTES`` (a large batch's tensor
+    takes several), so that no dealer reply or bulk-fetch batch grows with the input."""
 
     def __init__(self, share: torch.Tensor, degree: int, bits: int, shift: int = 0) -> None:
         self.shape = share.shape
         self.n = share.numel()
-        self.mask, self.key = draw_key(self.n, degree, bits, shift)
-        self.opening = share.reshape(-1) + self.mask
+        self.degree = degree
+        per = max(1, REQUEST_KEY_BYTES // max(1, key_bytes(1, degree, bits)))
+        self.keys, masks = [], []
+        for start in range(0, self.n, per):
+            mask, key = draw_key(min(per, self.n - start), degree, bits, shift)
+            masks.append(mask)
+            self.keys.append((start, key))
+        mask = torch.cat(masks) if len(masks) > 1 else (masks[0] if masks else share.new_zeros(0))
+        self.opening = share.reshape(-1) + mask
         self.rank = _rank()
 
     def indicators(self, y: torch.Tensor, thresholds: Sequence[int]) -> np.ndarray:
         """Shares (d+1, P, n) uint64 of ``r^j [x >= t_k]`` (``dcf.threshold_eval``)."""
-        return dcf.threshold_eval(self.rank, self.key, y.reshape(-1).numpy(),
-                                  np.array([int(t) for t in thresholds], dtype=object))
+        t = np.array([int(v) for v in thresholds], dtype=object)
+        words = y.reshape(-1).numpy()
+        parts = [dcf.threshold_eval(self.rank, key, words[start:start + key.count], t)
+                 for start, key in self.keys]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return np.zeros((self.degree + 1, len(t), 0), _U64)
+        return np.concatenate(parts, axis=2)
 
     def ge(self, y: torch.Tensor, thresholds: Sequence[int]
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -287,7 +305,7 @@ class Gate:
         int64."""
         ind = self.indicators(y, thresholds)
         bit = _torch(ind[0])
-        if self.key.degree == 0:
+        if self.degree == 0:
             return bit, None
         y_u = y.reshape(-1).numpy().view(_U64)
         return bit, _torch(y_u[None, :] * ind[0] - ind[1])
