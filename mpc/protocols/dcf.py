@@ -441,12 +441,27 @@ def _add_payload(acc, cw, tmask, s, blocks, tmp, word) -> None:
 # --------------------------------------------------------------------------- serialisation
 
 
-def serialize_dcf_key(key: DcfKey) -> bytes:
-    """One contiguous little-endian buffer of ``key.count * dcf_key_bytes(n, k)`` bytes."""
+def _dcf_parts(key: DcfKey) -> list[np.ndarray]:
+    """The serialised key's parts, in order, as little-endian arrays."""
     bits = np.stack([key.tcw & 1, key.tcw >> 1], axis=-1)  # (n, N, 2)
     packed = np.packbits(bits.transpose(1, 0, 2).reshape(key.count, 2 * key.n), axis=1)
-    parts = (key.seed, key.scw, key.vcw, key.fcw)
-    return b"".join(p.astype("<u8", copy=False).tobytes() for p in parts) + packed.tobytes()
+    return [p.astype("<u8", copy=False) for p in (key.seed, key.scw, key.vcw, key.fcw)] + [
+        packed]
+
+
+def _write(parts: list[np.ndarray], out: np.ndarray) -> int:
+    """Copy ``parts`` back to back into the uint8 buffer ``out``; returns bytes written."""
+    offset = 0
+    for p in parts:
+        raw = np.ascontiguousarray(p).reshape(-1).view(np.uint8)
+        out[offset:offset + raw.size] = raw
+        offset += raw.size
+    return offset
+
+
+def serialize_dcf_key(key: DcfKey) -> bytes:
+    """One contiguous little-endian buffer of ``key.count * dcf_key_bytes(n, k)`` bytes."""
+    return b"".join(p.tobytes() for p in _dcf_parts(key))
 
 
 def deserialize_dcf_key(buf: bytes | bytearray | memoryview | np.ndarray, party: int, n: int,
@@ -573,6 +588,12 @@ def relu_keygen(
 def serialize_gate_key(key: GateKey) -> bytes:
     """``gate_key_bytes(degree, bits) * count`` bytes: extra shares, then the DCF key."""
     return key.extra.astype("<u8", copy=False).tobytes() + serialize_dcf_key(key.dcf)
+
+
+def serialize_gate_key_into(key: GateKey, out: np.ndarray) -> int:
+    """:func:`serialize_gate_key` written into the uint8 buffer ``out`` (one copy of each
+    part, for large keys); returns the bytes written."""
+    return _write([key.extra.astype("<u8", copy=False), *_dcf_parts(key.dcf)], out)
 
 
 def deserialize_gate_key(buf: bytes | bytearray | memoryview | np.ndarray, party: int,

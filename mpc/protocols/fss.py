@@ -104,16 +104,21 @@ def make_keys(material: bytes, n: int, degree: int, bits: int, shift: int
     stream = dcf.KeyStream(int.from_bytes(hashlib.sha256(material).digest(), "little"))
     r = stream.words((n,))
     keys = dcf.gate_keygen(r, degree, bits, shift, rng=stream)
-    parts: list[list[bytes]] = [[], []]
+    masks: list[np.ndarray | None] = [None, None]
     if degree == 0:  # the key carries no share of r: add it
         r0 = stream.words((n,))
-        parts[0].append(r0.tobytes())
-        parts[1].append((r - r0).tobytes())
+        masks = [r0, r - r0]
+    size = key_bytes(n, degree, bits)
     blobs = []
     for rank, key in enumerate(keys):
-        raw = b"".join([*parts[rank], dcf.serialize_gate_key(key)])
-        raw += bytes(-len(raw) % 8)
-        blobs.append(np.frombuffer(raw, dtype="<i8").astype(np.int64))
+        blob = np.zeros(-(-size // 8), np.int64)
+        raw = blob.view(np.uint8)
+        mask = masks[rank]
+        offset = 0 if mask is None else 8 * n
+        if mask is not None:
+            raw[:offset] = mask.astype("<u8", copy=False).view(np.uint8)
+        dcf.serialize_gate_key_into(key, raw[offset:])
+        blobs.append(blob)
     return blobs[0], blobs[1]
 
 
