@@ -366,7 +366,7 @@ class DealerState:
     @property
     def weight_masks(self) -> int:
         """Weight masks kept for loaded models (a metrics gauge)."""
-        return len(self._masks)
+        return len(self.masks)
 
     def _expire(self) -> None:
         now = time.monotonic()
