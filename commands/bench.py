@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     nw.add_argument("--images", type=int, default=2, help="images measured (median)")
     nw.add_argument("--no-offline", action="store_true",
                     help="fetch correlated randomness online instead of before each image")
+    nw.add_argument("--protocol", default="default",
+                    help="protocol plan: default, fss, or block=variant,... "
+                         "(e.g. comparison=fss,gelu=spline)")
     nw.add_argument("--json", action="store_true", help="end with one JSON object")
 
 
@@ -93,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         from mpcvit.models.configs import CONFIGS
         from mpcvit.models.spec import ArchSpec
         from mpcvit.mpc.netem import parse_network
+        from mpcvit.mpc.protocols.plan import ProtocolPlan
 
         state = None
         if args.model in CONFIGS:
@@ -104,12 +108,14 @@ def run(args: argparse.Namespace) -> int:
             if args.arch:
                 spec = ArchSpec.parse(args.arch, config.depth, config.heads)
         profile = parse_network(args.network)
+        plan = ProtocolPlan.parse(args.protocol)
         res = bench_network(config, spec, profile, images=args.images,
-                            offline=not args.no_offline, state_dict=state)
+                            offline=not args.no_offline, state_dict=state, protocol=plan)
         m = res["measured"]
         print(f"{args.model} [{args.arch or 'checkpoint spec'}] on {profile.describe()}: "
               f"online {m['online_s']:.2f} s/image, offline {m['offline_s']:.2f} s, total "
-              f"{m['total_s']:.2f} s; {m['rounds']} rounds, {m['bytes'] / 1e6:.1f} MB; "
+              f"{m['total_s']:.2f} s; {m['rounds']} rounds, {m['bytes'] / 1e6:.1f} MB, "
+              f"{m['offline_bytes'] / 1e6:.1f} MB dealer material ({plan.describe()}); "
               f"predicted online {res['predicted_online_s']:.2f} s "
               f"({res['prediction_error']:+.0%})")
         if args.json:

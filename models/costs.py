@@ -14,7 +14,10 @@ What is recorded (all from party 0, as the rest of the project reports):
 - ``compute_s``: median wall seconds of the block on loopback (local compute plus the
   loopback transport's own overhead; the network model adds the real link on top);
 - ``dealer_requests``: party 0's dealer round trips (recorded, not priced: the network
-  model assumes the dealer is near party 0 or preprocessed offline).
+  model assumes the dealer is near party 0 or preprocessed offline);
+- ``offline_bytes``: the dealer material party 0 received for the block (corrections and
+  FSS keys; party 1 receives its FSS keys, about as many bytes): fetched offline, not
+  priced by the network model either.
 
 The blocks are profiled one layer at a time with batch 1: attention kinds at one head and
 at all heads of a layer (rounds do not depend on the head count, bytes and compute grow
@@ -64,26 +67,29 @@ class Cost:
     bytes: float = 0.0
     compute_s: float = 0.0
     dealer_requests: float = 0.0
+    offline_bytes: float = 0.0
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.rounds + other.rounds, self.bytes + other.bytes,
                     self.compute_s + other.compute_s,
-                    self.dealer_requests + other.dealer_requests)
+                    self.dealer_requests + other.dealer_requests,
+                    self.offline_bytes + other.offline_bytes)
 
     def scale(self, k: float) -> Cost:
         return Cost(self.rounds * k, self.bytes * k, self.compute_s * k,
-                    self.dealer_requests * k)
+                    self.dealer_requests * k, self.offline_bytes * k)
 
     def to_dict(self) -> dict[str, float]:
         return {"rounds": _num(self.rounds), "bytes": _num(self.bytes),
                 "compute_s": float(self.compute_s),
-                "dealer_requests": _num(self.dealer_requests)}
+                "dealer_requests": _num(self.dealer_requests),
+                "offline_bytes": _num(self.offline_bytes)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Cost:
         try:
             return cls(float(d["rounds"]), float(d["bytes"]), float(d["compute_s"]),
-                       float(d.get("dealer_requests", 0.0)))
+                       float(d.get("dealer_requests", 0.0)), float(d.get("offline_bytes", 0.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"bad cost entry {d!r}: need rounds, bytes, compute_s") from e
 

@@ -123,6 +123,7 @@ def _run_party(s: _PartySettings, fn, args, kwargs, conn):
         runtime.select_provider(provider)
         crypten.cfg.communicator.verbose = True
         crypten.init()
+        crypten.communicator.get().reset_communication_stats()  # count the program alone
         try:
             if s.provider == "dealer":
                 runtime.dealer_provider().begin(s.session, s.rank, s.world_size, provider)

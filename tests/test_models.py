@@ -166,7 +166,7 @@ def test_grouped_heads_run_one_op_per_kind(monkeypatch):
     calls = []
     orig = ops.ATTENTION_FNS["softmax"]
     monkeypatch.setitem(ops.ATTENTION_FNS, "softmax",
-                        lambda a, eps: calls.append(a.shape) or orig(a, eps=eps))
+                        lambda a, eps, protocol=None: calls.append(a.shape) or orig(a, eps=eps))
     att = Attention(16, 4, tuple(AttentionKind(k) for k in
                                  ("softmax", "scale", "softmax", "softmax")))
     att(torch.randn(1, 7, 16))
