@@ -94,13 +94,26 @@ def read_reference_file(path: str | os.PathLike) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(e))
-        what = (m.group(1) or m.group(2)) if m else "an object torch's safe unpickler refuses"
+        if m is None:
+            raise ReferenceImportError(f"{path}: not a torch checkpoint "
+                                       f"({_first_line(e)})") from None
         raise ReferenceImportError(
-            f"{path}: refusing to unpickle {what}: a checkpoint of the reference trainer "
-            "holds only tensors, plain containers, argparse.Namespace and numpy scalars, "
-            "so this file was not written by it (loading it could run code)") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise ReferenceImportError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+            f"{path}: refusing to unpickle {m.group(1) or m.group(2)}: a checkpoint of the "
+            "reference trainer holds only tensors, plain containers, argparse.Namespace and "
+            "numpy scalars, so this file was not written by it (loading it could run "
+            "code)") from None
+    except Exception as e:  # torch raises many types for corrupt or foreign files
+        raise ReferenceImportError(f"{path}: cannot read ({type(e).__name__}: "
+                                   f"{_first_line(e)})") from e
+
+
+def _first_line(e: Exception) -> str:
+    """The gist of a torch.load error: its weights-only messages run to a page, the
+    cause on a line of its own."""
+    text = str(e)
+    _, marker, cause = text.partition("WeightsUnpickler error:")
+    lines = [ln.strip() for ln in (cause if marker else text).splitlines() if ln.strip()]
+    return (lines or [type(e).__name__])[0][:300]
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from mpcvit.commands import main
 from mpcvit.models import ops
 from mpcvit.models.checkpoint import CheckpointError, load_checkpoint
-from mpcvit.models.configs import ViTConfig
+from mpcvit.models.configs import ViTConfig, get_config
 from mpcvit.models.reference import (
     ReferenceImportError,
     import_reference,
@@ -149,6 +149,25 @@ def test_timm_and_plain_layouts_import_the_same_model(tmp_path):
         load_reference_checkpoint(tmp_path / "empty.pth")
 
 
+def test_softmax_teacher_without_alphas_imports():
+    demo = get_config("demo").replace(block="cct", attn_eps=1e-5)
+    torch.manual_seed(5)
+    teacher = _trained_like(ViT(demo))  # all-softmax, GeLU: no alphas, no betas
+    sd = to_reference_state_dict(teacher)
+    assert not any(k.endswith(".alpha") for k in sd)
+    got = import_reference(sd)  # the head count of the named config of this shape
+    assert got.config.name == "demo" and got.spec == teacher.spec
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(got(x), teacher(x))
+        torch.testing.assert_close(reference_forward(sd, x, heads=4), teacher(x), rtol=1e-5,
+                                   atol=1e-5)
+    odd = to_reference_state_dict(_plus_model(ArchSpec.uniform(3, 4, "softmax")))
+    with pytest.raises(ReferenceImportError, match="give the head count"):
+        import_reference(odd)
+    assert import_reference(odd, heads=4).config.heads == 4
+
+
 class CustomThing:
     """Any class of the saving program: the reference trainer saves none."""
 
@@ -180,6 +199,10 @@ def test_foreign_globals_are_refused_before_they_run(tmp_path):
     with pytest.raises(ReferenceImportError, match="refusing to unpickle .*system"):
         read_reference_file(tmp_path / "evil.pth")
     assert not marker.exists()
+    # a corrupt file is reported as such, not as a refused global
+    (tmp_path / "junk.pth").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ReferenceImportError, match="not a torch checkpoint|cannot read"):
+        read_reference_file(tmp_path / "junk.pth")
 
 
 # ----------------------------------------------------------------------------- token masks
