@@ -108,9 +108,10 @@ def secure_eval(ckpt: Path, images: int) -> dict[str, Any]:
                  "--limit", str(images)])
 
 
-def train_demo_plus(out: Path, epochs: float, train_limit: int | None,
-                    seed: int = 0) -> tuple[ViT, Path]:
-    """Step 2's model: trained, then written as a reference trainer file."""
+def train_demo_plus(out: Path, epochs: float, train_limit: int | None, seed: int = 0,
+                    **train_options: Any) -> tuple[ViT, Path]:
+    """Step 2's model: trained (``train_options`` override ``TrainConfig``'s fields),
+    then written as a reference trainer file."""
     from ..models.data import limit_bundle, load_dataset
     from ..models.train import TrainConfig, train
 
@@ -120,7 +121,8 @@ def train_demo_plus(out: Path, epochs: float, train_limit: int | None,
     data = load_dataset("fashion-mnist")
     if train_limit:
         data = limit_bundle(data, train_limit, 1000)
-    train(model, data, TrainConfig(epochs=max(1, round(epochs)), seed=seed), progress=None)
+    train(model, data, TrainConfig(epochs=max(1, round(epochs)), seed=seed, **train_options),
+          progress=None)
     ref = out / "demo_plus.pth.tar"
     save_trainer_checkpoint(to_reference_state_dict(model.eval()), ref, model="demo_plus",
                             dataset="fashion_mnist", mean=[0.2860], std=[0.3530],

@@ -19,7 +19,7 @@ from typing import Any
 HELP = "import a reference MPCViT/MPCViT+ checkpoint (PKU-SEC-Lab/mpcvit) as an mpcvit model"
 
 CHECK_INPUTS = 4  # random inputs of the self-check
-CHECK_TOLERANCE = 1e-4  # relative to 1 + max |logit|; measured: ~1e-7 in float32
+CHECK_TOLERANCE = 1e-4  # relative to 1 + max |logit|; measured: 1e-7 to 1e-5 in float32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

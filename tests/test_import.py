@@ -409,7 +409,8 @@ def test_trained_mpcvit_plus_agrees_securely_on_real_images(tmp_path, capsys):
     trainer saves it, imported, then served by the real 2-party service (dealer, gRPC)."""
     from mpcvit.bench.published import train_demo_plus
 
-    _, ref = train_demo_plus(tmp_path, epochs=1, train_limit=2000)
+    _, ref = train_demo_plus(tmp_path, epochs=2, train_limit=3000, batch_size=64,
+                             warmup_epochs=0.3, augment=False)
     out = tmp_path / "plus.pt"
     assert main(["import", "--reference", str(ref), "--out", str(out)]) == 0
     model, extra = load_checkpoint(out)
