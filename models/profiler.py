@@ -195,6 +195,7 @@ def profile_blocks_party(
             fn = ops.ACTIVATION_FNS[act.value]
             cost = measure(lambda fn=fn: fn(hidden), repeats)
         out[f"activation.{kind}"] = cost.to_dict()
+    out |= _token_mask_blocks(enc, cfg, activation_kinds, repeats)
 
     def linears() -> None:
         qkv(x)
@@ -229,6 +230,27 @@ def profile_blocks_party(
         head(xc)
 
     out["linear.stem_head"] = measure(stem, repeats).to_dict()
+    return out
+
+
+def _token_mask_blocks(enc: Callable[..., Any], cfg: ViTConfig, activation_kinds: Iterable[str],
+                       repeats: int) -> dict[str, dict[str, float]]:
+    """MPCViT+ token masks (``vit.Mlp``): each maskable activation on one token's hidden
+    row, and the ReLU after fc2 on one token's and on all tokens' rows."""
+    from . import ops
+    from .spec import MASKABLE_ACTIVATIONS
+
+    out = {}
+    one = enc(1, 1, cfg.mlp_hidden, std=1.5)
+    for kind in activation_kinds:
+        act = ActivationKind(kind)
+        if act in MASKABLE_ACTIVATIONS:
+            fn = ops.ACTIVATION_FNS[act.value]
+            out[f"token_mask.{kind}.one_token"] = measure(lambda fn=fn: fn(one), repeats).to_dict()
+    for label, n in (("one_token", 1), ("all_tokens", cfg.num_tokens)):
+        y = enc(1, n, cfg.dim, std=2.0)
+        out[f"token_mask.relu_after.{label}"] = measure(lambda y=y: ops.relu(y),
+                                                        repeats).to_dict()
     return out
 
 

@@ -162,11 +162,14 @@ def merge_linear_mlps(model: ViT) -> ViT:
     are one linear layer: fc2(fc1(h)) = (W₂W₁)h + (W₂b₁ + b₂).  Under MPC the layer
     saves fc2's round, and the LayerNorm fused with it (``vit.normed_linear``) scales a
     dim-wide output instead of a hidden-wide one.  Run it after :func:`fold_norms`, so
-    that the norm's affine part is inside W₁ and b₁."""
+    that the norm's affine part is inside W₁ and b₁.  A layer whose token mask selects no
+    token (MPCViT+ layer-wise linearisation: relu(fc2(fc1 x)) on every token) merges too;
+    its ReLU follows the merged layer."""
     model = copy.deepcopy(model)
     for blk in model.blocks:
         mlp = blk.mlp
-        if mlp.activation is ActivationKind.IDENTITY and isinstance(mlp.fc2, nn.Linear):
+        linear = mlp.activation is ActivationKind.IDENTITY or mlp.token_mask == ()
+        if linear and isinstance(mlp.fc2, nn.Linear):
             mlp.fc1, mlp.fc2 = merged_linear(mlp.fc1, mlp.fc2), nn.Identity()
     return model
 

@@ -11,6 +11,7 @@ Attention, Mlp) carry the model's :class:`ProtocolPlan` as the attribute ``proto
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -153,13 +154,38 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc2(act(fc1 x)).  With a token mask (MPCViT+) only the masked tokens apply the
+    activation; the others compute relu(fc2(fc1 x)), as the reference's linear-GeLU mode.
+    """
+
     def __init__(self, dim: int, hidden: int, activation: ActivationKind,
+                 token_mask: tuple[int, ...] | None = None, tokens: int | None = None,
                  protocol: ProtocolPlan | None = None) -> None:
         super().__init__()
         self.protocol = protocol
         self.activation = ActivationKind(activation)
         self.fc1 = Linear(dim, hidden, bias=not self.activation.bias_free)
         self.fc2 = Linear(hidden, dim)
+        self.tokens = tokens
+        self.set_token_mask(token_mask)
+
+    def set_token_mask(self, token_mask: tuple[int, ...] | None) -> None:
+        """Precompute the token order of a mask: selected tokens first (``order``, None
+        when they already are) and its inverse; plain tuples, so the secure mirror copies
+        them as public data."""
+        self.token_mask = None if token_mask is None else tuple(token_mask)
+        self.order = self.inverse = None
+        if self.token_mask is None:
+            return
+        if self.tokens is None:
+            raise ValueError("a token mask needs the layer's token count")
+        chosen = set(self.token_mask)
+        if any(t >= self.tokens for t in chosen):
+            raise ValueError(f"token mask {self.token_mask} exceeds {self.tokens} tokens")
+        order = [*self.token_mask, *(t for t in range(self.tokens) if t not in chosen)]
+        if order != list(range(self.tokens)):
+            self.order = tuple(order)
+            self.inverse = tuple(order.index(t) for t in range(self.tokens))
 
     def forward(self, x, norm=None):
         """The MLP of ``norm(x)`` (``x`` itself without a norm)."""
@@ -167,7 +193,35 @@ class Mlp(nn.Module):
             return self.fc2(normed_linear(self.fc1, x, norm, rectify=True,
                                           protocol=self.protocol))
         h = normed_linear(self.fc1, x, norm, protocol=self.protocol)
-        return self.fc2(ops.ACTIVATION_FNS[self.activation.value](h, protocol=self.protocol))
+        act = functools.partial(ops.ACTIVATION_FNS[self.activation.value],
+                                protocol=self.protocol)
+        if self.token_mask is None:
+            return self.fc2(act(h))
+        # Selected tokens' rows first; the activation runs on them alone, the other rows
+        # take a ReLU after fc2.  Row gathers are local under MPC, so unselected tokens
+        # cost no activation at all.
+        if h.shape[1] != self.tokens:
+            raise ValueError(f"token mask for {self.tokens} tokens, input has {h.shape[1]}")
+        k = len(self.token_mask)
+        if self.order is not None:
+            h = h.index_select(1, torch.tensor(self.order))
+        y = self.fc2(apply_to_rows(h, k, act, first=True))
+        y = apply_to_rows(y, k, functools.partial(ops.relu, protocol=self.protocol),
+                          first=False)
+        return y if self.inverse is None else y.index_select(1, torch.tensor(self.inverse))
+
+
+def apply_to_rows(x, k: int, fn, first: bool):
+    """``fn`` applied to the rows ``[:k]`` (``first``) or ``[k:]`` of dim 1 alone, the
+    other rows passed through untouched."""
+    n = x.shape[1]
+    lo, hi = (0, k) if first else (k, n)
+    if lo == hi:
+        return x
+    if hi - lo == n:
+        return fn(x)
+    a, b = x.index_select(1, torch.arange(k)), x.index_select(1, torch.arange(k, n))
+    return ops.cat([fn(a), b] if first else [a, fn(b)], dim=1)
 
 
 class Block(nn.Module):
@@ -180,7 +234,8 @@ class Block(nn.Module):
                               eps=cfg.attn_eps)
         # a bias-free MLP needs a LayerNorm without shift before it (see ActivationKind)
         self.norm2 = LayerNorm(cfg.dim, eps=cfg.ln_eps, bias=not layer.activation.bias_free)
-        self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation)
+        self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation, layer.token_mask,
+                       cfg.num_tokens)
 
     def forward(self, x):
         x = x + self.attn(x, norm=self.norm1)
@@ -196,7 +251,8 @@ class CCTBlock(nn.Module):
         self.attn = Attention(cfg.dim, cfg.heads, layer.attention, qkv_bias=qkv_bias,
                               eps=cfg.attn_eps)
         self.norm1 = LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation)
+        self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation, layer.token_mask,
+                       cfg.num_tokens)
 
     def forward(self, x):
         x = x + self.attn(x, norm=self.pre_norm)
@@ -215,7 +271,7 @@ class ViT(nn.Module):
                  protocol: ProtocolPlan | None = None) -> None:
         super().__init__()
         spec = spec if spec is not None else ArchSpec.uniform(config.depth, config.heads)
-        spec.validate(config.depth, config.heads)
+        spec.validate(config.depth, config.heads, config.num_tokens)
         self.config = config
         self.spec = spec
         self.patch_embed = PatchEmbed(config.in_chans, config.patch, config.dim)
@@ -255,7 +311,7 @@ class ViT(nn.Module):
         """Switch attention/activation kinds in place.  The weights are kind-independent,
         except that a bias-free activation (``relu_nobias``) has no fc1 and LayerNorm
         bias: switching to or from it is refused."""
-        spec.validate(self.config.depth, self.config.heads)
+        spec.validate(self.config.depth, self.config.heads, self.config.num_tokens)
         for i, (old, new) in enumerate(zip(self.spec.layers, spec.layers, strict=True)):
             if old.activation.bias_free != new.activation.bias_free:
                 raise ValueError(f"layer {i}: {old.activation.value} -> "
@@ -264,6 +320,7 @@ class ViT(nn.Module):
         for blk, layer in zip(self.blocks, spec.layers, strict=True):
             blk.attn.set_kinds(layer.attention)
             blk.mlp.activation = layer.activation
+            blk.mlp.set_token_mask(layer.token_mask)
         self.spec = spec
 
     def class_token(self, x):
