@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +18,14 @@ from . import ops
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
+Tensor = Any  # crypten MPCTensor
 
-def _erf_gelu(x):
+
+def _erf_gelu(x: Tensor) -> Tensor:
     return x * (1 + (x * (1 / math.sqrt(2.0))).erf()) * 0.5
 
 
-def _tanh_gelu(x):
+def _tanh_gelu(x: Tensor) -> Tensor:
     return x * (1 + ((x + 0.044715 * x * x * x) * SQRT_2_OVER_PI).tanh()) * 0.5
 
 

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +139,10 @@ def _run_load(make_client: Callable[[], Any], images: np.ndarray, clients: int,
 
 
 def throughput_table(checkpoint: str, data: str = "fashion-mnist",
-                     client_counts=(1, 8, 32), requests_per_client: int = 2,
+                     client_counts: Sequence[int] = (1, 8, 32), requests_per_client: int = 2,
                      max_batch: int = 32, max_wait: float = 0.05,
-                     provider: str = "dealer", progress=print) -> list[dict]:
+                     provider: str = "dealer",
+                     progress: Callable[[str], object] = print) -> list[dict]:
     """One-at-a-time baseline (max_batch 1) and batched runs for each client count."""
     from mpcvit.models.data import load_dataset
 
@@ -158,10 +159,11 @@ def throughput_table(checkpoint: str, data: str = "fashion-mnist",
     return rows
 
 
-def pairs_table(checkpoint: str, data: str = "fashion-mnist", pair_counts=(1, 2),
-                client_counts=(8,), requests_per_client: int = 4, max_batch: int = 32,
+def pairs_table(checkpoint: str, data: str = "fashion-mnist",
+                pair_counts: Sequence[int] = (1, 2), client_counts: Sequence[int] = (8,),
+                requests_per_client: int = 4, max_batch: int = 32,
                 max_wait: float = 0.05, provider: str = "dealer",
-                progress=print) -> list[dict]:
+                progress: Callable[[str], object] = print) -> list[dict]:
     """Images/s for each number of pairs and of client threads; the ratio is against one
     pair with the same clients, measured in the same run."""
     from mpcvit.models.data import load_dataset

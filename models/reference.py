@@ -362,7 +362,8 @@ def import_reference(
     return model.eval()
 
 
-def load_reference_checkpoint(path: str | os.PathLike, ema: bool = False, **kwargs) -> ViT:
+def load_reference_checkpoint(path: str | os.PathLike, ema: bool = False,
+                              **kwargs: Any) -> ViT:
     """``import_reference`` on a reference checkpoint file as the trainer saved it."""
     return import_reference(unwrap_reference(read_reference_file(path), ema=ema), **kwargs)
 
