@@ -1,6 +1,6 @@
 """Compare secure GeLU candidates: accuracy on realistic ranges and 2-party cost.
 
-Run ``python -m mpcvit.models.gelu_study`` (2 parties over gRPC, TFP provider); the
+Run ``python -m mpcvit.bench.gelu_study`` (2 parties over gRPC, TFP provider); the
 table in docs/gelu.md comes from this script.
 """
 
@@ -9,20 +9,22 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from . import ops
+from mpcvit.models import ops
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
+Tensor = Any  # crypten MPCTensor
 
-def _erf_gelu(x):
+
+def _erf_gelu(x: Tensor) -> Tensor:
     return x * (1 + (x * (1 / math.sqrt(2.0))).erf()) * 0.5
 
 
-def _tanh_gelu(x):
+def _tanh_gelu(x: Tensor) -> Tensor:
     return x * (1 + ((x + 0.044715 * x * x * x) * SQRT_2_OVER_PI).tanh()) * 0.5
 
 
@@ -36,9 +38,8 @@ CANDIDATES = {
 
 
 def _party(shape: tuple[int, ...], repeats: int) -> dict[str, dict[str, float]]:
+    from mpcvit.models.secure import reveal_float
     from mpcvit.mpc.compat import import_crypten
-
-    from .secure import reveal_float
 
     crypten = import_crypten()
     comm = crypten.communicator.get()

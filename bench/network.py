@@ -18,14 +18,15 @@ from ..mpc.netem import EmulatedNetwork, NetworkProfile
 
 
 def network_party(config_dict: dict, spec_dict: dict, state_dict: dict | None,
-                  images: torch.Tensor, offline: bool) -> list[dict[str, Any]]:
+                  images: torch.Tensor, offline: bool,
+                  protocol_dict: dict | None = None) -> list[dict[str, Any]]:
     """Party program: warm-up forward (records the tuple trace), then each image, with
     its correlated randomness prepared offline first when ``offline``."""
     from mpcvit.models.profiler import build_secure, prepare_offline, record_trace, timed_forward
     from mpcvit.mpc import runtime
 
     provider = runtime.dealer_provider()
-    secure = build_secure(config_dict, spec_dict, state_dict)
+    secure = build_secure(config_dict, spec_dict, state_dict, protocol_dict)
     trace = record_trace(provider, lambda: timed_forward(secure, images[:1]))
     rows = []
     for i in range(len(images)):
@@ -42,7 +43,8 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     offline = statistics.median(r["offline_s"] for r in rows)
     return {"online_s": online, "offline_s": offline, "total_s": online + offline,
             "rounds": rows[0]["rounds"], "bytes": rows[0]["bytes"],
-            "dealer_requests": statistics.median(r["dealer_requests"] for r in rows)}
+            "dealer_requests": statistics.median(r["dealer_requests"] for r in rows),
+            "offline_bytes": statistics.median(r["offline_bytes"] for r in rows)}
 
 
 def _images(config, n: int) -> torch.Tensor:
@@ -51,30 +53,36 @@ def _images(config, n: int) -> torch.Tensor:
 
 
 def bench_loopback(config, spec, *, images: int = 2, offline: bool = True,
-                   state_dict: dict | None = None, progress=print) -> dict[str, float]:
-    """The same program with no emulated link: the compute baseline."""
+                   state_dict: dict | None = None, protocol=None,
+                   progress=print) -> dict[str, float]:
+    """The same program with no emulated link: the compute baseline (``protocol``: a
+    ``ProtocolPlan``, None for the default)."""
     progress("loopback run (compute baseline)...")
+    plan = None if protocol is None else protocol.to_dict()
     loop = _summary(run_parties(network_party, config.to_dict(), spec.to_dict(), state_dict,
-                                _images(config, images), offline, provider="dealer",
+                                _images(config, images), offline, plan, provider="dealer",
                                 timeout=3600)[0])
     progress(f"  {loop['online_s']:.2f} s online per image, {loop['rounds']} rounds, "
-             f"{loop['bytes'] / 1e6:.1f} MB (party 0's count)")
+             f"{loop['bytes'] / 1e6:.1f} MB (party 0's count), "
+             f"{loop['offline_bytes'] / 1e6:.1f} MB dealer material")
     return loop
 
 
 def bench_network(config, spec, profile: NetworkProfile, *, images: int = 2,
-                  offline: bool = True, state_dict: dict | None = None,
+                  offline: bool = True, state_dict: dict | None = None, protocol=None,
                   loopback: dict[str, float] | None = None, progress=print) -> dict[str, Any]:
     """Measure over the emulated link; predict the link from the loopback run."""
     x = _images(config, images)
+    plan = None if protocol is None else protocol.to_dict()
     args = (config.to_dict(), spec.to_dict(), state_dict, x)
     loop = loopback or bench_loopback(config, spec, images=images, offline=offline,
-                                      state_dict=state_dict, progress=progress)
+                                      state_dict=state_dict, protocol=protocol,
+                                      progress=progress)
     with EmulatedNetwork(profile) as net:
         where = "namespaces + tbf + relays" if net.use_namespaces else (
             f"loopback relays ({net.fallback_reason})")
         progress(f"emulated {profile.describe()} via {where}...")
-        emu = _summary(run_parties(network_party, *args, offline, provider="dealer",
+        emu = _summary(run_parties(network_party, *args, offline, plan, provider="dealer",
                                    network=net, timeout=7200, recv_timeout=600)[0])
     predicted = loop["online_s"] + profile.mpc_seconds(loop["bytes"], loop["rounds"])
     progress(f"  {emu['online_s']:.2f} s online per image (+{emu['offline_s']:.2f} s offline); "

@@ -280,7 +280,7 @@ def evaluate_step(out: Path) -> Callable[[], None]:
 
 
 def binarise_step(search_json: Path, costs_path: Path, network: str, out_dir: Path,
-                  mus=MUS) -> Callable[[], None]:
+                  mus: tuple[float, ...] = MUS) -> Callable[[], None]:
     """Binarise the attention search's α at every μ (one YAML per μ)."""
 
     def step() -> None:
@@ -458,7 +458,7 @@ def collect(args: argparse.Namespace, models: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def _fmt(v, spec: str = ".3f", none: str = "—") -> str:
+def _fmt(v: float | None, spec: str = ".3f", none: str = "—") -> str:
     return none if v is None else format(v, spec)
 
 

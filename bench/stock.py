@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import torch
 
@@ -17,15 +18,17 @@ from ..mpc.compat import import_crypten
 
 crypten = import_crypten()
 
+Tensor = Any  # crypten MPCTensor
 
-def _layer_norm(x, eps: float = 1e-5):
+
+def _layer_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     mean = x.mean(dim=-1, keepdim=True)
     centred = x - mean
     var = (centred * centred).mean(dim=-1, keepdim=True)
     return centred * (var + eps).inv_sqrt()
 
 
-def _gelu(x):
+def _gelu(x: Tensor) -> Tensor:
     return x * 0.5 * (1 + (x * (1 / math.sqrt(2))).erf())
 
 
@@ -38,7 +41,7 @@ def stock_vit_party(config_dict: dict, seed: int = 0) -> dict:
     d, hidden, heads = cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.heads
     n = (cfg.image_size // cfg.patch) ** 2 + 1
 
-    def w(*shape):  # party 0's weights (random, scaled like a trained ViT's)
+    def w(*shape: int) -> Tensor:  # party 0's weights (random, scaled like a trained ViT's)
         return crypten.cryptensor(torch.randn(*shape, generator=g) / math.sqrt(shape[-1]), src=0)
 
     patch = w(d, cfg.in_chans, cfg.patch, cfg.patch)
@@ -48,7 +51,7 @@ def stock_vit_party(config_dict: dict, seed: int = 0) -> dict:
     image = torch.randn(1, cfg.in_chans, cfg.image_size, cfg.image_size, generator=g)
     x_in = crypten.cryptensor(image, src=1)
 
-    def forward():
+    def forward() -> Tensor:
         x = x_in.conv2d(patch, stride=cfg.patch).flatten(2).transpose(1, 2)[0]  # (N-1, d)
         x = crypten.cat([cls_pos[:1], x + cls_pos[1:]], dim=0)
         hd = d // heads

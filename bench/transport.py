@@ -7,7 +7,7 @@ from .workloads import block_workload
 
 
 def compare_transports(
-    provider: str = "tfp", repeats: int = 5, rounds_of_runs: int = 2, **shape
+    provider: str = "tfp", repeats: int = 5, rounds_of_runs: int = 2, **shape: int
 ) -> dict:
     """Run the block over gloo and over gRPC, alternating, ``rounds_of_runs`` times each.
 

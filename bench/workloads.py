@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -11,8 +12,11 @@ from ..mpc.compat import import_crypten
 
 crypten = import_crypten()
 
+Tensor = Any  # crypten MPCTensor
 
-def vit_block(x, w_qkv, w_proj, w1, w2, heads: int):
+
+def vit_block(x: Tensor, w_qkv: Tensor, w_proj: Tensor, w1: Tensor, w2: Tensor,
+              heads: int) -> Tensor:
     """One ViT block on encrypted tensors: softmax attention + ReLU MLP, residuals."""
     tokens, dim = x.shape
     hd = dim // heads

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "certs": "mpcvit.commands.certs",
     "train": "mpcvit.commands.train",
     "eval": "mpcvit.commands.eval",
+    "import": "mpcvit.commands.import_reference",
     "profile": "mpcvit.commands.profile",
     "search": "mpcvit.commands.search",
 }

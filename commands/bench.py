@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 HELP = ("run benchmarks: transport (gRPC vs gloo), throughput (batching), network (LAN/WAN), "
         "soak (reliability)")
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tp.add_argument("--max-batch", type=int, default=32)
     tp.add_argument("--max-wait", type=float, default=0.05, help="seconds to fill a batch")
     tp.add_argument("--provider", choices=["dealer", "tfp"], default="dealer")
+    tp.add_argument("--pairs", default=None, metavar="P,P",
+                    help="scale out instead: images/s with each number of party pairs "
+                         "(e.g. 1,2), each pair with its own dealer, all the clients "
+                         "sharing one PairPool; compared with one pair")
     tp.add_argument("--json", action="store_true", help="end with one JSON object")
 
     sk = sub.add_parser("soak", help="long run of the real TLS service: sequential and "
@@ -55,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     nw.add_argument("--images", type=int, default=2, help="images measured (median)")
     nw.add_argument("--no-offline", action="store_true",
                     help="fetch correlated randomness online instead of before each image")
+    nw.add_argument("--protocol", default="default",
+                    help="protocol plan: default, fss, or block=variant,... "
+                         "(e.g. comparison=fss,gelu=spline)")
     nw.add_argument("--json", action="store_true", help="end with one JSON object")
 
 
@@ -83,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
         counts = tuple(int(c) for c in args.clients.split(","))
         ckpt = str(resolve_checkpoint(args.model))
+        if args.pairs:
+            return _bench_pairs(args, ckpt, counts)
         print(f"party service on this machine, model {ckpt}, provider {args.provider}; "
               f"baseline: one client, max_batch 1", flush=True)
         rows = throughput_table(ckpt, args.data, counts, args.requests, args.max_batch,
@@ -103,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         from mpcvit.models.configs import CONFIGS
         from mpcvit.models.spec import ArchSpec
         from mpcvit.mpc.netem import parse_network
+        from mpcvit.mpc.protocols.plan import ProtocolPlan
 
         state = None
         if args.model in CONFIGS:
@@ -114,12 +125,14 @@ def run(args: argparse.Namespace) -> int:
             if args.arch:
                 spec = ArchSpec.parse(args.arch, config.depth, config.heads)
         profile = parse_network(args.network)
+        plan = ProtocolPlan.parse(args.protocol)
         res = bench_network(config, spec, profile, images=args.images,
-                            offline=not args.no_offline, state_dict=state)
+                            offline=not args.no_offline, state_dict=state, protocol=plan)
         m = res["measured"]
         print(f"{args.model} [{args.arch or 'checkpoint spec'}] on {profile.describe()}: "
               f"online {m['online_s']:.2f} s/image, offline {m['offline_s']:.2f} s, total "
-              f"{m['total_s']:.2f} s; {m['rounds']} rounds, {m['bytes'] / 1e6:.1f} MB; "
+              f"{m['total_s']:.2f} s; {m['rounds']} rounds, {m['bytes'] / 1e6:.1f} MB, "
+              f"{m['offline_bytes'] / 1e6:.1f} MB dealer material ({plan.describe()}); "
               f"predicted online {res['predicted_online_s']:.2f} s "
               f"({res['prediction_error']:+.0%})")
         if args.json:
@@ -128,9 +141,24 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.bench)
 
 
-def _soak(args: argparse.Namespace) -> int:
-    import sys
+def _bench_pairs(args: argparse.Namespace, ckpt: str, counts: tuple[int, ...]) -> int:
+    from mpcvit.bench.throughput import pairs_table
 
+    pair_counts = tuple(int(p) for p in args.pairs.split(","))
+    if min(pair_counts) < 1 or 1 not in pair_counts:
+        print("mpcvit bench throughput: --pairs needs 1 (the baseline) and counts >= 1",
+              file=sys.stderr)
+        return 2
+    print(f"party pairs on this machine, model {ckpt}, provider {args.provider}, "
+          f"max_batch {args.max_batch}; baseline: one pair with the same clients", flush=True)
+    rows = pairs_table(ckpt, args.data, pair_counts, counts, args.requests, args.max_batch,
+                       args.max_wait, args.provider)
+    if args.json:
+        print(json.dumps({"rows": rows}))
+    return 0
+
+
+def _soak(args: argparse.Namespace) -> int:
     from mpcvit.bench.soak import SoakConfig, soak
 
     cfg = SoakConfig(sequential=args.requests, clients=args.clients,

@@ -14,8 +14,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mpcvit.party.client import ModelInfo
 
 HELP = "run dealer + two parties locally and classify Fashion-MNIST test images privately"
 
@@ -53,7 +57,7 @@ def ensure_checkpoint(name: str, epochs: int) -> Path:
     return out
 
 
-def plaintext_predictions(checkpoint: Path, info, pixels: np.ndarray) -> np.ndarray:
+def plaintext_predictions(checkpoint: Path, info: ModelInfo, pixels: np.ndarray) -> np.ndarray:
     import torch
     from mpcvit.models.checkpoint import load_checkpoint
 

@@ -13,9 +13,14 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mpcvit.models.vit import ViT
 
 HELP = "evaluate a model in plaintext and (--secure) under 2-party MPC over gRPC"
 
@@ -37,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
 
 
-def resolve_model(name: str, arch: str | None):
+def resolve_model(name: str, arch: str | None) -> tuple[ViT, Path | None, str]:
     """(model, checkpoint path or None, description)."""
     from mpcvit.models.checkpoint import load_checkpoint, shipped_checkpoint
     from mpcvit.models.configs import CONFIGS
@@ -59,7 +64,7 @@ def resolve_model(name: str, arch: str | None):
     raise FileNotFoundError(f"{name}: no such checkpoint, shipped model or config name")
 
 
-def plaintext_logits(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
+def plaintext_logits(model: ViT, images: np.ndarray, batch: int = 256) -> np.ndarray:
     import torch
 
     out = []
@@ -69,8 +74,8 @@ def plaintext_logits(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, model.config.num_classes))
 
 
-def secure_run(model, ckpt: Path | None, images: np.ndarray, provider: str,
-               progress=print) -> dict:
+def secure_run(model: ViT, ckpt: Path | None, images: np.ndarray, provider: str,
+               progress: Callable[[str], object] = print) -> dict:
     """Classify ``images`` through the 2-party service; per-image logits and costs."""
     from mpcvit.models.checkpoint import save_checkpoint
     from mpcvit.party.client import PrivateInferenceClient

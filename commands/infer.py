@@ -1,5 +1,9 @@
 """``mpcvit infer --config deploy/client.yaml IMAGE...``: classify images privately.
 
+``--pairs "a0:p,a1:p;b0:p,b1:p"`` (or ``dns:P0,P1`` with ``{ordinal}``) spreads the
+images over several party pairs, each to a serving pair with the fewest of this
+client's requests in flight (:mod:`mpcvit.party.pool`).
+
 IMAGE is a picture file (PNG, JPEG, WebP, BMP, GIF, TIFF with Pillow, the ``image``
 extra; PGM/PPM and NPY without it) of any size and colour, or
 ``fashion-mnist:test:INDEX`` (also ``fashion-mnist:test:START-END``) to pick real
@@ -11,6 +15,7 @@ Torch-free: only the client SDK, numpy, grpcio, protobuf and PyYAML (and Pillow)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Any
@@ -28,10 +33,13 @@ exit codes:
   0  every image was classified
   2  bad arguments or client config
   3  some images failed (unreadable, too large, not convertible, or refused by a
-     party); the others were classified and printed
+     party; with --pairs also an image whose pair failed after its shares were
+     sent: the next images go to the other pairs); the others were classified
+     and printed
   4  the parties could not be used: nothing answered at an address, the server
      there is not an mpcvit party (e.g. the dealer's port), they were not ready
-     within wait_ready, or a party failed during the run
+     within wait_ready, or a party failed during the run (with --pairs: no pair
+     serves)
   5  a module that an extra brings is missing (any mpcvit command; the message
      names the extra).  Without Pillow a PNG/JPEG is one failed image (3).
 """
@@ -40,9 +48,14 @@ exit codes:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--config", required=True,
+    parser.add_argument("--config",
                         help="client YAML (deploy/client.yaml; deploy/local/client.yaml for "
-                             "servers on this machine)")
+                             "servers on this machine); optional with --pairs")
+    parser.add_argument("--pairs", metavar="PAIRS",
+                        help="several party pairs instead of the config's parties: "
+                             "'p0:port,p1:port;p0b:port,p1b:port', or "
+                             "'dns:P0,P1' with {ordinal} in both addresses (pair k: "
+                             "{ordinal}=k, for every k whose names resolve)")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="picture file (any size and colour) or fashion-mnist:test:INDEX[-END]")
     parser.add_argument("--top-k", type=int, help="classes to print per image")
@@ -78,8 +91,9 @@ class Report:
             self.known += 1
             self.correct += int(p.label == label)
             truth = f" true={names[label]}"
+        pair = "" if p.pair is None else f", pair {p.pair}"
         print(f"{name}:{truth} predicted={names[p.label]} | top{self.top_k}: {tops} | "
-              f"{p.seconds:.2f} s, {p.megabytes:.1f} MB, {p.rounds} rounds", flush=True)
+              f"{p.seconds:.2f} s, {p.megabytes:.1f} MB, {p.rounds} rounds{pair}", flush=True)
 
 
 def _message(exc: Exception) -> str:
@@ -94,9 +108,10 @@ def _image_failure(exc: Exception) -> bool:
     """Errors that concern one image only: report it and go on with the next."""
     from mpcvit.party.client import InvalidInput, RequestAborted, RequestTimeout, RequestTooLarge
     from mpcvit.party.images import ImageError
+    from mpcvit.party.pool import PairFailed
 
     return isinstance(exc, (ImageError, InvalidInput, RequestTooLarge, RequestTimeout,
-                            RequestAborted))
+                            RequestAborted, PairFailed))
 
 
 def classify(client: Any, pending: list[Any], report: Report, *, batch: bool,
@@ -136,16 +151,23 @@ def classify(client: Any, pending: list[Any], report: Report, *, batch: bool,
 
 def run(args: argparse.Namespace) -> int:
     from mpcvit.party.client import ClientError
-    from mpcvit.party.client_config import ClientConfig
+    from mpcvit.party.client_config import ENV_PAIRS, ENV_PARTIES, ClientConfig
     from mpcvit.party.images import WORK_FACTOR, iter_images
 
     # Pillow's own size warning: pictures over the limit are refused with a clear message.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+    if args.config is None and args.pairs is None:
+        print("mpcvit infer: give --config FILE, --pairs PAIRS, or both", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        config = ClientConfig.from_yaml(args.config)
+        if args.config is None:
+            env = {k: v for k, v in os.environ.items() if k not in (ENV_PARTIES, ENV_PAIRS)}
+            config = ClientConfig.from_dict({"pairs": args.pairs}, env)
+        else:
+            config = ClientConfig.from_yaml(args.config).with_pairs(args.pairs)
         client = config.client()
     except (ValueError, OSError) as exc:
-        print(f"mpcvit infer: {args.config}: {exc}", file=sys.stderr)
+        print(f"mpcvit infer: {args.config or '--pairs'}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     invert = {"auto": None, "yes": True, "no": False}[args.invert]
     with client:
@@ -164,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
         code = classify(client, pending, report, batch=args.batch, invert=invert)
     if report.known:
         print(f"accuracy {report.correct}/{report.known}")
+    for pair in client.pairs() if hasattr(client, "pairs") else ():
+        _say(f"pair {pair['index']} ({', '.join(pair['addresses'])}): {pair['served']} "
+             f"served, {pair['failed']} failed" + (f"; last down: {pair['down']}"
+                                                   if pair["down"] else ""))
     if report.failed:
         _say(f"mpcvit infer: {report.failed} of {len(pending)} image(s) failed")
     return code

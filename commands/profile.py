@@ -17,7 +17,9 @@ HELP = "profile per-block MPC costs (rounds, bytes, seconds) and write a cost fi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="config name (e.g. demo, vit_7_4_32)")
+    parser.add_argument("--model", required=True,
+                        help="config name (e.g. demo, vit_7_4_32), or a checkpoint: its "
+                             "config, and its spec unless --arch is given")
     parser.add_argument("--arch", default=None,
                         help="arch spec YAML or ATTENTION[+ACTIVATION]: also print its "
                         "predicted whole-model cost")
@@ -43,6 +45,7 @@ def print_table(blocks: dict[str, dict[str, float]], network_desc: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mpcvit.models.checkpoint import CheckpointError, load_checkpoint
     from mpcvit.models.configs import get_config
     from mpcvit.models.costs import CostModel, parse_network
     from mpcvit.models.profiler import measure_secure_model, profile
@@ -50,10 +53,15 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         network = parse_network(args.network)
-        config = get_config(args.model)
-        spec = (ArchSpec.parse(args.arch, config.depth, config.heads)
-                if args.arch is not None else None)
-    except (KeyError, ValueError, FileNotFoundError) as exc:
+        spec = None
+        if Path(args.model).is_file():  # a checkpoint: its shape, and its spec by default
+            model, _ = load_checkpoint(args.model)
+            config, spec = model.config, model.spec
+        else:
+            config = get_config(args.model)
+        if args.arch is not None:
+            spec = ArchSpec.parse(args.arch, config.depth, config.heads)
+    except (KeyError, ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.verify and spec is None:

@@ -44,7 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-weight", type=float, default=1.0, help="feature MSE weight")
     parser.add_argument("--resume", action="store_true", help="continue from OUT.state")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="CPU threads (1 is steadier when other jobs share the cores)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda[:N]")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="training matmuls; auto: bf16 where the hardware has it natively")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training forward (about a minute to start)")
 
 
 def state_path_for(out: Path) -> Path:
@@ -57,13 +63,14 @@ def run(args: argparse.Namespace) -> int:
     from mpcvit.models.configs import get_config
     from mpcvit.models.data import DatasetError, limit_bundle, load_dataset
     from mpcvit.models.spec import ArchSpec
-    from mpcvit.models.train import TrainConfig, train
+    from mpcvit.models.train import TrainConfig, resolve_device, resolve_precision, train
     from mpcvit.models.vit import build_model
 
     from .common import fit_config
 
     torch.set_num_threads(args.threads)
     try:
+        device = resolve_device(args.device)
         data = limit_bundle(load_dataset(args.data), args.limit, args.test_limit, args.seed)
         config = fit_config(get_config(args.model), data)
         spec = ArchSpec.parse(args.arch, config.depth, config.heads)
@@ -97,10 +104,15 @@ def run(args: argparse.Namespace) -> int:
         kd_temperature=args.kd_temperature,
         kd_weight=args.kd_weight,
         feature_weight=args.feature_weight,
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
     )
+    precision = resolve_precision(cfg.precision, device)
     print(
         f"train {config.name} {spec.summary()} on {data.name}: "
-        f"{len(data.train)} train / {len(data.test)} test images, {cfg.epochs} epochs",
+        f"{len(data.train)} train / {len(data.test)} test images, {cfg.epochs} epochs, "
+        f"batch {cfg.batch_size}, {device} {precision}",
         flush=True,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         "train_images": len(data.train),
         "test_images": len(data.test),
         "train_options": options,
+        "train_precision": precision,
     }
     from mpcvit.models.checkpoint import save_checkpoint
 

@@ -4,6 +4,7 @@ and the state dict.  Loading never unpickles arbitrary objects (``weights_only=T
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt/foreign files
-        raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__}: "
+                              f"{_short(e)}){_reference_hint(path)}") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an mpcvit checkpoint (missing format tag)")
+        raise CheckpointError(
+            f"{path}: not an mpcvit checkpoint (missing format tag){_reference_hint(path)}")
     if blob.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {blob.get('format_version')!r}, "
@@ -60,6 +63,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if key not in blob:
             raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
     return blob
+
+
+def _short(e: Exception) -> str:
+    """The gist of a torch.load error (its weights-only message runs to a page)."""
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
+    return m.group(0) if m else (text.splitlines() or [""])[0][:300]
+
+
+def _reference_hint(path: Path) -> str:
+    """How to import ``path`` if it is a reference MPCViT checkpoint, else ''."""
+    from .reference import looks_like_reference
+
+    if not looks_like_reference(path):
+        return ""
+    return (f"; this looks like a reference MPCViT checkpoint: run "
+            f"`mpcvit import --reference {path} --out model.pt`")
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[ViT, dict[str, Any]]:

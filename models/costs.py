@@ -14,16 +14,21 @@ What is recorded (all from party 0, as the rest of the project reports):
 - ``compute_s``: median wall seconds of the block on loopback (local compute plus the
   loopback transport's own overhead; the network model adds the real link on top);
 - ``dealer_requests``: party 0's dealer round trips (recorded, not priced: the network
-  model assumes the dealer is near party 0 or preprocessed offline).
+  model assumes the dealer is near party 0 or preprocessed offline);
+- ``offline_bytes``: the dealer material party 0 received for the block (corrections and
+  FSS keys; party 1 receives its FSS keys, about as many bytes): fetched offline, not
+  priced by the network model either.
 
 The blocks are profiled one layer at a time with batch 1: attention kinds at one head and
 at all heads of a layer (rounds do not depend on the head count, bytes and compute grow
 with it, so a kind used by ``n`` heads of a layer costs the affine interpolation), the
 activation on one layer's hidden tensor, one LayerNorm on all tokens, the final
 LayerNorm on the class token, the four linear layers of a block, and the stem (patch
-embedding) plus head.  A whole model is then the sum over its layers.  CrypTen runs every
-op eagerly and in program order, so rounds of independent blocks never merge: the sum is
-exact for rounds and bytes, not an upper bound.
+embedding) plus head.  MPCViT+ token masks are priced per token: each maskable
+activation on one token's row, and the ReLU after fc2 on one and on all tokens' rows.  A
+whole model is then the sum over its layers.  CrypTen runs every op eagerly and in program
+order, so rounds of independent blocks never merge: the sum is exact for rounds and
+bytes, not an upper bound.
 """
 
 from __future__ import annotations
@@ -64,26 +69,29 @@ class Cost:
     bytes: float = 0.0
     compute_s: float = 0.0
     dealer_requests: float = 0.0
+    offline_bytes: float = 0.0
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.rounds + other.rounds, self.bytes + other.bytes,
                     self.compute_s + other.compute_s,
-                    self.dealer_requests + other.dealer_requests)
+                    self.dealer_requests + other.dealer_requests,
+                    self.offline_bytes + other.offline_bytes)
 
     def scale(self, k: float) -> Cost:
         return Cost(self.rounds * k, self.bytes * k, self.compute_s * k,
-                    self.dealer_requests * k)
+                    self.dealer_requests * k, self.offline_bytes * k)
 
     def to_dict(self) -> dict[str, float]:
         return {"rounds": _num(self.rounds), "bytes": _num(self.bytes),
                 "compute_s": float(self.compute_s),
-                "dealer_requests": _num(self.dealer_requests)}
+                "dealer_requests": _num(self.dealer_requests),
+                "offline_bytes": _num(self.offline_bytes)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Cost:
         try:
             return cls(float(d["rounds"]), float(d["bytes"]), float(d["compute_s"]),
-                       float(d.get("dealer_requests", 0.0)))
+                       float(d.get("dealer_requests", 0.0)), float(d.get("offline_bytes", 0.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"bad cost entry {d!r}: need rounds, bytes, compute_s") from e
 
@@ -177,6 +185,10 @@ class CostModel:
     layer's MLP activation; ``layernorm`` one LayerNorm over all tokens (two per layer);
     ``layernorm_final`` the final LayerNorm on the class token; ``linear`` the four linear
     layers of one block; ``stem`` the patch embedding plus the head.
+
+    ``token_mask`` prices MPCViT+ token masks: ``<kind>.one_token`` is the activation on
+    one token's hidden row, ``relu_after.one_token``/``.all_tokens`` the ReLU after fc2
+    on one and on all tokens' rows; k tokens cost the affine interpolation, as heads do.
     """
 
     config: ViTConfig
@@ -187,6 +199,7 @@ class CostModel:
     linear: Cost
     stem: Cost
     meta: dict[str, Any] = field(default_factory=dict)
+    token_mask: dict[str, Cost] = field(default_factory=dict)
 
     # -- prediction ----------------------------------------------------------------------
     def attention_cost(self, kind: AttentionKind | str, heads: int) -> Cost:
@@ -197,11 +210,7 @@ class CostModel:
         if kind not in self.attention:
             raise KeyError(f"cost file has no attention kind {kind!r}")
         one, full = self.attention[kind]
-        h = self.config.heads
-        if h == 1:
-            return full.scale(heads)
-        t = (heads - 1) / (h - 1)
-        return one + (full + one.scale(-1.0)).scale(t)
+        return _interpolate(one, full, heads, self.config.heads)
 
     def activation_cost(self, kind: ActivationKind | str) -> Cost:
         kind = ActivationKind(kind).value
@@ -209,11 +218,39 @@ class CostModel:
             raise KeyError(f"cost file has no activation kind {kind!r}")
         return self.activation[kind]
 
+    def masked_activation_cost(self, kind: ActivationKind | str, tokens: int) -> Cost:
+        """One layer's MLP with a token mask selecting ``tokens`` of the layer's tokens:
+        the activation on those rows, the ReLU after fc2 on the others.  A mask selecting
+        no token makes the MLP linear before its ReLU: fc1 and fc2 merge, as for
+        ``identity``."""
+        kind = ActivationKind(kind).value
+        n = self.config.num_tokens
+        if not 0 <= tokens <= n:
+            raise ValueError(f"{tokens} masked tokens of {n}")
+        needed = [f"{kind}.one_token", "relu_after.one_token", "relu_after.all_tokens"]
+        missing = [k for k in needed if k not in self.token_mask]
+        if missing:
+            raise KeyError(f"cost file has no token-mask prices {missing}; re-run mpcvit profile")
+        if tokens == 0:
+            act = self.activation_cost(ActivationKind.IDENTITY)
+        else:
+            act = _interpolate(self.token_mask[f"{kind}.one_token"], self.activation_cost(kind),
+                               tokens, n)
+        relu = _interpolate(self.token_mask["relu_after.one_token"],
+                            self.token_mask["relu_after.all_tokens"], n - tokens, n)
+        return act + relu
+
+    def layer_activation_cost(self, layer: LayerSpec) -> Cost:
+        """One layer's MLP activation, token mask included."""
+        if layer.token_mask is None:
+            return self.activation_cost(layer.activation)
+        return self.masked_activation_cost(layer.activation, len(layer.token_mask))
+
     def layer_cost(self, layer: LayerSpec) -> Cost:
         """One block: its attention groups (run one after another), activation, two
         LayerNorms and four linear layers."""
         att = total(self.attention_cost(k, len(hs)) for k, hs in layer.groups())
-        return att + self.activation_cost(layer.activation) + self.layernorm.scale(2) + self.linear
+        return att + self.layer_activation_cost(layer) + self.layernorm.scale(2) + self.linear
 
     def fixed_cost(self) -> Cost:
         """What every spec pays: LayerNorms, linear layers, stem, head, final norm."""
@@ -226,7 +263,7 @@ class CostModel:
         spec.validate(self.config.depth, self.config.heads)
         att = total(self.attention_cost(k, len(hs)) for layer in spec.layers
                     for k, hs in layer.groups())
-        act = total(self.activation_cost(layer.activation) for layer in spec.layers)
+        act = total(self.layer_activation_cost(layer) for layer in spec.layers)
         return att + act + self.fixed_cost()
 
     def seconds(self, spec: ArchSpec, network: NetworkModel) -> float:
@@ -271,6 +308,7 @@ class CostModel:
             "once": {"layernorm.final": self.layernorm_final.to_dict(),
                      "linear.stem_head": self.stem.to_dict()},
         }
+        d["per_layer"] |= {f"token_mask.{k}": c.to_dict() for k, c in self.token_mask.items()}
         if network is not None:
             d["network"] = network.to_dict()
             d["blocks"] = self.blocks_table(network)
@@ -300,6 +338,7 @@ class CostModel:
                 linear=Cost.from_dict(per["linear"]),
                 stem=Cost.from_dict(once["linear.stem_head"]),
                 meta=dict(d.get("meta") or {}),
+                token_mask=_token_mask_costs(per),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"cost file lacks a field: {e}") from e
@@ -338,5 +377,22 @@ def cost_model_from_measurements(
         layernorm=Cost.from_dict(m["layernorm"]),
         layernorm_final=Cost.from_dict(m["layernorm.final"]),
         linear=Cost.from_dict(m["linear"]), stem=Cost.from_dict(m["linear.stem_head"]),
-        meta=dict(meta or {}),
+        meta=dict(meta or {}), token_mask=_token_mask_costs(m),
     )
+
+
+def _token_mask_costs(m: Mapping[str, Any]) -> dict[str, Cost]:
+    """The ``token_mask.*`` entries of a cost file or of the profiler's output (absent
+    from files profiled before token masks were priced)."""
+    prefix = "token_mask."
+    return {k[len(prefix):]: Cost.from_dict(v) for k, v in m.items() if k.startswith(prefix)}
+
+
+def _interpolate(one: Cost, full: Cost, count: int, of: int) -> Cost:
+    """Cost of ``count`` of ``of`` units (heads, tokens) from the measured costs of one and
+    of all: rounds do not depend on the count (above 0), bytes and compute grow with it."""
+    if count <= 0:
+        return Cost()
+    if of == 1:
+        return full.scale(count)
+    return one + (full + one.scale(-1.0)).scale((count - 1) / (of - 1))

@@ -677,7 +677,8 @@ class SyntheticSpec:
     noise: float = 0.5  # noise std relative to the pattern contrast; higher is harder
 
 
-def _synthetic_split(spec: SyntheticSpec, prototypes: np.ndarray, n: int, seed: int):
+def _synthetic_split(spec: SyntheticSpec, prototypes: np.ndarray, n: int,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, spec.classes, size=n)
     contrast = rng.uniform(0.6, 1.0, size=(n, 1, 1, 1))

@@ -7,6 +7,11 @@ both backends share (``matmul``, ``+``, ``*``, ``sum``, ``mean``, ``reshape``,
 definitions; the secure halves are the MPC protocols of
 :mod:`mpcvit.mpc.protocols.functions`, approximations chosen for few communication
 rounds and checked against these definitions on realistic ranges (see docs/gelu.md).
+
+Every function with more than one secure protocol takes ``protocol``, a
+:class:`~mpcvit.mpc.protocols.plan.ProtocolPlan` naming the variant per building block
+(None: the default plan).  The plaintext halves ignore it.  The model modules carry their
+plan as an attribute (``vit.py``) and pass it here explicitly.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from mpcvit.mpc.compat import import_crypten
 from mpcvit.mpc.protocols import functions as secure
+from mpcvit.mpc.protocols.plan import ProtocolPlan
+
+Plan = ProtocolPlan | None
 
 Tensor = Any  # torch.Tensor or crypten MPCTensor
 
@@ -69,36 +77,39 @@ def patchify(x: Tensor, patch: int) -> Tensor:
 # --------------------------------------------------------------------------- activations
 
 
-def gelu(x: Tensor) -> Tensor:
-    return F.gelu(x) if is_plain(x) else secure.gelu(x)
+def gelu(x: Tensor, protocol: Plan = None) -> Tensor:
+    return F.gelu(x) if is_plain(x) else secure.gelu(x, protocol=protocol)
 
 
-def relu(x: Tensor) -> Tensor:
-    """ReLU; under MPC one comparison with the product in its last round (5 rounds)."""
-    return F.relu(x) if is_plain(x) else secure.relu(x)
+def relu(x: Tensor, protocol: Plan = None) -> Tensor:
+    """ReLU; under MPC one comparison with the product in its last round (5 rounds; 1
+    with FSS comparisons)."""
+    return F.relu(x) if is_plain(x) else secure.relu(x, protocol)
 
 
-def quad(x: Tensor) -> Tensor:
+def quad(x: Tensor, protocol: Plan = None) -> Tensor:
     """MPCFormer's GeLU stand-in 0.125x² + 0.25x + 0.5 (one multiplication)."""
     return x * (0.125 * x + 0.25) + 0.5
 
 
-def identity(x: Tensor) -> Tensor:
+def identity(x: Tensor, protocol: Plan = None) -> Tensor:
     return x
 
 
-def ltz(x: Tensor) -> Tensor:
-    """[x < 0]; under MPC as CrypTen's integer-scale arithmetic bits (5 rounds)."""
-    return (x < 0).long() if is_plain(x) else secure.ltz(x)
+def ltz(x: Tensor, protocol: Plan = None) -> Tensor:
+    """[x < 0]; under MPC as CrypTen's integer-scale arithmetic bits (5 rounds; 1 with
+    FSS comparisons)."""
+    return (x < 0).long() if is_plain(x) else secure.ltz(x, protocol)
 
 
 # --------------------------------------------------------------------------- layer norm
 
 
-def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+               protocol: Plan = None) -> Tensor:
     if is_plain(x):
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    y = secure.layer_norm(x, eps)
+    y = secure.layer_norm(x, eps, protocol)
     if weight is not None:
         y = y * weight
     if bias is not None:
@@ -107,7 +118,7 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 
 
 def norm_linear(x: Tensor, eps: float, weight: Tensor, bias: Tensor | None = None,
-                rectify: bool = False) -> Tensor:
+                rectify: bool = False, protocol: Plan = None) -> Tensor:
     """linear(layer_norm(x)) for a LayerNorm without affine part (folded away); with
     ``rectify``, relu of it (the layer must then have no bias).  Under MPC the norm's
     first round carries the layer's product and the ReLU's sign test rides in the norm's
@@ -117,55 +128,56 @@ def norm_linear(x: Tensor, eps: float, weight: Tensor, bias: Tensor | None = Non
     if is_plain(x):
         y = linear(F.layer_norm(x, x.shape[-1:], None, None, eps), weight, bias)
         return F.relu(y) if rectify else y
-    return secure.norm_linear(x, eps, weight, bias, rectify)
+    return secure.norm_linear(x, eps, weight, bias, rectify, protocol)
 
 
 # --------------------------------------------------------------------------- attention maps
 # Each takes scores a (..., N_query, N_key) and returns the attention matrix.
 
 
-def softmax(a: Tensor, eps: float = ATTN_EPS) -> Tensor:
+def softmax(a: Tensor, eps: float = ATTN_EPS, protocol: Plan = None) -> Tensor:
     """Standard softmax (``eps`` unused; uniform signature with the other kinds)."""
-    return a.softmax(-1) if is_plain(a) else secure.softmax(a)
+    return a.softmax(-1) if is_plain(a) else secure.softmax(a, protocol)
 
 
-def relu_softmax(a: Tensor, eps: float = ATTN_EPS) -> Tensor:
-    r = relu(a)
+def relu_softmax(a: Tensor, eps: float = ATTN_EPS, protocol: Plan = None) -> Tensor:
+    r = relu(a, protocol)
     s = r.sum(-1, keepdim=True) + eps
-    return divide(r, s, lo=secure.eps_range_lo(eps))
+    return divide(r, s, lo=secure.eps_range_lo(eps), protocol=protocol)
 
 
-def quad2(a: Tensor, c: float = QUAD2_C, eps: float = ATTN_EPS) -> Tensor:
+def quad2(a: Tensor, c: float = QUAD2_C, eps: float = ATTN_EPS, protocol: Plan = None
+          ) -> Tensor:
     """MPCFormer's 2Quad: (a + c)² / sum (a + c)²."""
     r = (a + c) * (a + c) if not is_plain(a) else (a + c).square()
     s = r.sum(-1, keepdim=True) + eps
-    return divide(r, s)
+    return divide(r, s, protocol=protocol)
 
 
 # --------------------------------------------------------------------------- arithmetic
 
 
 def divide(num: Tensor, den: Tensor, lo: int = secure.RECIP_RANGE[0],
-           hi: int = secure.RECIP_RANGE[1]) -> Tensor:
-    """num / den; under MPC for positive den in [2**lo, 2**hi] (9 rounds)."""
+           hi: int = secure.RECIP_RANGE[1], protocol: Plan = None) -> Tensor:
+    """num / den; under MPC for positive den in [2**lo, 2**hi] (9 rounds by default)."""
     if is_plain(num) and is_plain(den):
         return num / den
-    return secure.divide(num, den, lo, hi)
+    return secure.divide(num, den, lo, hi, protocol=protocol)
 
 
 def div_sqrt(num: Tensor, x: Tensor, lo: int = secure.INV_SQRT_RANGE[0],
              hi: int = secure.INV_SQRT_RANGE[1], sub: int = secure.INV_SQRT_SUB,
-             rectify: bool = False) -> Tensor:
+             rectify: bool = False, protocol: Plan = None) -> Tensor:
     """num / sqrt(x) (relu(num) / sqrt(x) with ``rectify``); under MPC for positive x in
-    [2**lo, 2**hi] (7 or 8 rounds)."""
+    [2**lo, 2**hi] (7 or 8 rounds by default)."""
     if is_plain(num) and is_plain(x):
         return (F.relu(num) if rectify else num) * x.rsqrt()
-    return secure.div_sqrt(num, x, lo, hi, sub, rectify)
+    return secure.div_sqrt(num, x, lo, hi, sub, rectify, protocol)
 
 
-def row_max(a: Tensor) -> Tensor:
+def row_max(a: Tensor, protocol: Plan = None) -> Tensor:
     """max over the last dim, keepdim; under MPC a pairwise tournament."""
-    return a.amax(-1, keepdim=True) if is_plain(a) else secure.row_max(a)
+    return a.amax(-1, keepdim=True) if is_plain(a) else secure.row_max(a, protocol)
 
 
 ATTENTION_FNS = {

@@ -6,7 +6,8 @@ one layer at a model's real shapes and returns a :class:`~mpcvit.models.costs.Co
 (the cost file the search reads); :func:`measure_secure_model` times a whole secure model,
 image by image, to check the file's prediction.  Rounds and bytes are party 0's
 CrypTen counts; seconds are online seconds (the dealer material of each repeat is
-prepared offline first, as the party service does).
+prepared offline first, as the party service does); ``offline_bytes`` is that material as
+party 0 received it from the dealer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 from mpcvit.mpc.compat import import_crypten
+from mpcvit.mpc.protocols.plan import ProtocolPlan
 
 from .configs import ViTConfig
 from .costs import (
@@ -38,6 +40,15 @@ def _dealer_requests() -> float:
 
     provider = runtime.dealer_provider()
     return float(provider.stats()["requests"]) if provider.in_session else 0.0
+
+
+def _dealer_bytes(key: str = "bytes") -> float:
+    """Bytes this party has received from the dealer in the open session (0 without);
+    ``offline_bytes``: those fetched before the session began (``prepare``)."""
+    from mpcvit.mpc import runtime
+
+    provider = runtime.dealer_provider()
+    return float(provider.stats()[key]) if provider.in_session else 0.0
 
 
 _offline_sessions = itertools.count()
@@ -81,10 +92,12 @@ def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
     comm = import_crypten().communicator.get()
     provider = open_dealer()
     trace = record_trace(provider, fn)
-    times, stats, dealer = [], None, 0.0
+    times, stats, dealer, material = [], None, 0.0, 0.0
     for _ in range(max(1, repeats)):
+        b0 = _dealer_bytes()
         if provider is not None:
             prepare_offline(provider, trace)
+            b0 = 0.0  # a fresh session: its bytes so far are the prepared material
         comm.barrier()
         comm.reset_communication_stats()
         d0 = _dealer_requests()
@@ -93,8 +106,10 @@ def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
         times.append(time.perf_counter() - tic)
         stats = comm.get_communication_stats()
         dealer = _dealer_requests() - d0
+        material = _dealer_bytes() - b0
     assert stats is not None
-    return Cost(float(stats["rounds"]), float(stats["bytes"]), statistics.median(times), dealer)
+    return Cost(float(stats["rounds"]), float(stats["bytes"]), statistics.median(times), dealer,
+                material)
 
 
 def _difference(a: Cost, b: Cost, floor: bool = True) -> Cost:
@@ -180,6 +195,7 @@ def profile_blocks_party(
             fn = ops.ACTIVATION_FNS[act.value]
             cost = measure(lambda fn=fn: fn(hidden), repeats)
         out[f"activation.{kind}"] = cost.to_dict()
+    out |= _token_mask_blocks(enc, cfg, activation_kinds, repeats)
 
     def linears() -> None:
         qkv(x)
@@ -217,6 +233,27 @@ def profile_blocks_party(
     return out
 
 
+def _token_mask_blocks(enc: Callable[..., Any], cfg: ViTConfig, activation_kinds: Iterable[str],
+                       repeats: int) -> dict[str, dict[str, float]]:
+    """MPCViT+ token masks (``vit.Mlp``): each maskable activation on one token's hidden
+    row, and the ReLU after fc2 on one token's and on all tokens' rows."""
+    from . import ops
+    from .spec import MASKABLE_ACTIVATIONS
+
+    out = {}
+    one = enc(1, 1, cfg.mlp_hidden, std=1.5)
+    for kind in activation_kinds:
+        act = ActivationKind(kind)
+        if act in MASKABLE_ACTIVATIONS:
+            fn = ops.ACTIVATION_FNS[act.value]
+            out[f"token_mask.{kind}.one_token"] = measure(lambda fn=fn: fn(one), repeats).to_dict()
+    for label, n in (("one_token", 1), ("all_tokens", cfg.num_tokens)):
+        y = enc(1, n, cfg.dim, std=2.0)
+        out[f"token_mask.relu_after.{label}"] = measure(lambda y=y: ops.relu(y),
+                                                        repeats).to_dict()
+    return out
+
+
 def profile(
     config: ViTConfig,
     attention_kinds: Iterable[str] = ATTENTION_KINDS,
@@ -243,39 +280,50 @@ def profile(
 
 
 def build_secure(config_dict: dict[str, Any], spec_dict: dict[str, Any],
-                 state_dict: dict[str, torch.Tensor] | None):
+                 state_dict: dict[str, torch.Tensor] | None,
+                 protocol_dict: dict[str, Any] | None = None):
     """Party program helper: the ``SecureViT`` of a model party 0 owns (``state_dict``,
-    or a seeded random init when None); the other party builds the public structure."""
+    or a seeded random init when None); the other party builds the public structure.
+    Both run the protocol plan ``protocol_dict`` (``ProtocolPlan.to_dict``; None: the
+    default)."""
+    from mpcvit.mpc.protocols.plan import ProtocolPlan
+
     from .secure import SecureViT
     from .vit import ViT
 
     cfg, spec = ViTConfig.from_dict(config_dict), ArchSpec.from_dict(spec_dict)
+    plan = ProtocolPlan.from_dict(protocol_dict)
     if import_crypten().communicator.get().get_rank() == 0:
         torch.manual_seed(0)
         model = ViT(cfg, spec).eval()
         if state_dict is not None:
             model.load_state_dict(state_dict)
-        return SecureViT.from_model(model)
-    return SecureViT.from_model(None, cfg, spec)
+        return SecureViT.from_model(model, protocol=plan)
+    return SecureViT.from_model(None, cfg, spec, protocol=plan)
 
 
 def timed_forward(secure, image: torch.Tensor) -> dict[str, Any]:
     """Party program helper: one batch-1 secure forward of ``image`` (shared by party 1)
-    with this party's rounds, bytes, wall seconds and the revealed logits."""
+    with this party's rounds, bytes, wall seconds, CPU seconds of this process (all its
+    threads: on a shared machine wall time also counts waiting for a core), dealer
+    material (``offline_bytes``: what the session prepared plus what the forward fetched
+    online) and the revealed logits."""
     from .secure import reveal_float, share_input
 
     comm = import_crypten().communicator.get()
     x = share_input(image, tuple(image.shape))
     comm.barrier()
     comm.reset_communication_stats()
-    d0 = _dealer_requests()
-    tic = time.perf_counter()
+    d0, b0 = _dealer_requests(), _dealer_bytes()
+    tic, cpu = time.perf_counter(), time.process_time()
     y = secure(x)
-    seconds = time.perf_counter() - tic
+    seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
     stats = comm.get_communication_stats()
     dealer = _dealer_requests() - d0
     return {"rounds": stats["rounds"], "bytes": stats["bytes"], "compute_s": seconds,
-            "dealer_requests": dealer, "logits": reveal_float(y)[0]}
+            "cpu_s": cpu, "dealer_requests": dealer,
+            "offline_bytes": _dealer_bytes("offline_bytes") + _dealer_bytes() - b0,
+            "logits": reveal_float(y)[0]}
 
 
 def secure_forward_party(
@@ -284,6 +332,7 @@ def secure_forward_party(
     state_dict: dict[str, torch.Tensor] | None,
     images: torch.Tensor,
     warmup: bool = True,
+    protocol_dict: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Party program: the whole secure model on each image (batch 1); per-image rounds,
     bytes and wall seconds as this party counted them, plus the revealed logits.  Under
@@ -292,7 +341,7 @@ def secure_forward_party(
 
     Party 0 owns the weights; the images are shared by party 1, as a client's would be.
     """
-    secure = build_secure(config_dict, spec_dict, state_dict)
+    secure = build_secure(config_dict, spec_dict, state_dict, protocol_dict)
     provider = open_dealer()
     trace = record_trace(provider, lambda: timed_forward(secure, images[:1])) if warmup else []
     rows = []
@@ -311,12 +360,13 @@ class SecureRun:
     seconds: list[float]
     dealer_requests: float
     logits: torch.Tensor
+    offline_bytes: float = 0.0
 
     @property
     def cost(self) -> Cost:
         """Per image: exact rounds/bytes, median wall seconds."""
         return Cost(self.rounds, self.bytes, statistics.median(self.seconds),
-                    self.dealer_requests)
+                    self.dealer_requests, self.offline_bytes)
 
 
 def measure_secure_model(
@@ -326,12 +376,15 @@ def measure_secure_model(
     state_dict: dict[str, torch.Tensor] | None = None,
     provider: str = "dealer",
     timeout: float = 1800.0,
+    protocol: ProtocolPlan | None = None,
 ) -> SecureRun:
-    """Run the whole secure model on ``images`` (one at a time) in 2 real parties."""
+    """Run the whole secure model on ``images`` (one at a time) in 2 real parties, with
+    the protocol plan ``protocol`` (None: the default)."""
     from mpcvit.mpc.launcher import run_parties
 
+    plan = None if protocol is None else protocol.to_dict()
     res = run_parties(secure_forward_party, config.to_dict(), spec.to_dict(), state_dict,
-                      images, provider=provider, timeout=timeout)
+                      images, protocol_dict=plan, provider=provider, timeout=timeout)
     return secure_run(res[0]["rows"])
 
 
@@ -344,4 +397,5 @@ def secure_run(rows: list[dict[str, Any]]) -> SecureRun:
     return SecureRun(float(rounds.pop()), float(nbytes.pop()),
                      [float(r["compute_s"]) for r in rows],
                      float(statistics.median(r["dealer_requests"] for r in rows)),
-                     torch.stack([r["logits"] for r in rows]))
+                     torch.stack([r["logits"] for r in rows]),
+                     float(statistics.median(r.get("offline_bytes", 0.0) for r in rows)))

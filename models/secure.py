@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from mpcvit.mpc.compat import import_crypten
 from mpcvit.mpc.protocols.masked import MaskedWeight, mask_provider
+from mpcvit.mpc.protocols.plan import ProtocolPlan, resolve
 from torch import nn
 
 from .configs import ViTConfig
@@ -161,11 +162,14 @@ def merge_linear_mlps(model: ViT) -> ViT:
     are one linear layer: fc2(fc1(h)) = (W₂W₁)h + (W₂b₁ + b₂).  Under MPC the layer
     saves fc2's round, and the LayerNorm fused with it (``vit.normed_linear``) scales a
     dim-wide output instead of a hidden-wide one.  Run it after :func:`fold_norms`, so
-    that the norm's affine part is inside W₁ and b₁."""
+    that the norm's affine part is inside W₁ and b₁.  A layer whose token mask selects no
+    token (MPCViT+ layer-wise linearisation: relu(fc2(fc1 x)) on every token) merges too;
+    its ReLU follows the merged layer."""
     model = copy.deepcopy(model)
     for blk in model.blocks:
         mlp = blk.mlp
-        if mlp.activation is ActivationKind.IDENTITY and isinstance(mlp.fc2, nn.Linear):
+        linear = mlp.activation is ActivationKind.IDENTITY or mlp.token_mask == ()
+        if linear and isinstance(mlp.fc2, nn.Linear):
             mlp.fc1, mlp.fc2 = merged_linear(mlp.fc1, mlp.fc2), nn.Identity()
     return model
 
@@ -197,10 +201,12 @@ class SecureViT:
     The shares are plain tensors, so the object stays usable in later sessions.
     """
 
-    def __init__(self, config: ViTConfig, spec: ArchSpec, root: SecureModule) -> None:
+    def __init__(self, config: ViTConfig, spec: ArchSpec, root: SecureModule,
+                 protocol: ProtocolPlan | None = None) -> None:
         self.config = config
         self.spec = spec
         self.root = root
+        self.protocol = resolve(protocol)
 
     @classmethod
     def from_model(
@@ -209,10 +215,15 @@ class SecureViT:
         config: ViTConfig | None = None,
         spec: ArchSpec | None = None,
         src: int = 0,
+        protocol: ProtocolPlan | None = None,
     ) -> SecureViT:
         """Share the owner's weights.  On rank ``src`` pass the trained ``model``; on the
         other ranks pass ``None`` plus the public ``config`` and ``spec``: they build the
-        same structure and contribute zeros, so they only ever receive shares."""
+        same structure and contribute zeros, so they only ever receive shares.
+
+        ``protocol`` is the plan the secure model runs (every party must pass the same;
+        None: the owner's model's own plan on rank ``src``, the default plan elsewhere).
+        """
         crypten = import_crypten()
         rank = crypten.communicator.get().get_rank()
         if rank == src:
@@ -229,7 +240,11 @@ class SecureViT:
             with torch.random.fork_rng():
                 owner = ViT(config, spec)  # structure only; its weights are never shared
 
-        return cls(config, spec, share_module(prepare_for_mpc(owner), src))
+        prepared = prepare_for_mpc(owner)
+        if protocol is None:
+            protocol = getattr(owner, "protocol", None) if rank == src else None
+        prepared.set_protocol(resolve(protocol))
+        return cls(config, spec, share_module(prepared, src), prepared.protocol)
 
     def __call__(self, x):
         return self.root(x)

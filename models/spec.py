@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 SPEC_VERSION = 1
+_LAYER_KEYS = {"attention", "activation", "token_mask"}
 
 
 class AttentionKind(str, Enum):
@@ -54,12 +55,24 @@ def _enum(cls: type[Enum], v: Any, where: str) -> Any:
         raise ValueError(f"{where}: unknown {cls.__name__} {v!r}; known: {known}") from None
 
 
+# Activations that a token mask (MPCViT+) may restrict to some tokens.
+MASKABLE_ACTIVATIONS = (ActivationKind.GELU, ActivationKind.RELU, ActivationKind.QUAD)
+
+
 @dataclass(frozen=True)
 class LayerSpec:
-    """One block: an attention kind per head and one MLP activation."""
+    """One block: an attention kind per head and one MLP activation.
+
+    ``token_mask`` (MPCViT+, the reference's linear-GeLU mode): the indices of the tokens
+    whose MLP applies ``activation``; every other token skips it (identity) and takes a
+    ReLU after the MLP's second linear layer instead.  ``None``: every token uses the
+    activation.  Like the head kinds the mask is public, so the secure model evaluates
+    the activation on the selected tokens only.
+    """
 
     attention: tuple[AttentionKind, ...]
     activation: ActivationKind
+    token_mask: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         att = self.attention
@@ -71,6 +84,12 @@ class LayerSpec:
         object.__setattr__(self, "activation", _enum(ActivationKind, self.activation, "activation"))
         if not self.attention:
             raise ValueError("LayerSpec.attention must list at least one head")
+        if self.token_mask is not None:
+            object.__setattr__(self, "token_mask", _token_indices(self.token_mask))
+            if self.activation not in MASKABLE_ACTIVATIONS:
+                raise ValueError(f"a token mask needs one of "
+                                 f"{[k.value for k in MASKABLE_ACTIVATIONS]}, "
+                                 f"not {self.activation.value!r}")
 
     @property
     def heads(self) -> int:
@@ -82,6 +101,16 @@ class LayerSpec:
         for h, k in enumerate(self.attention):
             order.setdefault(k, []).append(h)
         return [(k, tuple(v)) for k, v in order.items()]
+
+
+def _token_indices(mask: Any) -> tuple[int, ...]:
+    if isinstance(mask, (str, bytes)) or not isinstance(mask, Sequence):
+        raise ValueError(f"token_mask must be a list of token indices, got {mask!r}")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in mask):
+        raise ValueError(f"token_mask must hold non-negative token indices, got {list(mask)}")
+    if list(mask) != sorted(set(mask)):
+        raise ValueError("token_mask indices must be increasing, without repeats")
+    return tuple(mask)
 
 
 @dataclass(frozen=True)
@@ -105,13 +134,18 @@ class ArchSpec:
     def depth(self) -> int:
         return len(self.layers)
 
-    def validate(self, depth: int, heads: int) -> ArchSpec:
-        """Raise ValueError unless this spec fits a model with ``depth`` layers of ``heads``."""
+    def validate(self, depth: int, heads: int, tokens: int | None = None) -> ArchSpec:
+        """Raise ValueError unless this spec fits a model with ``depth`` layers of ``heads``
+        (and, given ``tokens``, token masks within that many tokens)."""
         if self.depth != depth:
             raise ValueError(f"spec has {self.depth} layers, model has {depth}")
         for i, layer in enumerate(self.layers):
             if layer.heads != heads:
                 raise ValueError(f"layer {i}: spec has {layer.heads} heads, model has {heads}")
+            mask = layer.token_mask
+            if tokens is not None and mask and mask[-1] >= tokens:
+                raise ValueError(f"layer {i}: token mask names token {mask[-1]}, "
+                                 f"model has {tokens} tokens")
         return self
 
     # -- constructors ------------------------------------------------------------------
@@ -182,14 +216,14 @@ class ArchSpec:
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "layers": [
-                {"attention": [a.value for a in layer.attention],
-                 "activation": layer.activation.value}
-                for layer in self.layers
-            ],
-        }
+        layers = []
+        for layer in self.layers:
+            d: dict[str, Any] = {"attention": [a.value for a in layer.attention],
+                                 "activation": layer.activation.value}
+            if layer.token_mask is not None:  # absent when unmasked: old readers still read it
+                d["token_mask"] = list(layer.token_mask)
+            layers.append(d)
+        return {"version": self.version, "layers": layers}
 
     @classmethod
     def from_dict(cls, d: Any) -> ArchSpec:
@@ -205,13 +239,15 @@ class ArchSpec:
             raise ValueError("ArchSpec 'layers' must be a list")
         out = []
         for i, layer in enumerate(layers):
-            if not isinstance(layer, dict) or set(layer) != {"attention", "activation"}:
-                raise ValueError(f"layer {i}: need exactly 'attention' and 'activation' keys")
+            if not isinstance(layer, dict) or not (
+                    {"attention", "activation"} <= set(layer) <= _LAYER_KEYS):
+                raise ValueError(f"layer {i}: need exactly 'attention' and 'activation' keys "
+                                 "(plus an optional 'token_mask')")
             att = layer["attention"]
             if not isinstance(att, list):
                 raise ValueError(f"layer {i}: 'attention' must be a list of per-head kinds")
             try:
-                out.append(LayerSpec(tuple(att), layer["activation"]))
+                out.append(LayerSpec(tuple(att), layer["activation"], layer.get("token_mask")))
             except ValueError as e:
                 raise ValueError(f"layer {i}: {e}") from None
         return cls(tuple(out), version=d["version"])
@@ -242,4 +278,6 @@ class ArchSpec:
             for a in layer.attention:
                 out[a.value] = out.get(a.value, 0) + 1
             out[layer.activation.value] = out.get(layer.activation.value, 0) + 1
+            if layer.token_mask is not None:
+                out["token_masked_layers"] = out.get("token_masked_layers", 0) + 1
         return out

@@ -3,13 +3,19 @@
 Every ``forward`` here uses only ``models.ops`` and tensor methods that torch tensors and
 CrypTen ``MPCTensor``s share, so ``models.secure.SecureViT`` runs these same methods on a
 mirror of the module tree whose parameters are secret shares.
+
+The modules that call secure functions with several protocol variants (LayerNorm,
+Attention, Mlp) carry the model's :class:`ProtocolPlan` as the attribute ``protocol``
+(None: the default plan), which the secure mirror copies; ``ViT.set_protocol`` sets it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+from mpcvit.mpc.protocols.plan import ProtocolPlan
 from torch import nn
 
 from . import ops
@@ -27,11 +33,16 @@ class Linear(nn.Linear):
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm whose forward also accepts CrypTen tensors (robust inv-sqrt)."""
 
+    def __init__(self, *args, protocol: ProtocolPlan | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.protocol = protocol
+
     def forward(self, x):
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, protocol=self.protocol)
 
 
-def normed_linear(linear, x, norm=None, rectify: bool = False):
+def normed_linear(linear, x, norm=None, rectify: bool = False,
+                  protocol: ProtocolPlan | None = None):
     """``linear(norm(x))``, or ``linear(x)`` without a norm; relu of it with ``rectify``.
 
     Under MPC a LayerNorm without an affine part (``secure.fold_norms`` moves it into
@@ -39,18 +50,20 @@ def normed_linear(linear, x, norm=None, rectify: bool = False):
     when the 2·(out − in) more opened elements per row that this costs stay within
     ``ops.FUSE_MAX_EXTRA``; the decision uses public shapes only.  In plaintext the
     modules are called as such, so forward hooks on them still fire.  A ReLU after a
-    fused, bias-free layer costs no round of its own (``ops.norm_linear``).
+    fused, bias-free layer costs no round of its own (``ops.norm_linear``).  ``protocol``
+    is the caller's plan (the norm runs its own).
     """
     if norm is None:
         y = linear(x)
-        return ops.relu(y) if rectify else y
+        return ops.relu(y, protocol) if rectify else y
     out_features, in_features = linear.weight.shape[0], linear.weight.shape[1]
     extra = 2 * max(0, out_features - in_features) * math.prod(x.shape[:-1])
     if (ops.is_plain(x) or norm.weight is not None or norm.bias is not None
             or extra > ops.FUSE_MAX_EXTRA or (rectify and linear.bias is not None)):
         y = linear(norm(x))
-        return ops.relu(y) if rectify else y
-    return ops.norm_linear(x, norm.eps, linear.weight, linear.bias, rectify=rectify)
+        return ops.relu(y, protocol) if rectify else y
+    return ops.norm_linear(x, norm.eps, linear.weight, linear.bias, rectify=rectify,
+                           protocol=norm.protocol)
 
 
 class PatchEmbed(nn.Module):
@@ -67,7 +80,8 @@ class PatchEmbed(nn.Module):
         return ops.linear(ops.patchify(x, self.patch), w, self.proj.bias)
 
 
-def attend(kind: AttentionKind, q, k, v, eps: float = ops.ATTN_EPS):
+def attend(kind: AttentionKind, q, k, v, eps: float = ops.ATTN_EPS,
+           protocol: ProtocolPlan | None = None):
     """One attention kind applied to a group of heads: q, k, v are (B, h, N, d) and q is
     already multiplied by 1/sqrt(d); ``eps`` guards ReLU-softmax/2Quad denominators."""
     kt = k.transpose(-2, -1)
@@ -78,7 +92,7 @@ def attend(kind: AttentionKind, q, k, v, eps: float = ops.ATTN_EPS):
         if d < n:
             return q.matmul(kt.matmul(v) * (1.0 / n))
         return (q.matmul(kt) * (1.0 / n)).matmul(v)
-    return ops.ATTENTION_FNS[kind.value](q.matmul(kt), eps=eps).matmul(v)
+    return ops.ATTENTION_FNS[kind.value](q.matmul(kt), eps=eps, protocol=protocol).matmul(v)
 
 
 class Attention(nn.Module):
@@ -95,9 +109,11 @@ class Attention(nn.Module):
         kinds: tuple[AttentionKind, ...] | None = None,
         qkv_bias: bool = True,
         eps: float = ops.ATTN_EPS,
+        protocol: ProtocolPlan | None = None,
     ) -> None:
         super().__init__()
         self.eps = eps
+        self.protocol = protocol
         kinds = tuple(kinds) if kinds is not None else (AttentionKind.SOFTMAX,) * heads
         if len(kinds) != heads:
             raise ValueError(f"got {len(kinds)} attention kinds for {heads} heads")
@@ -124,12 +140,12 @@ class Attention(nn.Module):
     def forward(self, x, norm=None):
         """Attention over ``norm(x)`` (``x`` itself without a norm)."""
         b, n, c = x.shape
-        qkv = normed_linear(self.qkv, x, norm)
+        qkv = normed_linear(self.qkv, x, norm, protocol=self.protocol)
         qkv = qkv.reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.perm is not None:
             qkv = qkv.index_select(2, torch.tensor(self.perm))
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        outs = [attend(kind, q[:, s:e], k[:, s:e], v[:, s:e], self.eps)
+        outs = [attend(kind, q[:, s:e], k[:, s:e], v[:, s:e], self.eps, self.protocol)
                 for kind, s, e in self.groups]
         o = outs[0] if len(outs) == 1 else ops.cat(outs, dim=1)
         if self.inv_perm is not None:
@@ -138,18 +154,74 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, activation: ActivationKind) -> None:
+    """fc2(act(fc1 x)).  With a token mask (MPCViT+) only the masked tokens apply the
+    activation; the others compute relu(fc2(fc1 x)), as the reference's linear-GeLU mode.
+    """
+
+    def __init__(self, dim: int, hidden: int, activation: ActivationKind,
+                 token_mask: tuple[int, ...] | None = None, tokens: int | None = None,
+                 protocol: ProtocolPlan | None = None) -> None:
         super().__init__()
+        self.protocol = protocol
         self.activation = ActivationKind(activation)
         self.fc1 = Linear(dim, hidden, bias=not self.activation.bias_free)
         self.fc2 = Linear(hidden, dim)
+        self.tokens = tokens
+        self.set_token_mask(token_mask)
+
+    def set_token_mask(self, token_mask: tuple[int, ...] | None) -> None:
+        """Precompute the token order of a mask: selected tokens first (``order``, None
+        when they already are) and its inverse; plain tuples, so the secure mirror copies
+        them as public data."""
+        self.token_mask = None if token_mask is None else tuple(token_mask)
+        self.order = self.inverse = None
+        if self.token_mask is None:
+            return
+        if self.tokens is None:
+            raise ValueError("a token mask needs the layer's token count")
+        chosen = set(self.token_mask)
+        if any(t >= self.tokens for t in chosen):
+            raise ValueError(f"token mask {self.token_mask} exceeds {self.tokens} tokens")
+        order = [*self.token_mask, *(t for t in range(self.tokens) if t not in chosen)]
+        if order != list(range(self.tokens)):
+            self.order = tuple(order)
+            self.inverse = tuple(order.index(t) for t in range(self.tokens))
 
     def forward(self, x, norm=None):
         """The MLP of ``norm(x)`` (``x`` itself without a norm)."""
         if self.activation is ActivationKind.RELU_NOBIAS:
-            return self.fc2(normed_linear(self.fc1, x, norm, rectify=True))
-        h = normed_linear(self.fc1, x, norm)
-        return self.fc2(ops.ACTIVATION_FNS[self.activation.value](h))
+            return self.fc2(normed_linear(self.fc1, x, norm, rectify=True,
+                                          protocol=self.protocol))
+        h = normed_linear(self.fc1, x, norm, protocol=self.protocol)
+        act = functools.partial(ops.ACTIVATION_FNS[self.activation.value],
+                                protocol=self.protocol)
+        if self.token_mask is None:
+            return self.fc2(act(h))
+        # Selected tokens' rows first; the activation runs on them alone, the other rows
+        # take a ReLU after fc2.  Row gathers are local under MPC, so unselected tokens
+        # cost no activation at all.
+        if h.shape[1] != self.tokens:
+            raise ValueError(f"token mask for {self.tokens} tokens, input has {h.shape[1]}")
+        k = len(self.token_mask)
+        if self.order is not None:
+            h = h.index_select(1, torch.tensor(self.order))
+        y = self.fc2(apply_to_rows(h, k, act, first=True))
+        y = apply_to_rows(y, k, functools.partial(ops.relu, protocol=self.protocol),
+                          first=False)
+        return y if self.inverse is None else y.index_select(1, torch.tensor(self.inverse))
+
+
+def apply_to_rows(x, k: int, fn, first: bool):
+    """``fn`` applied to the rows ``[:k]`` (``first``) or ``[k:]`` of dim 1 alone, the
+    other rows passed through untouched."""
+    n = x.shape[1]
+    lo, hi = (0, k) if first else (k, n)
+    if lo == hi:
+        return x
+    if hi - lo == n:
+        return fn(x)
+    a, b = x.index_select(1, torch.arange(k)), x.index_select(1, torch.arange(k, n))
+    return ops.cat([fn(a), b] if first else [a, fn(b)], dim=1)
 
 
 class Block(nn.Module):
@@ -162,7 +234,8 @@ class Block(nn.Module):
                               eps=cfg.attn_eps)
         # a bias-free MLP needs a LayerNorm without shift before it (see ActivationKind)
         self.norm2 = LayerNorm(cfg.dim, eps=cfg.ln_eps, bias=not layer.activation.bias_free)
-        self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation)
+        self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation, layer.token_mask,
+                       cfg.num_tokens)
 
     def forward(self, x):
         x = x + self.attn(x, norm=self.norm1)
@@ -178,7 +251,8 @@ class CCTBlock(nn.Module):
         self.attn = Attention(cfg.dim, cfg.heads, layer.attention, qkv_bias=qkv_bias,
                               eps=cfg.attn_eps)
         self.norm1 = LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation)
+        self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation, layer.token_mask,
+                       cfg.num_tokens)
 
     def forward(self, x):
         x = x + self.attn(x, norm=self.pre_norm)
@@ -193,10 +267,11 @@ class ViT(nn.Module):
     per token, so this equals normalising all tokens and then selecting).
     """
 
-    def __init__(self, config: ViTConfig, spec: ArchSpec | None = None) -> None:
+    def __init__(self, config: ViTConfig, spec: ArchSpec | None = None,
+                 protocol: ProtocolPlan | None = None) -> None:
         super().__init__()
         spec = spec if spec is not None else ArchSpec.uniform(config.depth, config.heads)
-        spec.validate(config.depth, config.heads)
+        spec.validate(config.depth, config.heads, config.num_tokens)
         self.config = config
         self.spec = spec
         self.patch_embed = PatchEmbed(config.in_chans, config.patch, config.dim)
@@ -207,6 +282,7 @@ class ViT(nn.Module):
         self.norm = LayerNorm(config.dim, eps=config.ln_eps)
         self.head = Linear(config.dim, config.num_classes)
         self._init_weights()
+        self.set_protocol(protocol)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.2)
@@ -223,11 +299,19 @@ class ViT(nn.Module):
             elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
 
+    def set_protocol(self, protocol: ProtocolPlan | None) -> None:
+        """Run the secure building blocks with ``protocol`` (None: the default plan): set
+        on every module that carries a plan.  Plaintext outputs do not change."""
+        self.protocol = protocol
+        for m in self.modules():
+            if m is not self and hasattr(m, "protocol"):
+                m.protocol = protocol
+
     def set_spec(self, spec: ArchSpec) -> None:
         """Switch attention/activation kinds in place.  The weights are kind-independent,
         except that a bias-free activation (``relu_nobias``) has no fc1 and LayerNorm
         bias: switching to or from it is refused."""
-        spec.validate(self.config.depth, self.config.heads)
+        spec.validate(self.config.depth, self.config.heads, self.config.num_tokens)
         for i, (old, new) in enumerate(zip(self.spec.layers, spec.layers, strict=True)):
             if old.activation.bias_free != new.activation.bias_free:
                 raise ValueError(f"layer {i}: {old.activation.value} -> "
@@ -236,6 +320,7 @@ class ViT(nn.Module):
         for blk, layer in zip(self.blocks, spec.layers, strict=True):
             blk.attn.set_kinds(layer.attention)
             blk.mlp.activation = layer.activation
+            blk.mlp.set_token_mask(layer.token_mask)
         self.spec = spec
 
     def class_token(self, x):
@@ -254,10 +339,12 @@ class ViT(nn.Module):
         return normed_linear(self.head, self.class_token(x), self.norm)
 
 
-def build_model(config: ViTConfig | str, spec: ArchSpec | None = None) -> ViT:
-    """A ViT for a config (or config name) and an optional spec (default all-softmax, GeLU)."""
+def build_model(config: ViTConfig | str, spec: ArchSpec | None = None,
+                protocol: ProtocolPlan | None = None) -> ViT:
+    """A ViT for a config (or config name) and an optional spec (default all-softmax, GeLU)
+    and protocol plan (default: the default plan)."""
     if isinstance(config, str):
         from .configs import get_config
 
         config = get_config(config)
-    return ViT(config, spec)
+    return ViT(config, spec, protocol)

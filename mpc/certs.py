@@ -20,9 +20,18 @@ import datetime as dt
 import ipaddress
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import TlsConfig
 from .roles import CLIENT, Role
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.types import (
+        CertificateIssuerPrivateKeyTypes,
+        PrivateKeyTypes,
+    )
 
 CA_FILE, CLIENT_CA_FILE, CLIENT_CA_KEY = "ca.pem", "client-ca.pem", "client-ca.key"
 
@@ -46,7 +55,7 @@ def client_stem(name: str) -> str:
     return "client" if name == "client" else f"client-{name}"
 
 
-def _name(common_name: str):
+def _name(common_name: str) -> x509.Name:
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
@@ -57,7 +66,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _pem(obj) -> bytes:
+def _pem(obj: x509.Certificate | PrivateKeyTypes) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     if hasattr(obj, "public_bytes"):
@@ -66,12 +75,12 @@ def _pem(obj) -> bytes:
                              serialization.NoEncryption())
 
 
-def _write_key(path: Path, key) -> None:
+def _write_key(path: Path, key: PrivateKeyTypes) -> None:
     path.write_bytes(_pem(key))
     path.chmod(0o600)
 
 
-def _make_ca(name: str, days: int):
+def _make_ca(name: str, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -96,7 +105,8 @@ def _make_ca(name: str, days: int):
     return cert, key
 
 
-def _issue(ca_cert, ca_key, role: Role, hosts: list[str], days: int):
+def _issue(ca_cert: x509.Certificate, ca_key: CertificateIssuerPrivateKeyTypes, role: Role,
+           hosts: list[str], days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A leaf for ``role``: its URI SAN, the ``hosts`` (nodes only) and its key usage."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes

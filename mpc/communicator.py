@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import torch
 from crypten.common import serial
@@ -26,15 +27,17 @@ from .transport import PeerTransport
 _TENSOR = PeerFrame.Kind.TENSOR
 _OBJECT = PeerFrame.Kind.OBJECT
 
+Tensors = torch.Tensor | Sequence[torch.Tensor]  # one tensor, or several when batched
 
-def _is(op, wanted) -> bool:
+
+def _is(op: object, wanted: object) -> bool:
     try:
         return op == wanted
     except TypeError:  # pragma: no cover - ReduceOp comparison quirks
         return False
 
 
-def _combine(values: Sequence[torch.Tensor], op) -> torch.Tensor:
+def _combine(values: Sequence[torch.Tensor], op: ReduceOp.RedOpType | None) -> torch.Tensor:
     """Reduce per-rank tensors in rank order (identical on every party)."""
     out = values[0].clone()
     for v in values[1:]:
@@ -113,7 +116,7 @@ class GrpcCommunicator(Communicator):
         return runtime.active_communicator()
 
     @classmethod
-    def initialize(cls, **kwargs):
+    def initialize(cls, **kwargs: object) -> NoReturn:
         raise RuntimeError("open a GrpcCommunicator with mpcvit.mpc.runtime.crypten_session")
 
     @classmethod
@@ -165,28 +168,30 @@ class GrpcCommunicator(Communicator):
 
     # -- Communicator interface ------------------------------------------------------------
     @_logging
-    def send(self, tensor, dst):
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
         self._send_tensor(tensor, dst)
 
     @_logging
-    def recv(self, tensor, src=None):
+    def recv(self, tensor: torch.Tensor, src: int | None = None) -> torch.Tensor:
         if src is None:
             raise ValueError("GrpcCommunicator.recv needs an explicit source party")
         return self._recv_tensor(src, like=tensor)
 
     @_logging
-    def isend(self, tensor, dst):
+    def isend(self, tensor: torch.Tensor, dst: int) -> _Completed:
         self._send_tensor(tensor, dst)
         return _Completed()
 
     @_logging
-    def irecv(self, tensor, src=None):
+    def irecv(self, tensor: torch.Tensor, src: int | None = None) -> _PendingRecv:
         if src is None:
             raise ValueError("GrpcCommunicator.irecv needs an explicit source party")
         return _PendingRecv(self, tensor, src)
 
     @_logging
-    def scatter(self, scatter_list, src, size=None, device=None):
+    def scatter(self, scatter_list: Sequence[torch.Tensor], src: int,
+                size: Sequence[int] | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
         if src == self.rank:
             for dst in self._others():
                 self._send_tensor(scatter_list[dst], dst)
@@ -196,7 +201,8 @@ class GrpcCommunicator(Communicator):
             raise ProtocolViolation(f"party {src} scattered a tensor of the wrong shape")
         return tensor
 
-    def _receive_and_combine(self, tensors: list[torch.Tensor], op) -> list[torch.Tensor]:
+    def _receive_and_combine(self, tensors: list[torch.Tensor],
+                             op: ReduceOp.RedOpType | None) -> list[torch.Tensor]:
         """Every other party's version of ``tensors``, reduced with ours in rank order."""
         received = {src: self._recv_many(tensors, src) for src in self._others()}
         received[self.rank] = tensors
@@ -206,7 +212,8 @@ class GrpcCommunicator(Communicator):
         ]
 
     @_logging
-    def reduce(self, input, dst, op=ReduceOp.SUM, batched=False):
+    def reduce(self, input: Tensors, dst: int, op: ReduceOp.RedOpType = ReduceOp.SUM,
+               batched: bool = False) -> torch.Tensor | list[torch.Tensor] | None:
         tensors = list(input) if batched else [input]
         if self.rank != dst:
             self._send_many(tensors, dst)
@@ -215,7 +222,8 @@ class GrpcCommunicator(Communicator):
         return result if batched else result[0]
 
     @_logging
-    def all_reduce(self, input, op=ReduceOp.SUM, batched=False):
+    def all_reduce(self, input: Tensors, op: ReduceOp.RedOpType = ReduceOp.SUM,
+                   batched: bool = False) -> torch.Tensor | list[torch.Tensor]:
         tensors = list(input) if batched else [input]
         for dst in self._others():
             self._send_many(tensors, dst)
@@ -223,7 +231,7 @@ class GrpcCommunicator(Communicator):
         return result if batched else result[0]
 
     @_logging
-    def gather(self, tensor, dst):
+    def gather(self, tensor: torch.Tensor, dst: int) -> list[torch.Tensor | None]:
         if self.rank != dst:
             self._send_tensor(tensor, dst)
             return [None]
@@ -233,7 +241,7 @@ class GrpcCommunicator(Communicator):
         ]
 
     @_logging
-    def all_gather(self, tensor):
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         for dst in self._others():
             self._send_tensor(tensor, dst)
         return [
@@ -242,7 +250,8 @@ class GrpcCommunicator(Communicator):
         ]
 
     @_logging
-    def broadcast(self, input, src, group=None, batched=False):
+    def broadcast(self, input: Tensors, src: int, group: object = None,
+                  batched: bool = False) -> Tensors:
         tensors = list(input) if batched else [input]
         if self.rank == src:
             for dst in self._others():
@@ -253,7 +262,7 @@ class GrpcCommunicator(Communicator):
         return input
 
     @_logging
-    def barrier(self):
+    def barrier(self) -> None:
         token = torch.zeros(1, dtype=torch.long)
         for dst in self._others():
             self._send_tensor(token, dst)
@@ -261,14 +270,14 @@ class GrpcCommunicator(Communicator):
             self._recv_tensor(src, like=token)
 
     @_logging
-    def send_obj(self, obj, dst, group=None):
+    def send_obj(self, obj: object, dst: int, group: object = None) -> None:
         self.transport.send_bytes(self.session, dst, pickle.dumps(obj), _OBJECT)
 
     @_logging
-    def recv_obj(self, src, group=None):
+    def recv_obj(self, src: int, group: object = None) -> Any:
         return self._recv_obj(src)
 
-    def _recv_obj(self, src: int):
+    def _recv_obj(self, src: int) -> Any:
         msg = self.transport.recv(
             self.session, src, generation=self._generations.get(src), kind=_OBJECT
         )
@@ -276,7 +285,7 @@ class GrpcCommunicator(Communicator):
         return serial.restricted_loads(bytes(msg.payload))
 
     @_logging
-    def broadcast_obj(self, obj, src, group=None):
+    def broadcast_obj(self, obj: Any, src: int, group: object = None) -> Any:
         if self.rank == src:
             data = pickle.dumps(obj)
             for dst in self._others():

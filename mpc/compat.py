@@ -52,12 +52,21 @@ import importlib.abc
 import importlib.machinery
 import sys
 import types
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:  # imports nothing at run time: the torch-free client imports this module
+    import torch
+    from crypten.config.config import CrypTenConfig
+    from crypten.encoder import FixedPointEncoder
+    from crypten.mpc import MPCTensor
+    from omegaconf import Container
 
 _MISSING = "torch.onnx._internal.registration"
 
 
 class _UnsupportedRegistry:
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> NoReturn:
         raise RuntimeError(
             "crypten.nn.from_pytorch (ONNX import) is not supported on this torch; "
             "mpcvit builds models on CrypTen's tensor API instead"
@@ -65,7 +74,7 @@ class _UnsupportedRegistry:
 
 
 class _StandInLoader(importlib.abc.Loader):
-    def create_module(self, spec):
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
         return None
 
     def exec_module(self, module: types.ModuleType) -> None:
@@ -77,7 +86,8 @@ class _StandInLoader(importlib.abc.Loader):
 class _StandInFinder(importlib.abc.MetaPathFinder):
     """Last-resort finder for the one module torch removed."""
 
-    def find_spec(self, fullname, path, target=None):
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != _MISSING:
             return None
         return importlib.machinery.ModuleSpec(fullname, _StandInLoader())
@@ -121,7 +131,7 @@ def install() -> None:
         sys.meta_path.insert(0, _ConverterFinder())
 
 
-def _exact_decode(self, tensor):
+def _exact_decode(self: FixedPointEncoder, tensor: torch.Tensor | None) -> torch.Tensor | None:
     """CrypTen's FixedPointEncoder.decode without the negative-value off-by-one."""
     if tensor is None or self._scale <= 1:
         return _ORIGINAL_DECODE[0](self, tensor)
@@ -138,11 +148,11 @@ class _CachedSection:
 
     __slots__ = ("_node", "_leaves")
 
-    def __init__(self, node) -> None:
+    def __init__(self, node: Container) -> None:
         object.__setattr__(self, "_node", node)
         object.__setattr__(self, "_leaves", {})
 
-    def __getattr__(self, key: str):
+    def __getattr__(self, key: str) -> Any:
         leaves = object.__getattribute__(self, "_leaves")
         if key in leaves:
             return leaves[key]
@@ -151,7 +161,7 @@ class _CachedSection:
             leaves[key] = value
         return value
 
-    def __setattr__(self, key: str, value) -> None:
+    def __setattr__(self, key: str, value: object) -> None:
         setattr(object.__getattribute__(self, "_node"), key, value)
         object.__getattribute__(self, "_leaves").pop(key, None)
 
@@ -159,13 +169,13 @@ class _CachedSection:
         return repr(object.__getattribute__(self, "_node"))
 
 
-def _is_container(value) -> bool:
+def _is_container(value: object) -> bool:
     from omegaconf import Container
 
     return isinstance(value, Container)
 
 
-def _cached_config_getattribute(self, name: str):
+def _cached_config_getattribute(self: CrypTenConfig, name: str) -> Any:
     """``CrypTenConfig.__getattribute__`` reading through per-section caches."""
     try:
         return object.__getattribute__(self, name)
@@ -194,7 +204,7 @@ def _cached_config_getattribute(self, name: str):
 _MPC_INIT_PARTS: list = []
 
 
-def _mpc_init(self, tensor, *args, **kwargs):
+def _mpc_init(self: MPCTensor, tensor: object, *args: Any, **kwargs: Any) -> None:
     """``MPCTensor.__init__`` with CrypTen's intended empty-placeholder branch."""
     if type(tensor) is list and not tensor and not args and set(kwargs) <= {"ptype"}:
         _, crypt_init, arithmetic, empty = _MPC_INIT_PARTS
@@ -205,7 +215,7 @@ def _mpc_init(self, tensor, *args, **kwargs):
     _MPC_INIT_PARTS[0](self, tensor, *args, **kwargs)
 
 
-def patch_crypten(crypten) -> None:
+def patch_crypten(crypten: types.ModuleType) -> None:
     """Apply the fixes described in the module docstring (idempotent)."""
     from crypten.config import cfg
     from crypten.cryptensor import CrypTensor
@@ -234,7 +244,7 @@ def patch_crypten(crypten) -> None:
 _PATCHED: list = []  # the patched crypten module, once patch_crypten has run
 
 
-def import_crypten():
+def import_crypten() -> types.ModuleType:
     """Return the ``crypten`` module, installing the compat shim and the fixes first
     (once: the secure ops call this hundreds of times per forward)."""
     if _PATCHED:

@@ -7,7 +7,9 @@ Protocol (CrypTen's TTP scheme, moved off torch.distributed):
 * party ``i > 0`` draws all of its tuple shares from that stream, locally;
 * party 0 draws its shares of the random inputs (``a``, ``b``, ``r``...) the same way
   and asks the dealer for its share of the dependent value (``a*b``, ``r^2``, wraps...),
-  which the dealer computes from every party's stream.
+  which the dealer computes from every party's stream;
+* kinds that no stream can give (FSS keys) are fetched by every party, each getting its
+  own part, derived from a dealer-private session secret and the request's index.
 
 This module is the plumbing both sides share: :class:`DealerProvider` (a party's CrypTen
 tuple provider: sessions, offline preparation, fetching) and :class:`DealerState` /
@@ -41,7 +43,7 @@ from grpc_reflection.v1alpha import reflection
 from ..proto.generated import dealer_pb2, dealer_pb2_grpc
 from .config import RECONNECT_OPTIONS, ProviderSpec, TlsConfig
 from .errors import DealerError, DealerUnreachable
-from .protocols import compare, masked  # noqa: F401  (register their tuple kinds)
+from .protocols import compare, fss, masked  # noqa: F401  (register their tuple kinds)
 from .protocols.masked import MaskStore
 from .protocols.tuples import KINDS, TupleRequest, kind_of
 from .roles import Allowed, Role, RoleChecker
@@ -64,11 +66,18 @@ def _tensor_from(msg: dealer_pb2.Tensor) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def request_message(req: TupleRequest, session: str, seq: int) -> dealer_pb2.CorrectionRequest:
+def request_message(req: TupleRequest, session: str, seq: int,
+                    rank: int = 0) -> dealer_pb2.CorrectionRequest:
     return dealer_pb2.CorrectionRequest(
         session=session, kind=req.kind, size0=list(req.size0), size1=list(req.size1),
-        op=req.op, op_kwargs_json=req.kwargs_json, seq=seq,
+        op=req.op, op_kwargs_json=req.kwargs_json, seq=seq, rank=rank,
     )
+
+
+def fetches(req: TupleRequest, rank: int) -> bool:
+    """Whether party ``rank`` asks the dealer for this request's tuple (party 0 for every
+    kind; the others only for kinds every party fetches, like FSS keys)."""
+    return rank == 0 or kind_of(req).fetched_by == "every"
 
 
 def request_from(msg: dealer_pb2.CorrectionRequest) -> TupleRequest:
@@ -92,6 +101,7 @@ class _PartyState:
     trace: list[TupleRequest] = field(default_factory=list)
     requests: int = 0
     bytes: int = 0
+    offline_bytes: int = 0
     seconds: float = 0.0
     offline_seconds: float = 0.0
 
@@ -99,11 +109,11 @@ class _PartyState:
 class DealerProvider(TupleProvider):
     """CrypTen TupleProvider that draws tuples from the dealer's streams (see module doc).
 
-    Online, party 0 makes one dealer round trip per tuple.  :meth:`prepare` moves all of
-    that off the critical path: given a model's trace (recorded by an earlier run), it
-    opens a future session, fetches party 0's corrections in a few batched calls and
-    pre-draws every party's shares, so the session's online phase never waits on the
-    dealer.
+    Online, party 0 makes one dealer round trip per tuple (and every party one per FSS
+    key).  :meth:`prepare` moves all of that off the critical path: given a model's trace
+    (recorded by an earlier run), it opens a future session, fetches what this party
+    needs from the dealer in a few batched calls and pre-draws its shares, so the
+    session's online phase never waits on the dealer.
     """
 
     NAME = "DEALER"
@@ -193,20 +203,21 @@ class DealerProvider(TupleProvider):
         state = self._open(session, rank, world_size, spec)
         try:
             corrections: collections.deque = collections.deque()
-            if rank == 0:
-                batch: list[dealer_pb2.CorrectionRequest] = []
-                elements = 0
-                for seq, req in enumerate(trace):
-                    batch.append(request_message(req, session, seq))
+            batch: list[dealer_pb2.CorrectionRequest] = []
+            elements = 0
+            for seq, req in enumerate(trace):
+                if fetches(req, rank):
+                    batch.append(request_message(req, session, seq, rank))
                     elements += kind_of(req).result_elements(req)
-                    if elements >= self.BATCH_ELEMENTS or seq == len(trace) - 1:
-                        check()
-                        corrections.extend(self._fetch_batch(state, batch))
-                        batch, elements = [], 0
+                if batch and (elements >= self.BATCH_ELEMENTS or seq == len(trace) - 1):
+                    check()
+                    corrections.extend(self._fetch_batch(state, batch))
+                    batch, elements = [], 0
+            state.offline_bytes = state.bytes
             for i, req in enumerate(trace):
                 if i % 32 == 0:
                     check()
-                fetch = corrections.popleft if rank == 0 else None
+                fetch = corrections.popleft if fetches(req, rank) else None
                 kind = kind_of(req)
                 state.prepared.append(
                     (req, kind.fold(req, kind.draw(state.generator, req, fetch),
@@ -283,11 +294,14 @@ class DealerProvider(TupleProvider):
 
     @staticmethod
     def _stats(s: _PartyState) -> dict[str, float]:
-        return {"requests": s.requests, "bytes": s.bytes, "seconds": s.seconds,
-                "offline_seconds": s.offline_seconds, "tuples": len(s.trace)}
+        return {"requests": s.requests, "bytes": s.bytes, "offline_bytes": s.offline_bytes,
+                "seconds": s.seconds, "offline_seconds": s.offline_seconds,
+                "tuples": len(s.trace)}
 
     def stats(self) -> dict[str, float]:
-        """Dealer traffic of the open session (party 0 does all of it)."""
+        """This party's dealer traffic in the open session: ``bytes`` received from the
+        dealer in all (``offline_bytes`` of them by :meth:`prepare`, before the session's
+        online phase).  Party 0 receives every correction; party 1 only its FSS keys."""
         return self._stats(self.state)
 
     # -- talking to the dealer ------------------------------------------------------------
@@ -313,14 +327,16 @@ class DealerProvider(TupleProvider):
         return [_tensor_from(r.share) for r in reply.replies]
 
     def _fetch_one(self, s: _PartyState, req: TupleRequest) -> torch.Tensor:
-        reply = self._rpc(s, "Correction", request_message(req, s.session, len(s.trace) - 1))
+        reply = self._rpc(s, "Correction",
+                          request_message(req, s.session, len(s.trace) - 1, s.rank))
         s.bytes += len(reply.share.data)
         return _tensor_from(reply.share)
 
     # -- drawing tuples ---------------------------------------------------------------------
     def draw_tuple(self, req: TupleRequest) -> tuple[torch.Tensor, ...]:
-        """This party's raw shares of one tuple (prepared offline, or drawn now, party 0
-        fetching its correction)."""
+        """This party's raw shares of one tuple (prepared offline, or drawn now, fetching
+        from the dealer what this party needs: party 0 its correction, every party its
+        FSS key)."""
         s = self.state
         s.trace.append(req)
         if s.prepared:
@@ -332,7 +348,7 @@ class DealerProvider(TupleProvider):
                     "is not the one prepared for"
                 )
             return tensors
-        fetch = (lambda: self._fetch_one(s, req)) if s.rank == 0 else None
+        fetch = (lambda: self._fetch_one(s, req)) if fetches(req, s.rank) else None
         return kind_of(req).draw(s.generator, req, fetch)
 
     # -- CrypTen's TupleProvider interface -------------------------------------------------
@@ -373,6 +389,8 @@ class _DealerSession:
     seeds: list[bytes]
     generators: list[torch.Generator]
     holders: dict[int, str] = field(default_factory=dict)  # rank -> caller it went to
+    # keys every party fetches (FSS) derive from this, not from the parties' streams
+    secret: bytes = field(default_factory=lambda: os.urandom(32))
     closed: set[int] = field(default_factory=set)
     next_seq: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -404,7 +422,7 @@ class DealerState:
 
     def __init__(self, *, max_sessions: int = 1024, sessions_per_caller: int = 32,
                  idle_ttl: float = 60.0, masks: MaskStore | None = None,
-                 clock=time.monotonic) -> None:
+                 keys: fss.KeyCache | None = None, clock=time.monotonic) -> None:
         self.max_sessions = max_sessions
         self.sessions_per_caller = sessions_per_caller
         self.idle_ttl = idle_ttl
@@ -413,6 +431,7 @@ class DealerState:
         self._held: collections.Counter[str] = collections.Counter()
         self._retired: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.masks = masks or MaskStore()
+        self.keys = keys if keys is not None else fss.KeyCache()  # FSS halves not handed out
         self._lock = threading.Lock()
 
     @property
@@ -435,6 +454,7 @@ class DealerState:
 
     def _retire(self, sid: str, why: str) -> None:
         s = self._sessions.pop(sid)
+        self.keys.drop(sid)
         for rank in s.open_ranks():
             self._held[s.holders[rank]] -= 1
             if self._held[s.holders[rank]] <= 0:
@@ -507,24 +527,35 @@ class DealerState:
 
     def correction(self, msg: dealer_pb2.CorrectionRequest,
                    caller: str | None = None) -> torch.Tensor:
-        """Party 0's share of one tuple's dependent value (only to whoever holds rank 0)."""
+        """Party 0's share of one tuple's dependent value, or the asking party's part of a
+        kind every party fetches (its FSS key); only to whoever holds that rank."""
         with self._lock:
             s = self._sessions.get(msg.session)
         if s is None:
             raise KeyError(f"unknown dealer session {msg.session!r}")
-        if caller is not None and s.holders.get(0) != caller:
-            raise PermissionError("only the holder of the session's rank 0 gets corrections")
+        if msg.rank >= s.world_size:
+            raise ValueError(f"rank {msg.rank} is not in a session of {s.world_size} parties")
+        if caller is not None and s.holders.get(msg.rank) != caller:
+            raise PermissionError(f"only the holder of the session's rank {msg.rank} gets "
+                                  "its tuples")
         if msg.kind not in KINDS:
             raise ValueError(f"unknown correction kind {msg.kind!r}")
         req = request_from(msg)
         kind = kind_of(req)
+        rank = msg.rank
+        if rank != 0 and kind.fetched_by != "every":
+            # party 0's corrections complete the other parties' streams: only it gets them
+            raise PermissionError(f"only party 0 receives {msg.kind} corrections")
         kind.validate(req, self)
         with s.lock:
-            if msg.seq != s.next_seq:
-                raise ValueError(f"request {msg.seq} out of order (expected {s.next_seq})")
-            s.next_seq += 1
+            if rank == 0:  # party 0's requests keep the streams in step
+                if msg.seq != s.next_seq:
+                    raise ValueError(f"request {msg.seq} out of order (expected {s.next_seq})")
+                s.next_seq += 1
             s.last_used = self._clock()
-            return kind.correction(s.generators, req, self)
+            if kind.fetched_by != "every":
+                return kind.correction(s.generators, req, self)
+        return kind.keyed_share(self, msg.session, s.secret, msg.seq, rank, req)
 
 
 def _peer_host(context) -> str:
@@ -581,10 +612,15 @@ class DealerService(dealer_pb2_grpc.DealerServiceServicer):
         return dealer_pb2.CorrectionReply(share=_tensor_msg(share))
 
     def Correction(self, request, context):  # noqa: N802
-        return self._one(request, context, self._caller(context, 0, Allowed.parties(0)))
+        caller = self._caller(context, request.rank, Allowed.parties())
+        return self._one(request, context, caller)
 
     def CorrectionBatch(self, request, context):  # noqa: N802
-        caller = self._caller(context, 0, Allowed.parties(0))
+        ranks = {r.rank for r in request.requests}
+        if len(ranks) > 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "a correction batch asks for one rank's tuples")
+        caller = self._caller(context, ranks.pop() if ranks else 0, Allowed.parties())
         return dealer_pb2.PrepareReply(
             replies=[self._one(r, context, caller) for r in request.requests])
 

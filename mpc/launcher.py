@@ -20,10 +20,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import LaunchConfig, ProviderSpec, Timeouts, TlsConfig
 from .netem import EmulatedNetwork
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.context import ForkServerContext
 
 log = logging.getLogger("mpcvit.launcher")
 
@@ -56,7 +60,7 @@ class _PartySettings:
     threads: int = 1
 
 
-def _context():
+def _context() -> ForkServerContext:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
@@ -81,7 +85,8 @@ def _dealer_main(tls: TlsConfig | None, netns: str | None, listen: str, conn: An
     server.stop(grace=1.0)
 
 
-def _party_main(settings: _PartySettings, fn, args, kwargs, conn) -> None:
+def _party_main(settings: _PartySettings, fn: Callable[..., Any], args: Sequence[Any],
+                kwargs: dict[str, Any], conn: Connection) -> None:
     import torch
 
     # One intra-op thread per party: with two parties (+ dealer) on a small machine,
@@ -100,7 +105,8 @@ def _party_main(settings: _PartySettings, fn, args, kwargs, conn) -> None:
         conn.send(("error", traceback.format_exc()))
 
 
-def _run_party(s: _PartySettings, fn, args, kwargs, conn):
+def _run_party(s: _PartySettings, fn: Callable[..., Any], args: Sequence[Any],
+               kwargs: dict[str, Any], conn: Connection) -> Any:
     import grpc
 
     from . import runtime
@@ -124,6 +130,7 @@ def _run_party(s: _PartySettings, fn, args, kwargs, conn):
         runtime.select_provider(provider)
         crypten.cfg.communicator.verbose = True
         crypten.init()
+        crypten.communicator.get().reset_communication_stats()  # count the program alone
         try:
             if s.provider == "dealer":
                 runtime.dealer_provider().begin(s.session, s.rank, s.world_size, provider)

@@ -187,7 +187,7 @@ class EmulatedNetwork:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _run(self, *cmd: str) -> None:

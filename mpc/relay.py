@@ -19,6 +19,7 @@ import contextlib
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 READ_BYTES = 256 << 10
 
@@ -43,7 +44,8 @@ class TokenBucket:
             await asyncio.sleep((min(n, self.burst) - self.tokens) / self.rate)
 
 
-async def _pump(reader, writer, delay: float, bucket: TokenBucket) -> None:
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
+                bucket: TokenBucket) -> None:
     """Copy reader → writer, releasing each chunk ``delay`` s after it was read."""
     in_flight: collections.deque[tuple[float, bytes]] = collections.deque()
     arrived = asyncio.Event()
@@ -85,7 +87,8 @@ async def _pump(reader, writer, delay: float, bucket: TokenBucket) -> None:
         reader_task.cancel()
 
 
-async def _handle(client_reader, client_writer, target, delay, rate) -> None:
+async def _handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
+                  target: tuple[str, int], delay: float, rate: float | None) -> None:
     host, port = target
     try:
         up_reader, up_writer = await asyncio.open_connection(host, port)
@@ -105,7 +108,8 @@ async def _handle(client_reader, client_writer, target, delay, rate) -> None:
 
 
 async def serve(listen: tuple[str, int], target: tuple[str, int], rtt: float,
-                rate: float | None = None, ready=None) -> None:
+                rate: float | None = None,
+                ready: Callable[[int], object] | None = None) -> None:
     server = await asyncio.start_server(
         lambda r, w: _handle(r, w, target, rtt, rate), listen[0], listen[1]
     )

@@ -143,6 +143,10 @@ def crypten_session(
             transport.end_session(session_id)
             raise
         _pending = None
+        # CrypTen's init synchronises the parties' PRNG seeds over the communicator, and
+        # verbose accounting is already on: start the session's figures from zero so that
+        # they count the program alone (as stock CrypTen's do, which turn verbose on later).
+        comm.reset_communication_stats()
         dealer_open = False
         try:
             if provider.kind == "dealer":

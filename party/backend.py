@@ -20,6 +20,7 @@ import numpy as np
 from mpcvit.models.secure import program_fingerprint
 from mpcvit.mpc.compat import import_crypten
 from mpcvit.mpc.errors import DealerUnreachable, PeerError
+from mpcvit.mpc.protocols.plan import ProtocolPlan
 
 from .pairing import SessionStats
 
@@ -43,6 +44,8 @@ class ModelFacts:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+    # The protocol plan both parties run (``ProtocolPlan.to_dict``; {} is the default).
+    protocol: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -56,7 +59,8 @@ class ModelFacts:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "config": self.config, "spec": self.spec,
                 "class_names": list(self.class_names), "mean": list(self.mean),
-                "std": list(self.std), "code": CODE_FINGERPRINT}
+                "std": list(self.std), "code": CODE_FINGERPRINT,
+                "protocol": dict(self.protocol)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelFacts:
@@ -64,7 +68,8 @@ class ModelFacts:
             return cls(name=str(d["name"]), config=dict(d["config"]), spec=dict(d["spec"]),
                        class_names=tuple(str(n) for n in d.get("class_names", ())),
                        mean=tuple(float(v) for v in d.get("mean", ())),
-                       std=tuple(float(v) for v in d.get("std", ())))
+                       std=tuple(float(v) for v in d.get("std", ())),
+                       protocol=ProtocolPlan.from_dict(d.get("protocol") or {}).to_dict())
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed model description from the leader: {exc}") from None
 
@@ -91,8 +96,10 @@ def describe_model(model: Any, name: str, dataset: str | None,
         class_names = data.FASHION_MNIST_CLASSES
     if not class_names:
         class_names = tuple(str(i) for i in range(config.num_classes))
+    plan = getattr(model, "protocol", None)
     return ModelFacts(name=name, config=config.to_dict(), spec=model.spec.to_dict(),
-                      class_names=class_names, mean=mean, std=std)
+                      class_names=class_names, mean=mean, std=std,
+                      protocol=plan.to_dict() if plan is not None else {})
 
 
 class CrypTenBackend:
@@ -209,7 +216,8 @@ class CrypTenBackend:
         with crypten_session(self.transport, session, self.provider,
                              self._generations(link)):
             secure = SecureViT.from_model(self._model if self.rank == 0 else None,
-                                          config, spec, src=0)
+                                          config, spec, src=0,
+                                          protocol=ProtocolPlan.from_dict(self.facts.protocol))
         self._secure = secure
         log.info("event=weights_session session=%s seconds=%.2f", session,
                  time.perf_counter() - start)

@@ -25,6 +25,9 @@ Errors are :class:`ClientError` subclasses.  :class:`InvalidInput` is raised loc
 picture the client cannot read or convert (before anything is sent), and by a party for
 a request it rejects; :class:`PartyUnreachable` and :class:`NotAParty` say which address
 did not answer, or answered as something other than an mpcvit party.
+
+Several party pairs: :class:`mpcvit.party.pool.PairPool` has the same calls and sends
+each request to a healthy, least-loaded pair.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -61,6 +65,7 @@ __all__ = [
     "RequestTimeout",
     "RequestTooLarge",
     "error_from_rpc",
+    "health_check",
 ]
 
 
@@ -248,6 +253,7 @@ class Prediction:
     class_names: tuple[str, ...]
     stats: tuple[PartyStats, PartyStats]
     seconds: float  # client wall-clock, encode to decode
+    pair: int | None = None  # which pair served it, when a PairPool sent it
 
     def probabilities(self) -> np.ndarray:
         z = self.logits - np.max(self.logits)
@@ -299,6 +305,7 @@ class PrivateInferenceClient:
         tls: ClientTls | None = None,
         max_message_bytes: int = 64 << 20,
         max_pixels: int = imaging.MAX_PIXELS,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if len(parties) != 2:
             raise ValueError(f"need exactly two party addresses, got {len(parties)}")
@@ -311,6 +318,7 @@ class PrivateInferenceClient:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            *channel_options,
         ]
         if tls is None:
             self._channels = [grpc.insecure_channel(a, options=options) for a in parties]
@@ -390,6 +398,22 @@ class PrivateInferenceClient:
                 raise PartyUnavailable(f"parties not ready after {timeout:g} s: party {party} "
                                        f"at {self.addresses[party]}: {why}", party=party)
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def check_ready(self, connect_timeout: float = 5.0) -> ModelInfo | str:
+        """One round of :meth:`wait_ready`: the agreed ModelInfo when both parties serve
+        the model, else why one is still starting.  Raises as :meth:`wait_ready` does for
+        an address where nothing answers or something else answers."""
+        probes = [self._probe(party, connect_timeout) for party in (0, 1)]
+        for party, probe in enumerate(probes):
+            if isinstance(probe, str):
+                return f"party {party} at {self.addresses[party]}: {probe}"
+        return self._agree(probes)  # type: ignore[arg-type]
+
+    def health(self, timeout: float = 5.0) -> tuple[str, str]:
+        """Both parties' grpc.health.v1 status (``SERVING``, ``NOT_SERVING``, or the gRPC
+        error's code name such as ``UNAVAILABLE``), asked at once."""
+        calls = [health_check_future(channel, timeout=timeout) for channel in self._channels]
+        return (health_result(calls[0]), health_result(calls[1]))
 
     def _probe(self, party: int, connect_timeout: float) -> ModelInfo | str:
         """This party's ModelInfo when it is ready, else why it is still starting."""
@@ -569,6 +593,56 @@ class PrivateInferenceClient:
 WORK_DRAFT = imaging.WORK_FACTOR
 
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+#: grpc.health.v1.HealthCheckResponse.ServingStatus by number.
+HEALTH_STATUSES = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
+
+
+def health_check_future(channel: grpc.Channel, service: str = "",
+                        timeout: float = 5.0) -> grpc.Future:
+    """Start a grpc.health.v1 ``Check`` of ``service`` (``""``: the whole server).
+
+    Hand-encoded, like :func:`list_services`: the request is one string field and the
+    answer one enum, so the SDK needs neither grpcio-health-checking nor a generated
+    stub (whose descriptors would clash with that package's in a server process)."""
+    name = service.encode()
+    request = (b"\x0a" + _varint(len(name)) + name) if name else b""
+    call = channel.unary_unary(HEALTH_CHECK, request_serializer=None,
+                               response_deserializer=None)
+    return call.future(request, timeout=timeout)
+
+
+def health_result(call: grpc.Future) -> str:
+    """The status name a :func:`health_check_future` call ended with, or its error code."""
+    try:
+        reply = call.result()
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        return code.name if code is not None else "UNKNOWN"
+    try:
+        status = _varint_fields(reply).get(1, 0)
+    except (IndexError, ValueError):
+        return "UNKNOWN"
+    return HEALTH_STATUSES[status] if 0 <= status < len(HEALTH_STATUSES) else "UNKNOWN"
+
+
+def health_check(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> str:
+    """grpc.health.v1 status of the server behind ``channel`` (see :func:`health_result`)."""
+    return health_result(health_check_future(channel, service, timeout))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
 def list_services(channel: grpc.Channel, timeout: float = 5.0) -> list[str] | None:
     """The services a gRPC server lists by server reflection, or None if it does not say.
 
@@ -592,7 +666,17 @@ def list_services(channel: grpc.Channel, timeout: float = 5.0) -> list[str] | No
 
 def _fields(data: bytes) -> dict[int, list[bytes]]:
     """Length-delimited fields of a protobuf message (others skipped): number -> values."""
+    return _parse(data)[0]
+
+
+def _varint_fields(data: bytes) -> dict[int, int]:
+    """Varint fields of a protobuf message (the last value of each): number -> value."""
+    return _parse(data)[1]
+
+
+def _parse(data: bytes) -> tuple[dict[int, list[bytes]], dict[int, int]]:
     out: dict[int, list[bytes]] = {}
+    ints: dict[int, int] = {}
     pos = 0
 
     def varint() -> int:
@@ -614,9 +698,9 @@ def _fields(data: bytes) -> dict[int, list[bytes]]:
             out.setdefault(key >> 3, []).append(data[pos:pos + n])
             pos += n
         elif kind == 0:
-            varint()
+            ints[key >> 3] = varint()
         elif kind in (1, 5):
             pos += 8 if kind == 1 else 4
         else:
             raise ValueError(f"unexpected wire type {kind}")
-    return out
+    return out, ints

@@ -84,7 +84,11 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
@@ -92,7 +96,7 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         inner = handler.unary_unary
         metrics = self.metrics
 
-        def behavior(request, context):
+        def behavior(request: object, context: grpc.ServicerContext) -> object:
             started = time.monotonic()
             try:
                 response = inner(request, context)

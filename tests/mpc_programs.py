@@ -163,3 +163,17 @@ def ports_and_product() -> dict:
     """The port this party's server listens on (from its transport) and x*y."""
     comm = crypten.communicator.get()
     return {"port": int(comm.transport.listen_port), "product": small_mul()}
+
+
+def idle_stats() -> dict:
+    """The communication figures of a session that runs nothing."""
+    return dict(crypten.communicator.get().get_communication_stats())
+
+
+def one_product_stats() -> dict:
+    """x·y of two fresh sharings (sharing is local: pseudo-random zero shares), then the
+    figures: one Beaver product opens x − a and y − b in one exchange."""
+    x = crypten.cryptensor(X, src=0)
+    y = crypten.cryptensor(Y, src=1)
+    x * y
+    return dict(crypten.communicator.get().get_communication_stats())

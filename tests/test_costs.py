@@ -34,6 +34,9 @@ def _measurements() -> dict[str, dict[str, float]]:
     for i, kind in enumerate(("gelu", "relu", "quad", "identity", "relu_nobias")):
         m[f"activation.{kind}"] = {"rounds": 13 - 3 * i, "bytes": 500 - 100 * i,
                                    "compute_s": 0.05 * (4 - i)}
+    m["token_mask.gelu.one_token"] = {"rounds": 13, "bytes": 10, "compute_s": 0.001}
+    m["token_mask.relu_after.one_token"] = {"rounds": 5, "bytes": 3, "compute_s": 0.001}
+    m["token_mask.relu_after.all_tokens"] = {"rounds": 5, "bytes": 150, "compute_s": 0.01}
     m["layernorm"] = {"rounds": 20, "bytes": 300, "compute_s": 0.02}
     m["layernorm.final"] = {"rounds": 20, "bytes": 7, "compute_s": 0.01}
     m["linear"] = {"rounds": 4, "bytes": 900, "compute_s": 0.03}
@@ -139,6 +142,40 @@ def test_prediction_sums_layers_and_interpolates_heads():
     assert cm.seconds(mixed, lan) == pytest.approx(lan.seconds(cm.predict(mixed)))
 
 
+def test_token_masks_are_priced_per_token():
+    cm = cost_model_from_measurements(DEMO, _measurements())
+    n, d, h = DEMO.num_tokens, DEMO.depth, DEMO.heads
+    assert cm.token_mask["gelu.one_token"].bytes == 10
+    # GeLU on k of n tokens: its rounds, bytes interpolated between 1 and n tokens; the
+    # other n - k tokens take the ReLU after fc2
+    k = 20
+    got = cm.masked_activation_cost("gelu", k)
+    assert got.rounds == 13 + 5
+    assert got.bytes == pytest.approx(10 + (500 - 10) * (k - 1) / (n - 1)
+                                      + 3 + (150 - 3) * (n - k - 1) / (n - 1))
+    assert cm.masked_activation_cost("gelu", n) == cm.activation_cost("gelu")
+    # no token selected: fc1 and fc2 merge (identity's saving) before the ReLU
+    none = cm.masked_activation_cost("gelu", 0)
+    assert none.rounds == 4 + 5 and none.bytes == 200 + 150
+    layers = (LayerSpec(("scale",) * h, "gelu", tuple(range(k))),
+              LayerSpec(("scale",) * h, "gelu", ()),
+              *(LayerSpec(("scale",) * h, "gelu") for _ in range(d - 2)))
+    spec, plain = ArchSpec(layers), ArchSpec.uniform(d, h, "scale", "gelu")
+    diff = cm.predict(plain).bytes - cm.predict(spec).bytes
+    assert diff == pytest.approx(2 * 500 - got.bytes - none.bytes)
+    assert cm.layer_cost(layers[0]).bytes - cm.layer_cost(layers[2]).bytes == pytest.approx(
+        got.bytes - 500)
+    assert CostModel.from_dict(cm.to_dict()) == cm
+    with pytest.raises(ValueError):
+        cm.masked_activation_cost("gelu", n + 1)
+    # a cost file profiled before token masks were priced says what to do
+    older = CostModel.from_dict({**cm.to_dict(), "per_layer": {
+        k: v for k, v in cm.to_dict()["per_layer"].items() if not k.startswith("token_mask.")}})
+    assert older.predict(plain) == cm.predict(plain)
+    with pytest.raises(KeyError, match="re-run mpcvit profile"):
+        older.predict(spec)
+
+
 # ----------------------------------------------------------------------------- slow
 
 
@@ -193,7 +230,12 @@ def test_profile_cli_reports_every_block(profiled):
                    for act in ("relu", "quad", "identity", "gelu"))),
     ArchSpec(tuple(LayerSpec(("scale",) * 4, act)
                    for act in ("relu_nobias", "relu", "relu_nobias", "quad"))),
-], ids=["softmax", "mixed", "bias_free"])
+    ArchSpec((LayerSpec(("relu_softmax", "scale", "scale", "scale"), "gelu",
+                        tuple(range(0, 50, 3))),
+              LayerSpec(("scale",) * 4, "gelu", ()),
+              LayerSpec(("scale",) * 4, "relu", (0, 7, 49)),
+              LayerSpec(("scale",) * 4, "gelu"))),
+], ids=["softmax", "mixed", "bias_free", "token_masks"])
 def test_blocks_predict_whole_model_run(profiled, spec):
     import torch
 
@@ -202,5 +244,10 @@ def test_blocks_predict_whole_model_run(profiled, spec):
     pred = costs.predict(spec)
     assert math.isclose(pred.rounds, run.rounds, rel_tol=0.15), (pred.rounds, run.rounds)
     assert math.isclose(pred.bytes, run.bytes, rel_tol=0.15), (pred.bytes, run.bytes)
+    if any(layer.token_mask is not None for layer in spec.layers):
+        # token masks are priced from per-token measurements: rounds exact, bytes linear
+        # in tokens (measured: exact)
+        assert pred.rounds == run.rounds
+        assert math.isclose(pred.bytes, run.bytes, rel_tol=0.01), (pred.bytes, run.bytes)
     assert run.logits.shape == (1, DEMO.num_classes)
     assert torch.isfinite(run.logits).all()

@@ -98,3 +98,13 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     assert ("mpcvit.party", ["client"]) in found
     assert ("mpcvit.models.ops", ["_x"]) in found
     assert _violates("mpcvit.party", FORBIDDEN["models"])
+
+
+@pytest.mark.parametrize("module", sorted(
+    _module_name(p) for package in PACKAGES for p in _sources(package)
+    if p.name != "__main__.py"))
+def test_every_module_imports(module: str) -> None:
+    """Moving a module must not leave a stale import behind (scripts run with -m too)."""
+    import importlib
+
+    assert importlib.import_module(module).__name__ == module

@@ -131,13 +131,18 @@ def test_party_1_cannot_act_as_rank_0_at_the_dealer(cluster, pki) -> None:
         details = denied(lambda: dealer.CorrectionBatch(dealer_pb2.PrepareRequest(
             session=session, requests=[dealer_pb2.CorrectionRequest(
                 session=session, kind="square", size0=[2])]), timeout=10))
-        assert "expected party/0" in details, details
+        assert "party/1, which cannot act as party/0" in details, details
         denied(lambda: dealer.CloseSession(
             dealer_pb2.CloseSessionRequest(session=session, rank=0), timeout=10))
         # Control: as its own rank the same certificate is served.
         reply = dealer.OpenSession(
             dealer_pb2.OpenSessionRequest(session=session, rank=1, world_size=2), timeout=10)
         assert len(reply.seed) == 8
+        # As itself it may fetch only what every party fetches (FSS keys), never party 0's
+        # corrections, which complete the other parties' streams.
+        details = denied(lambda: dealer.Correction(dealer_pb2.CorrectionRequest(
+            session=session, kind="square", size0=[2], rank=1), timeout=10))
+        assert "only party 0 receives square corrections" in details, details
         dealer.CloseSession(dealer_pb2.CloseSessionRequest(session=session, rank=1),
                             timeout=10)
 

@@ -46,6 +46,19 @@ def test_rounds_and_bytes_equal_gloo(grpc_results):
         assert r["bytes"] == g["bytes"] > 0
 
 
+@pytest.mark.parametrize("backend", ["grpc", "gloo"])
+def test_session_figures_count_the_program_alone(backend):
+    # crypten.init() syncs the PRNG seeds over the communicator with accounting on; the
+    # session starts from zero anyway, so an idle session costs nothing ...
+    for stats in run_parties(progs.idle_stats, backend=backend):
+        assert stats["rounds"] == 0 and stats["bytes"] == 0
+    # ... and one Beaver product is exactly one exchange (an all_reduce of x − a and
+    # y − b: 2 x 8 ring elements of 8 bytes, counted sent and received, as CrypTen does).
+    for stats in run_parties(progs.one_product_stats, backend=backend):
+        assert stats["rounds"] == 1
+        assert stats["bytes"] == 2 * (2 * progs.X.numel()) * 8
+
+
 def test_dealer_results_equal_gloo_results_bit_for_bit_shape():
     # Same program under the dealer over gloo and over gRPC gives the same values
     # (up to CrypTen's probabilistic truncation, which differs with the randomness).

@@ -16,8 +16,13 @@ from mpcvit.models.configs import ViTConfig
 from mpcvit.models.secure import SecureViT, reveal_float, share_module
 from mpcvit.models.spec import ArchSpec, LayerSpec
 from mpcvit.models.vit import Block, CCTBlock, ViT
+from mpcvit.mpc.protocols import functions
+from mpcvit.mpc.protocols.plan import PLANS, ProtocolPlan
 
 pytestmark = pytest.mark.slow
+# Every secure op and model runs under the default plan (TFP or the dealer, as before)
+# and under the all-FSS plan (the dealer's keys): the same ranges, the same references.
+FSS = PLANS["fss"].to_dict()
 
 SMALL = ViTConfig(image_size=16, in_chans=3, patch=4, dim=32, depth=2, heads=4, num_classes=10)
 
@@ -43,10 +48,19 @@ def _enc(crypten, x: torch.Tensor):
 # ----------------------------------------------------------------------------- parties
 
 
-def _ops_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _other_variants(plan: ProtocolPlan) -> ProtocolPlan:
+    """The plan with every function variant switched (the comparison kept)."""
+    flip = {"gelu": ("poly", "spline"), "exp": ("square", "spline"),
+            "reciprocal": ("poly", "spline"), "rsqrt": ("poly", "spline")}
+    return plan.replace(**{k: v[1 - v.index(getattr(plan, k))] for k, v in flip.items()})
+
+
+def _ops_party(protocol: dict | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     from mpcvit.mpc.compat import import_crypten
 
     crypten = import_crypten()
+    plan = ProtocolPlan.from_dict(protocol)
+    alt = _other_variants(plan)
     g = torch.Generator().manual_seed(0)
     out = {}
 
@@ -55,12 +69,18 @@ def _ops_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     v = torch.cat([torch.randn(3001, generator=g) * 5, torch.randn(300, generator=g) * 3e4,
                    torch.tensor([0.0, 2.0**-16, -(2.0**-16), 2.0**-15, -(2.0**-15)])])
     ev = _enc(crypten, v.reshape(1, -1))
-    out["ltz"] = (ops.ltz(ev).reveal(), (ev.reveal() < 0).long())
+    out["ltz"] = (ops.ltz(ev, plan).reveal(), (ev.reveal() < 0).long())
 
     x = torch.cat([torch.linspace(-8, 8, 1601), torch.linspace(-80, 80, 161)])
-    out["gelu"] = (reveal_float(ops.gelu(_enc(crypten, x))), F.gelu(x))
-    out["relu"] = (reveal_float(ops.relu(_enc(crypten, x))), F.relu(x))
+    out["gelu"] = (reveal_float(ops.gelu(_enc(crypten, x), plan)), F.gelu(x))
+    out["gelu_alt"] = (reveal_float(ops.gelu(_enc(crypten, x), alt)), F.gelu(x))
+    out["relu"] = (reveal_float(ops.relu(_enc(crypten, x), plan)), F.relu(x))
     out["quad"] = (reveal_float(ops.quad(_enc(crypten, x[:1601]))), ops.quad(x[:1601]))
+    # softmax's exp arguments (after the max): 0 down to -30
+    e = -torch.cat([torch.linspace(0, 12, 1201), torch.linspace(12, 30, 37)])
+    for variant in ("square", "spline"):
+        got = functions.exp_nonpositive(_enc(crypten, e), protocol=plan.replace(exp=variant))
+        out[f"exp_{variant}"] = (reveal_float(got), e.exp())
 
     # LayerNorm over tokens whose std spans 0.1..18 with offsets up to ±50, and tiny
     # std 0.03 (variance 1e-3 is only 65 fixed-point ulps: looser tolerance).  The sum
@@ -71,39 +91,44 @@ def _ops_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     h = torch.randn(2, 24, 64, generator=g) * std + 50 * torch.randn(2, 24, 1, generator=g)
     w, b = 1 + 0.3 * torch.randn(64, generator=g), 0.2 * torch.randn(64, generator=g)
     ew, eb = _enc(crypten, w), _enc(crypten, b)
-    got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5)
+    got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5, plan)
     out["layer_norm"] = (reveal_float(got), F.layer_norm(h, (64,), w, b, 1e-5))
     # A LayerNorm without affine part fused with the linear layer it feeds.
     lw, lb = 0.3 * torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
-    got = ops.norm_linear(_enc(crypten, h), 1e-5, _enc(crypten, lw), _enc(crypten, lb))
+    got = ops.norm_linear(_enc(crypten, h), 1e-5, _enc(crypten, lw), _enc(crypten, lb),
+                          protocol=plan)
     out["norm_linear"] = (reveal_float(got), F.linear(F.layer_norm(h, (64,), eps=1e-5), lw, lb))
     # ... rectified (a bias-free layer): the ReLU's sign test in the norm's comparison,
     # on the quarter-octave path and (many rows) on the octave path of ops.div_sqrt.
     for name, rows in (("norm_linear_relu", h), ("norm_linear_relu_many_rows",
                                                   torch.cat([h] * 5, dim=1))):
-        got = ops.norm_linear(_enc(crypten, rows), 1e-5, _enc(crypten, lw), rectify=True)
+        got = ops.norm_linear(_enc(crypten, rows), 1e-5, _enc(crypten, lw), rectify=True,
+                              protocol=plan)
         out[name] = (reveal_float(got), F.relu(F.linear(F.layer_norm(rows, (64,), eps=1e-5), lw)))
     h = torch.randn(2, 4, 64, generator=g) * 0.03 + 3
-    got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5)
+    got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5, plan)
     out["layer_norm_tiny_var"] = (reveal_float(got), F.layer_norm(h, (64,), w, b, 1e-5))
     # Many tokens (a batch): the octave + polynomial path of ops.div_sqrt.
     std = torch.logspace(-1.0, 1.25, 240).reshape(2, 120, 1)
     h = torch.randn(2, 120, 64, generator=g) * std + 50 * torch.randn(2, 120, 1, generator=g)
-    got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5)
+    got = ops.layer_norm(_enc(crypten, h), ew, eb, 1e-5, plan)
     out["layer_norm_many_rows"] = (reveal_float(got), F.layer_norm(h, (64,), w, b, 1e-5))
 
     # Attention scores: 3 scales (std 0.5, 4, 12 -> max ~±40) x 2 heads x 33 tokens.
     scale = torch.tensor([0.5, 4.0, 12.0]).reshape(3, 1, 1, 1)
     a = torch.randn(3, 2, 33, 33, generator=g) * scale
     ea = _enc(crypten, a)
-    out["row_max"] = (reveal_float(ops.row_max(ea)), a.amax(-1, keepdim=True))
-    out["softmax"] = (reveal_float(ops.softmax(ea)), a.softmax(-1))
-    out["relu_softmax"] = (reveal_float(ops.relu_softmax(ea)), ops.relu_softmax(a))
-    out["quad2"] = (reveal_float(ops.quad2(ea * 0.25)), ops.quad2(a * 0.25))
+    out["row_max"] = (reveal_float(ops.row_max(ea, plan)), a.amax(-1, keepdim=True))
+    out["softmax"] = (reveal_float(ops.softmax(ea, protocol=plan)), a.softmax(-1))
+    out["softmax_alt"] = (reveal_float(ops.softmax(ea, protocol=alt)), a.softmax(-1))
+    out["relu_softmax"] = (reveal_float(ops.relu_softmax(ea, protocol=plan)),
+                           ops.relu_softmax(a))
+    out["quad2"] = (reveal_float(ops.quad2(ea * 0.25, protocol=plan)), ops.quad2(a * 0.25))
     # Rows whose scores are all negative: ReLU-softmax must give 0, not divide by ~0.
     neg = -a.abs()[:1] - 0.01
-    out["relu_softmax_negative"] = (reveal_float(ops.relu_softmax(_enc(crypten, neg))),
-                                    ops.relu_softmax(neg))
+    out["relu_softmax_negative"] = (
+        reveal_float(ops.relu_softmax(_enc(crypten, neg), protocol=plan)),
+        ops.relu_softmax(neg))
 
     # num / sqrt(x) over a 64-feature LayerNorm's whole range, x in [2**-8, 2**22]:
     # few values take the quarter-octave pieces, many the octaves + polynomial.
@@ -114,21 +139,26 @@ def _ops_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
              * 2**16).round() / 2**16
         num = ((torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * x.sqrt()
                * 2**16).round() / 2**16
-        got = ops.div_sqrt(_enc(crypten, num.float()), _enc(crypten, x.float()), -8, 22)
-        out[name] = (reveal_float(got), (num / x.sqrt()).float())
+        for suffix, p in (("", plan), ("_alt", alt)):
+            got = ops.div_sqrt(_enc(crypten, num.float()), _enc(crypten, x.float()), -8, 22,
+                               protocol=p)
+            out[name + suffix] = (reveal_float(got), (num / x.sqrt()).float())
 
     den = torch.logspace(-8 * 0.30103, 14 * 0.30103, 400)
     num = torch.rand(400, generator=g) * den
-    out["divide"] = (reveal_float(ops.divide(_enc(crypten, num), _enc(crypten, den))),
-                     num / den)
+    for suffix, p in (("", plan), ("_alt", alt)):
+        got = ops.divide(_enc(crypten, num), _enc(crypten, den), protocol=p)
+        out["divide" + suffix] = (reveal_float(got), num / den)
     return out
 
 
-def _model_party(cases: list[tuple[dict, dict, float]], batch: int = 1) -> list[tuple]:
+def _model_party(cases: list[tuple[dict, dict, float]], batch: int = 1,
+                 protocol: dict | None = None) -> list[tuple]:
     """For each (config, spec, gain): encrypted and plaintext logits of a random model."""
     from mpcvit.mpc.compat import import_crypten
 
     crypten = import_crypten()
+    plan = ProtocolPlan.from_dict(protocol)
     rank = crypten.communicator.get().get_rank()
     results = []
     for i, (cfg_d, spec_d, gain) in enumerate(cases):
@@ -137,18 +167,19 @@ def _model_party(cases: list[tuple[dict, dict, float]], batch: int = 1) -> list[
         model = _trained_like(ViT(cfg, spec), gain, seed=i).eval()
         x = torch.randn(batch, cfg.in_chans, cfg.image_size, cfg.image_size)
         # Party 1 builds only the structure: it passes no model and gets only shares.
-        secure = SecureViT.from_model(model if rank == 0 else None, cfg, spec)
+        secure = SecureViT.from_model(model if rank == 0 else None, cfg, spec, protocol=plan)
         logits = secure(_enc(crypten, x if rank == 0 else torch.zeros_like(x)))
         with torch.no_grad():
             results.append((reveal_float(logits), model(x)))
     return results
 
 
-def _block_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _block_party(protocol: dict | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Single blocks on residual streams with realistic (large, uneven) ranges."""
     from mpcvit.mpc.compat import import_crypten
 
     crypten = import_crypten()
+    plan = ProtocolPlan.from_dict(protocol)
     g = torch.Generator().manual_seed(7)
     cfg = SMALL.replace(dim=64, heads=4)
     out = {}
@@ -162,6 +193,9 @@ def _block_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         for name, layer in specs.items():
             torch.manual_seed(3)
             blk = _trained_like(block_cls(cfg.replace(block=style), layer), 6.0, seed=3).eval()
+            for m in blk.modules():  # the block's secure modules run the plan
+                if hasattr(m, "protocol"):
+                    m.protocol = plan
             # Residual stream: per-channel scales 0.1..30, a few outlier channels ~100.
             chan = torch.logspace(-1, 1.5, 64)
             chan[::16] = 100.0
@@ -176,17 +210,21 @@ def _block_party() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def ops_results():
+@pytest.fixture(scope="module", params=["default", "fss"])
+def ops_results(request):
     from mpcvit.mpc.launcher import run_parties
 
+    if request.param == "fss":
+        return run_parties(_ops_party, FSS, provider="dealer")[0]
     return run_parties(_ops_party)[0]
 
 
-@pytest.fixture(scope="module")
-def block_results():
+@pytest.fixture(scope="module", params=["default", "fss"])
+def block_results(request):
     from mpcvit.mpc.launcher import run_parties
 
+    if request.param == "fss":
+        return run_parties(_block_party, FSS, provider="dealer")[0]
     return run_parties(_block_party)[0]
 
 
@@ -206,14 +244,15 @@ MODEL_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_results():
+@pytest.fixture(scope="module", params=["default", "fss"])
+def model_results(request):
     from mpcvit.mpc.launcher import run_parties
 
     cases = [(c.to_dict(), s.to_dict(), 4.0) for c, s in MODEL_CASES.values()]
     # The dealer provider, as the service runs: linear weights are masked once
     # (models/masked.py) and every product opens only its input.
-    res = run_parties(_model_party, cases, batch=2, provider="dealer")
+    plan = FSS if request.param == "fss" else None
+    res = run_parties(_model_party, cases, batch=2, protocol=plan, provider="dealer")
     assert len(res) == 2
     # Both parties revealed the same logits.
     for (a, _), (b, _) in zip(res[0], res[1], strict=True):
@@ -225,6 +264,16 @@ def model_results():
 
 OP_TOLERANCE = {  # max absolute error on the ranges above (measured: about 1/3 of these)
     "gelu": 2e-3,  # polynomial fit 2e-4 + fixed-point rounding of the powers
+    "gelu_alt": 2e-3,  # the other variant (spline: fit 4.3e-4 + rounding)
+    # square: y = x/2**8 rounded to 2**-16 (and each squaring truncated), then 8
+    # squarings amplify the relative error 2**8-fold (3-5e-3 near 0 measured); spline:
+    # fit 2.8e-4 + rounding
+    "exp_square": 1e-2,
+    "exp_spline": 5e-4,
+    "softmax_alt": 3e-3,
+    "div_sqrt_pieces_alt": 2e-4,
+    "div_sqrt_octaves_alt": 3e-4,
+    "divide_alt": 8e-3,
     "relu": 1e-4,
     "quad": 5e-4,
     "layer_norm": 1e-3,
@@ -289,13 +338,14 @@ def test_secure_model_logits_match_plaintext(model_results, name):
 # ----------------------------------------------------------------------------- rounds
 
 
-def _rounds_party() -> dict[str, object]:
+def _rounds_party(protocol: dict | None = None) -> dict[str, object]:
     """Round counts of the secure functions (deterministic), and fused products checked
     against the same products taken one by one."""
     from mpcvit.mpc.compat import import_crypten
     from mpcvit.mpc.protocols import fused
 
     crypten = import_crypten()
+    plan = ProtocolPlan.from_dict(protocol)
     comm = crypten.communicator.get()
     g = torch.Generator().manual_seed(5)
     x = _enc(crypten, torch.randn(2, 9, 16, generator=g) * 3)
@@ -307,16 +357,24 @@ def _rounds_party() -> dict[str, object]:
         fn()
         return comm.get_communication_stats()["rounds"]
 
+    scores = _enc(crypten, torch.randn(2, 9, 33, generator=g) * 3)
+    neg = _enc(crypten, -torch.rand(2, 9, 16, generator=g) * 20)
     out: dict[str, object] = {
-        "relu": rounds(lambda: ops.relu(x)),
-        "ltz": rounds(lambda: ops.ltz(x)),
-        "layer_norm": rounds(lambda: ops.layer_norm(x, None, None, 1e-5)),
-        "norm_linear": rounds(lambda: ops.norm_linear(x, 1e-5, w.t())),
-        "norm_linear_relu": rounds(lambda: ops.norm_linear(x, 1e-5, w.t(), rectify=True)),
+        "relu": rounds(lambda: ops.relu(x, plan)),
+        "ltz": rounds(lambda: ops.ltz(x, plan)),
+        "layer_norm": rounds(lambda: ops.layer_norm(x, None, None, 1e-5, plan)),
+        "norm_linear": rounds(lambda: ops.norm_linear(x, 1e-5, w.t(), protocol=plan)),
+        "norm_linear_relu": rounds(lambda: ops.norm_linear(x, 1e-5, w.t(), rectify=True,
+                                                           protocol=plan)),
         # 480 tokens: past ops.PIECES_MAX_EXTRA, octaves and a degree-4 polynomial
         "layer_norm_many_rows": rounds(lambda: ops.layer_norm(
-            _enc(crypten, torch.randn(8, 60, 16, generator=g)), None, None, 1e-5)),
-        "divide": rounds(lambda: ops.divide(x, pos)),
+            _enc(crypten, torch.randn(8, 60, 16, generator=g)), None, None, 1e-5, plan)),
+        "divide": rounds(lambda: ops.divide(x, pos, protocol=plan)),
+        "gelu": rounds(lambda: ops.gelu(x, plan)),
+        "gelu_alt": rounds(lambda: ops.gelu(x, _other_variants(plan))),
+        "exp": rounds(lambda: functions.exp_nonpositive(neg, protocol=plan)),
+        "row_max": rounds(lambda: ops.row_max(scores, plan)),  # 33 keys: 6 levels
+        "softmax": rounds(lambda: ops.softmax(scores, protocol=plan)),
         "mul_many": rounds(lambda: fused.mul_many([(x, x, "mul"), (x, w, "matmul"),
                                                     (pos, None, "mul")])),
     }
@@ -332,6 +390,13 @@ def rounds_results():
     from mpcvit.mpc.launcher import run_parties
 
     return run_parties(_rounds_party)[0]
+
+
+@pytest.fixture(scope="module")
+def fss_rounds_results():
+    from mpcvit.mpc.launcher import run_parties
+
+    return run_parties(_rounds_party, FSS, provider="dealer")[0]
 
 
 def test_fused_products_take_one_round_and_match(rounds_results):
@@ -352,6 +417,28 @@ def test_secure_function_round_counts(rounds_results):
     assert rounds_results["norm_linear_relu"] == 8  # and a bias-free ReLU the comparison
     assert rounds_results["layer_norm_many_rows"] == 9  # ss + 5 + u², u³/u⁴ + product
     assert rounds_results["divide"] == 9  # 5 + u², u³/u⁴, u⁵/u⁶ + product
+    assert rounds_results["gelu"] == 9  # x² + 5 + 2 powers + mask
+    assert rounds_results["gelu_alt"] == 6  # spline: 5 + the squares
+    assert rounds_results["exp"] == 9  # y² + 8 squarings
+    assert rounds_results["row_max"] == 6 * 5
+    assert rounds_results["softmax"] == 6 * 5 + 9 + 9
+
+
+def test_fss_plan_round_counts(fss_rounds_results):
+    # Every comparison is one opening (mpc/protocols/fss.py); what follows it is as in
+    # the default plan, with the spline variants' squares in one more round.
+    r = fss_rounds_results
+    assert r["ltz"] == r["relu"] == 1
+    assert r["layer_norm"] == 4  # ss + 1 + {num·2^-E/2, v²} + product
+    assert r["norm_linear"] == r["norm_linear_relu"] == 4
+    assert r["layer_norm_many_rows"] == 4  # the rsqrt spline: pieces at any size
+    assert r["divide"] == 3  # 1 + {num·2^-e, v²} + product
+    assert r["gelu"] == 2  # spline: 1 + the squares
+    assert r["gelu_alt"] == 4  # poly: 1 + 3 rounds of powers of [|x| < 4]·|x|/2
+    assert r["exp"] == 2
+    assert r["row_max"] == 6
+    assert r["softmax"] == 6 + 2 + 3
+    assert r["mul_many"] == 1
 
 
 def _masked_party() -> dict[str, object]:

@@ -14,9 +14,15 @@ from mpcvit.models.train import (
     EpochStats,
     TrainConfig,
     augment_batch,
+    cpu_has_native_bf16,
     distillation_loss,
     evaluate,
     feature_module,
+    load_state,
+    make_optimizer,
+    resolve_device,
+    resolve_precision,
+    save_state,
     train,
     warmup_cosine,
 )
@@ -108,12 +114,168 @@ def test_resume_continues_from_saved_epoch(tmp_path):
     assert [s.epoch for s in result.history] == [1, 2, 3]
     for (name, a), b in zip(unbroken.state_dict().items(), resumed.state_dict().values(),
                             strict=True):  # fmt: skip
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(a, b), name  # bit for bit: same batches, same optimizer moments
     again = train(resumed, data, cfg, state_path=state, resume=True, progress=None)
     assert again.start_epoch == 3 and len(again.history) == 3  # nothing left to do
     other = build_model(TINY.replace(dim=32), ArchSpec.uniform(1, 2))
     with pytest.raises(ValueError, match="cannot resume"):
         train(other, data, cfg, state_path=state, resume=True, progress=None)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resumed_run_equals_unbroken_run_exactly(tmp_path, precision):
+    """Model, optimizer moments, schedule, random streams and epoch all come back: two
+    sittings of 2 + 2 epochs give the very weights, Adam state and history of one run of 4."""
+    data = limit_bundle(load_synthetic(), 192, 64)
+    cfg = replace(FAST, epochs=4, precision=precision)
+    unbroken = tiny_model()
+    full = train(unbroken, data, cfg, state_path=tmp_path / "a.state", progress=None)
+
+    state = tmp_path / "b.state"
+
+    def stop_after_second(stats: EpochStats) -> None:
+        if stats.epoch == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(tiny_model(), data, cfg, state_path=state, progress=stop_after_second)
+    resumed = tiny_model(seed=7)
+    second = train(resumed, data, cfg, state_path=state, resume=True, progress=None)
+    assert second.start_epoch == 2
+    for (name, a), b in zip(unbroken.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    a_opt, b_opt = load_state(tmp_path / "a.state"), load_state(state)
+    assert a_opt["scheduler"] == b_opt["scheduler"] and a_opt["epoch"] == b_opt["epoch"] == 4
+    for pa, pb in zip(a_opt["optimizer"]["state"].values(), b_opt["optimizer"]["state"].values(),
+                      strict=True):  # fmt: skip
+        assert all(torch.equal(pa[k], pb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    same = ("epoch", "loss", "train_acc", "test_loss", "test_acc", "lr")
+    for h1, h2 in zip(full.history, second.history, strict=True):
+        assert all(getattr(h1, k) == getattr(h2, k) for k in same)
+
+
+def test_resume_refuses_changed_recipe_but_allows_more_epochs(tmp_path):
+    data = limit_bundle(load_synthetic(), 128, 32)
+    state = tmp_path / "run.state"
+    cfg = replace(FAST, epochs=1)
+    train(tiny_model(), data, cfg, state_path=state, progress=None)
+    with pytest.raises(ValueError, match="batch_size=32 \\(now 64\\)"):
+        train(tiny_model(), data, replace(cfg, batch_size=64), state_path=state, resume=True,
+              progress=None)  # fmt: skip
+    more = train(tiny_model(), data, replace(cfg, epochs=2, precision="fp32"), state_path=state,
+                 resume=True, progress=None)  # fmt: skip
+    assert more.start_epoch == 1 and [h.epoch for h in more.history] == [1, 2]
+
+
+def test_state_files_without_progress_timing_still_resume(tmp_path):
+    """History entries written before ``elapsed``/``eta`` existed load with zeros."""
+    data = limit_bundle(load_synthetic(), 128, 32)
+    state = tmp_path / "run.state"
+    train(tiny_model(), data, replace(FAST, epochs=1), state_path=state, progress=None)
+    st = load_state(state)
+    for h in st["history"]:
+        del h["elapsed"], h["eta"]
+    save_state(state, st)
+    result = train(tiny_model(), data, replace(FAST, epochs=2), state_path=state, resume=True,
+                   progress=None)  # fmt: skip
+    assert result.history[0].elapsed == 0.0 and result.history[1].elapsed > 0.0
+
+
+def test_progress_line_has_elapsed_and_eta():
+    data = limit_bundle(load_synthetic(), 128, 32)
+    seen: list[EpochStats] = []
+    train(tiny_model(), data, replace(FAST, epochs=2), progress=seen.append)
+    assert 0 < seen[0].elapsed < seen[1].elapsed
+    assert seen[0].eta > 0 and seen[1].eta == 0.0
+    assert "elapsed=0:00:" in seen[1].line() and "eta=0:00:00" in seen[1].line()
+    assert EpochStats(1, 9, 0, 0, 0, 0, 1.0, 1e-3, elapsed=3725, eta=59.6).line().endswith(
+        "elapsed=1:02:05 eta=0:01:00")
+
+
+# ----------------------------------------------------------------------------- speed options
+
+
+def test_device_flag_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="unsupported device"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            resolve_device("cuda")
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            train(tiny_model(), load_synthetic(), replace(FAST, device="cuda"), progress=None)
+
+
+def test_cpu_path_trains_and_leaves_model_on_cpu():
+    data = limit_bundle(load_synthetic(), 256, 64)
+    model = tiny_model()
+    result = train(model, data, replace(FAST, device="cpu", precision="fp32"), progress=None)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert result.final.test_acc > 0.5
+
+
+def test_native_bf16_detection_reads_cpu_flags(tmp_path):
+    zen4 = tmp_path / "zen4"
+    zen4.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512vl\n")
+    old = tmp_path / "old"
+    old.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert cpu_has_native_bf16(zen4) and not cpu_has_native_bf16(old)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_precision_sets_matmul_dtype_and_trains(precision):
+    """bf16 autocast really runs the layers in bf16 (the weights stay fp32), the loss is
+    finite and falls, and the model learns like the fp32 one."""
+    data = load_synthetic()
+    model = tiny_model()
+    dtypes: set[torch.dtype] = set()
+    hook = model.head.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    result = train(model, data, replace(FAST, precision=precision), progress=None)
+    hook.remove()
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert want in dtypes  # training forwards
+    assert torch.float32 in dtypes  # evaluation is always fp32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    losses = [s.loss for s in result.history]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert result.final.test_acc > 0.6
+
+
+def test_fused_optimizer_matches_loop_optimizer():
+    """The fused AdamW kernel takes the same steps as the per-tensor loop."""
+    data = limit_bundle(load_synthetic(), 128, 32)
+    a, b = tiny_model(), tiny_model()
+    cfg = replace(FAST, epochs=1, precision="fp32")
+    opt, _ = make_optimizer(a, cfg, 4)
+    assert opt.defaults["fused"] is True
+    train(a, data, cfg, progress=None)
+    train(b, data, replace(cfg, fused_optimizer=False), progress=None)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_forward_trains_like_eager():
+    data = limit_bundle(load_synthetic(), 256, 64)
+    cfg = replace(FAST, epochs=2, precision="fp32")
+    eager, compiled = tiny_model(), tiny_model()
+    r1 = train(eager, data, cfg, progress=None)
+    r2 = train(compiled, data, replace(cfg, compile=True), progress=None)
+    assert abs(r1.final.loss - r2.final.loss) < 1e-3
+    for (name, pa), pb in zip(eager.state_dict().items(), compiled.state_dict().values(),
+                              strict=True):  # fmt: skip
+        torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_distillation_loss_terms():
@@ -191,6 +353,16 @@ def test_cli_train_end_to_end_resume_and_teacher(tmp_path, capsys):
     assert "soft=" in text and "feature=" in text
     model, _ = load_checkpoint(student)
     assert model.spec.summary() == {"relu_softmax": 8, "scale": 8, "relu": 4}
+
+
+def test_cli_train_device_flag(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    assert cli("--out", str(out), "--epochs", "1", "--device", "cpu", "--precision", "fp32") == 0
+    assert "cpu fp32" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert cli("--out", str(out), "--device", "cuda") == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "no CUDA GPU" in err and "Traceback" not in err
 
 
 def test_cli_train_reports_bad_inputs(tmp_path, capsys):

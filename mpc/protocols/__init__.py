@@ -10,8 +10,13 @@
   private-AND tuple kinds;
 - ``masked``: weights masked once at load, so a product opens only its input, with the
   dealer's mask store;
+- ``dcf``: function secret sharing, the math (DCF keys, sign/ReLU/spline gates; numpy);
+- ``fss``: one-round comparisons on it, with the dealer's key kind (every party fetches
+  its own key) and its key cache;
+- ``splines``: the piecewise-quadratic tables of the ``spline`` variants;
+- ``plan``: :class:`~plan.ProtocolPlan`, which variant each building block runs;
 - ``functions``: the secure nonlinear functions (ReLU, max, LayerNorm, reciprocal,
-  1/sqrt, exp, GeLU) built on the above.
+  1/sqrt, exp, GeLU) built on the above, each taking a plan.
 
 Both parties must run these programs message for message: :func:`code_fingerprint`
 hashes this package and the runtime beside it, so two parties built from different code

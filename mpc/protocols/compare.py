@@ -68,7 +68,7 @@ def _private_and(own: torch.Tensor, rank: int) -> torch.Tensor:
     return (e & f) ^ (mask & f) ^ uv if rank == 0 else (e & mask) ^ uv
 
 
-def _carry_tuple(n: int, shift: int, final: bool, rank: int):
+def _carry_tuple(n: int, shift: int, final: bool, rank: int) -> tuple[torch.Tensor, ...]:
     """(r_G, r_P, ρ) shares for one level: from the dealer, or, under CrypTen's
     trusted-first-party provider, drawn by party 0 and shared like CrypTen's own TFP
     tuples (no communication)."""
@@ -98,7 +98,8 @@ def _subsets(names: tuple[str, ...]) -> tuple[tuple[tuple[str, ...], tuple[str, 
     return tuple(out)
 
 
-def _level(g: torch.Tensor, p: torch.Tensor, shift: int, final: bool, rank: int):
+def _level(g: torch.Tensor, p: torch.Tensor, shift: int, final: bool,
+           rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One radix-4 level on XOR-shared G/P words (see ``mpc.carry``): one round.
 
     Only the level's output bits matter, so every word is reduced to them

@@ -441,12 +441,27 @@ def _add_payload(acc, cw, tmask, s, blocks, tmp, word) -> None:
 # --------------------------------------------------------------------------- serialisation
 
 
-def serialize_dcf_key(key: DcfKey) -> bytes:
-    """One contiguous little-endian buffer of ``key.count * dcf_key_bytes(n, k)`` bytes."""
+def _dcf_parts(key: DcfKey) -> list[np.ndarray]:
+    """The serialised key's parts, in order, as little-endian arrays."""
     bits = np.stack([key.tcw & 1, key.tcw >> 1], axis=-1)  # (n, N, 2)
     packed = np.packbits(bits.transpose(1, 0, 2).reshape(key.count, 2 * key.n), axis=1)
-    parts = (key.seed, key.scw, key.vcw, key.fcw)
-    return b"".join(p.astype("<u8", copy=False).tobytes() for p in parts) + packed.tobytes()
+    return [p.astype("<u8", copy=False) for p in (key.seed, key.scw, key.vcw, key.fcw)] + [
+        packed]
+
+
+def _write(parts: list[np.ndarray], out: np.ndarray) -> int:
+    """Copy ``parts`` back to back into the uint8 buffer ``out``; returns bytes written."""
+    offset = 0
+    for p in parts:
+        raw = np.ascontiguousarray(p).reshape(-1).view(np.uint8)
+        out[offset:offset + raw.size] = raw
+        offset += raw.size
+    return offset
+
+
+def serialize_dcf_key(key: DcfKey) -> bytes:
+    """One contiguous little-endian buffer of ``key.count * dcf_key_bytes(n, k)`` bytes."""
+    return b"".join(p.tobytes() for p in _dcf_parts(key))
 
 
 def deserialize_dcf_key(buf: bytes | bytearray | memoryview | np.ndarray, party: int, n: int,
@@ -575,6 +590,12 @@ def serialize_gate_key(key: GateKey) -> bytes:
     return key.extra.astype("<u8", copy=False).tobytes() + serialize_dcf_key(key.dcf)
 
 
+def serialize_gate_key_into(key: GateKey, out: np.ndarray) -> int:
+    """:func:`serialize_gate_key` written into the uint8 buffer ``out`` (one copy of each
+    part, for large keys); returns the bytes written."""
+    return _write([key.extra.astype("<u8", copy=False), *_dcf_parts(key.dcf)], out)
+
+
 def deserialize_gate_key(buf: bytes | bytearray | memoryview | np.ndarray, party: int,
                          degree: int, bits: int = 64, shift: int = 0) -> GateKey:
     """Inverse of :func:`serialize_gate_key` (the shape parameters are not stored)."""
@@ -636,6 +657,27 @@ def _compare(key: GateKey, y: np.ndarray, thresholds: np.ndarray, r_pow: np.ndar
         words[j] *= coef_b
         words[j] += coef_a * r_pow[j]
     return words
+
+
+def threshold_eval(party: int, key: GateKey, y: np.ndarray, thresholds,
+                   prg: AesPrg | None = None) -> np.ndarray:
+    """Party side: shares (d+1, P, N) uint64 of ``r^j [x - t_k >= 0]`` for j = 0..d and the P
+    public thresholds (ring integers, signed), from the opened ``y = x + r``.
+
+    Row j = 0 is the indicator itself; with the rows j >= 1, ``x^i [x >= t_k]`` for
+    i <= d is local, since ``x = y - r`` with ``y`` public (``x [x >= t] = y row0 - row1``).
+    One key per element serves all P thresholds (the exactness window of each comparison
+    ``x - t_k`` is the key's, see the module doc).
+    """
+    _check_party(party, key)
+    y = _opened(y, key)
+    return _compare(key, y, _as_words(thresholds).reshape(-1), _r_powers(key), prg)
+
+
+def mask_share(key: GateKey) -> np.ndarray | None:
+    """This party's additive share (N,) of the 64-bit mask ``r`` when the key carries one
+    (degree >= 1: the ``r^1`` row of ``extra``), else None."""
+    return key.extra[key.degree + 1] if key.degree >= 1 else None
 
 
 def msb_eval(party: int, key: GateKey, y: np.ndarray, prg: AesPrg | None = None) -> np.ndarray:

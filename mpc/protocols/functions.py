@@ -9,6 +9,12 @@ Fixed-point notes (CrypTen: int64 ring, 16 fractional bits): a secret value must
 well below 2**47/2**16 ~ 2**31 in magnitude after a product, so no intermediate here
 squares anything larger than ~4e4; comparisons are the round-expensive primitive, so
 independent comparisons are stacked into one call.
+
+Protocol variants: every function that compares or approximates takes ``protocol``, a
+:class:`~mpcvit.mpc.protocols.plan.ProtocolPlan` (None is the default plan, the
+protocols described here without FSS).  With ``comparison="fss"`` each comparison is one
+opening of x + r and a dealer key per element (``fss``); the ``spline`` variants select a
+quadratic per piece by comparisons against every breakpoint (``splines``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import numpy as np
 import torch
 
 from ..compat import import_crypten
-from . import compare, fused
+from . import compare, fss, fused, splines
+from .plan import ProtocolPlan, resolve
 
 Tensor = Any  # crypten MPCTensor
 
@@ -43,6 +50,7 @@ PIECES_MAX_EXTRA = 8192
 FUSE_MAX_EXTRA = 32_768
 GELU_CUTOFF = 4.0  # secure GeLU: exact relu outside [-4, 4]
 GELU_DEGREE = 7
+RECIP_SUB = 8  # spline reciprocal: pieces per octave (relative error 2.1e-5)
 
 
 def eps_range_lo(eps: float) -> int:
@@ -77,9 +85,21 @@ def _sign_binary(x: Tensor):
     return BinarySharedTensor.from_shares(compare.sign_bits(x._tensor.share.reshape(-1)))
 
 
-def ltz(x: Tensor) -> Tensor:
+def _fss(plan: ProtocolPlan) -> bool:
+    """Whether comparisons use FSS keys (two parties only: the keys are 2-party)."""
+    if not plan.fss:
+        return False
+    if import_crypten().communicator.get().get_world_size() != 2:
+        raise ValueError("FSS comparisons run between exactly two parties")
+    return True
+
+
+def ltz(x: Tensor, protocol: ProtocolPlan | None = None) -> Tensor:
     """[x < 0] as CrypTen's integer-scale arithmetic bits (like ``MPCTensor._ltz``):
-    5 rounds, where CrypTen's own comparison needs 8 with ~3.6x the bytes."""
+    5 rounds, where CrypTen's own comparison needs 8 with ~3.6x the bytes; with FSS one
+    round, exact on the whole ring (64-bit keys)."""
+    if _fss(resolve(protocol)):
+        return fss.ltz(x)
     return fused.bit_products(_sign_binary(x), x.shape, [])[0]
 
 
@@ -90,14 +110,18 @@ def ltz_products(x: Tensor, values: Sequence[Tensor],
     return fused.bit_products(_sign_binary(x), x.shape, values, extra)
 
 
-def relu(x: Tensor) -> Tensor:
+def relu(x: Tensor, protocol: ProtocolPlan | None = None) -> Tensor:
     """x - [x < 0]·x, the product taken in the comparison's last round
-    (``fused.bit_products``): 5 rounds."""
+    (``fused.bit_products``): 5 rounds.  With FSS the gate gives relu(x) itself: one
+    round, exact for |x| below 2^(fss_bits - 1) fixed-point units (``fss`` module doc)."""
+    plan = resolve(protocol)
+    if _fss(plan):
+        return fss.relu(x, plan.fss_bits)
     _, (neg_x,), _ = ltz_products(x, [x])
     return x - neg_x
 
 
-def layer_norm(x: Tensor, eps: float) -> Tensor:
+def layer_norm(x: Tensor, eps: float, protocol: ProtocolPlan | None = None) -> Tensor:
     """LayerNorm over the last dim without its affine part.
 
     xc / sqrt(var + eps) = xc·sqrt(D) / sqrt(ss + D·eps) with ss the sum of squares:
@@ -110,11 +134,11 @@ def layer_norm(x: Tensor, eps: float) -> Tensor:
     """
     xc = x - x.mean(-1, keepdim=True)
     ss = fused.sum_squares(xc)
-    return _normalize(xc * math.sqrt(x.shape[-1]), ss, x.shape[-1], eps)
+    return _normalize(xc * math.sqrt(x.shape[-1]), ss, x.shape[-1], eps, protocol=protocol)
 
 
 def norm_linear(x: Tensor, eps: float, weight: Tensor, bias: Tensor | None = None,
-                rectify: bool = False) -> Tensor:
+                rectify: bool = False, protocol: ProtocolPlan | None = None) -> Tensor:
     """linear(layer_norm(x)) for a LayerNorm without affine part; with ``rectify``,
     relu of it (the layer must then have no bias).
 
@@ -130,7 +154,7 @@ def norm_linear(x: Tensor, eps: float, weight: Tensor, bias: Tensor | None = Non
     d = x.shape[-1]
     xc = x - x.mean(-1, keepdim=True)
     ss, h = fused.in_one_round([fused.sum_squares_part(xc), _linear_part(xc, weight)])
-    y = _normalize(h * math.sqrt(d), ss, d, eps, rectify)
+    y = _normalize(h * math.sqrt(d), ss, d, eps, rectify, protocol)
     return y if bias is None else y + bias
 
 
@@ -150,27 +174,37 @@ def _linear_part(x: Tensor, weight: Tensor) -> fused.Part:
     return opens, lambda vals: finish(vals)[0]
 
 
-def _normalize(num: Tensor, ss: Tensor, d: int, eps: float, rectify: bool = False) -> Tensor:
+def _normalize(num: Tensor, ss: Tensor, d: int, eps: float, rectify: bool = False,
+               protocol: ProtocolPlan | None = None) -> Tensor:
     """num / sqrt(ss + D·eps) (relu(num) with ``rectify``) on the range a LayerNorm over
     D features needs."""
     lo = INV_SQRT_RANGE[0] + math.floor(math.log2(d))
     hi = INV_SQRT_RANGE[1] + math.ceil(math.log2(d))
-    return div_sqrt(num, ss + d * eps, lo, hi, rectify=rectify)
+    return div_sqrt(num, ss + d * eps, lo, hi, rectify=rectify, protocol=protocol)
 
 
-def softmax(a: Tensor) -> Tensor:
+def softmax(a: Tensor, protocol: ProtocolPlan | None = None) -> Tensor:
     """softmax over the last dim: exp overflows the fixed-point ring for arguments
     above ~10, so the row max is subtracted first."""
-    e = exp_nonpositive(a - row_max(a))
-    return divide(e, e.sum(-1, keepdim=True), lo=0, hi=_ceil_log2(a.shape[-1]) + 1)
+    e = exp_nonpositive(a - row_max(a, protocol), protocol=protocol)
+    return divide(e, e.sum(-1, keepdim=True), lo=0, hi=_ceil_log2(a.shape[-1]) + 1,
+                  protocol=protocol)
 
 
-def exp_nonpositive(x: Tensor, iters: int = 8) -> Tensor:
+def exp_nonpositive(x: Tensor, iters: int = 8, protocol: ProtocolPlan | None = None
+                    ) -> Tensor:
     """exp(x) for x in [-2**(iters+1), 0] (softmax arguments after max-subtraction):
     (1 + y + y²/2)**(2**iters) with y = x / 2**iters; the base stays in [0.5, 1] on that
     range, so the repeated squaring cannot overflow.  Relative error ~|x|³/(6·4**iters):
     2e-5 at x = -2, where CrypTen's (1 + y)**(2**iters) is off by 1.6%; one extra round
-    for the y² term."""
+    for the y² term.
+
+    The ``spline`` variant: 8 quadratic pieces on [-9, 0] and 0 below (absolute error
+    about 3e-4, where this one's rounding reaches 3e-3 near 0), 2 rounds with FSS
+    comparisons (``spline``)."""
+    plan = resolve(protocol)
+    if plan.exp == "spline":
+        return spline(x, splines.exp_spline(), plan)
     y = x * 2.0**-iters
     e = 1 + y + y.square() * 0.5
     for _ in range(iters):
@@ -230,7 +264,50 @@ def _range_comparison(d: Tensor, v: Tensor, rectify: Tensor | None = None
     return below[:n].reshape(d.shape), below_v[:n].reshape(d.shape), rectify - negative
 
 
-def _unit_range(x: Tensor, lo: int, hi: int, rectify: Tensor | None = None
+def range_bits(hi: int, scale: float) -> int:
+    """FSS comparison width for range tests of x in [0, 2**hi] against thresholds there:
+    exact while |x - t| < 2**(hi + 2) (``fss`` module doc)."""
+    return int(min(64, max(20, hi + round(math.log2(scale)) + 3)))
+
+
+def threshold_products(x: Tensor, thresholds: Sequence[float], plan: ProtocolPlan,
+                       bits: int = 64, shift: int = 0, rectify: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(below, below_x, relu(rectify))`` with ``below[k] = [x < t_k]`` (integer-scale
+    bits) and ``below_x[k] = below[k]·x`` (x's encoder), each (P, *x.shape), for public
+    thresholds; ``rectify``'s ReLU rides in the same comparison round.
+
+    With the carry comparison: one packed comparison of P copies of x (4 + 1 rounds, the
+    products in its last round).  With FSS: ONE key per element of x evaluated at all P
+    thresholds (``bits``/``shift`` set its exactness window), and a ReLU key per element
+    of ``rectify``, all opened in one round."""
+    if not _fss(plan):
+        shape = (-1, *([1] * x.dim()))
+        xs = _repeat(x, len(thresholds))
+        return _range_comparison(xs - torch.tensor(list(thresholds)).reshape(shape), xs,
+                                 rectify)
+    parts = [fss.thresholds_part(x, thresholds, bits, shift)]
+    if rectify is not None:
+        parts.append(fss.relu_part(rectify, plan.fss_bits))
+    done = fused.in_one_round(parts)
+    ge, ge_x = done[0]
+    one = int(fused.rank() == 0)
+    below = _like(one - ge._tensor.share, ge)
+    below_x = _like(x._tensor.share.unsqueeze(0) - ge_x._tensor.share, ge_x)
+    return below, below_x, (done[1] if rectify is not None else None)
+
+
+def _like(share: torch.Tensor, model: Tensor) -> Tensor:
+    """An MPCTensor of raw ``share`` with ``model``'s encoder."""
+    from crypten.mpc import MPCTensor
+
+    out = MPCTensor.from_shares(share, precision=0)
+    out.encoder = model.encoder
+    return out
+
+
+def _unit_range(x: Tensor, lo: int, hi: int, rectify: Tensor | None = None,
+                plan: ProtocolPlan | None = None
                 ) -> tuple[Tensor, Tensor, range, Tensor | None]:
     """Write positive x in [2**lo, 2**hi] as 2**e · t with t in [1, 2).
 
@@ -243,12 +320,12 @@ def _unit_range(x: Tensor, lo: int, hi: int, rectify: Tensor | None = None
     """
     from crypten.mpc import MPCTensor
 
+    plan = resolve(plan)
     ks = range(lo + 1, hi)
     exps = range(lo, hi)
     shape = (-1, *([1] * x.dim()))
-    thresholds = torch.tensor([2.0**k for k in ks]).reshape(shape)
-    xs = _repeat(x, len(ks))
-    below, below_x, rectified = _range_comparison(xs - thresholds, xs, rectify)
+    below, below_x, rectified = threshold_products(
+        x, [2.0**k for k in ks], plan, range_bits(hi, x.encoder.scale), rectify=rectify)
     top = exps[-1]
     ups = [2 ** (top - e) for e in exps]
     steps = torch.tensor([ups[i + 1] - ups[i] for i in range(len(ks))]).reshape(shape)
@@ -277,18 +354,20 @@ def _poly(coeffs: Sequence[float], powers: Sequence[Tensor]) -> Tensor:
 
 
 def _scaled_unit_power(num: Tensor, x: Tensor, power: float, lo: int, hi: int,
-                       degree: int, rectify: bool = False) -> Tensor:
+                       degree: int, rectify: bool = False,
+                       plan: ProtocolPlan | None = None) -> Tensor:
     """num · x**power for positive x in [2**lo, 2**hi] (power -1 or -1/2).
 
     x = 2**e·t: the range comparison gives u = t - 1.5 and the bits that select the
     public 2**(e·power); t**power is a polynomial in u whose powers come in
     ceil(log2 degree) rounds, the first shared with num·2**(e·power); one last product.
-    Rounds: 5 + ceil(log2 degree) + 1.  2**(e·power) is applied as an exact power of
-    two times a factor in [1, 2) (√2 for odd e when power = -1/2), the factor in the
-    second round: a lone fixed-point 2**-10.5 would carry a 0.5% rounding error.
-    With ``rectify``, relu(num) replaces num, its sign test in the range comparison.
+    Rounds: 5 + ceil(log2 degree) + 1 (1 + ... with FSS).  2**(e·power) is applied as an
+    exact power of two times a factor in [1, 2) (√2 for odd e when power = -1/2), the
+    factor in the second round: a lone fixed-point 2**-10.5 would carry a 0.5% rounding
+    error.  With ``rectify``, relu(num) replaces num, its sign test in the range
+    comparison.
     """
-    u, bits, exps, rectified = _unit_range(x, lo, hi, num if rectify else None)
+    u, bits, exps, rectified = _unit_range(x, lo, hi, num if rectify else None, plan)
     if rectify:
         num = rectified
     whole = {k: math.floor(k * power) for k in exps}
@@ -312,86 +391,78 @@ def _scaled_unit_power(num: Tensor, x: Tensor, power: float, lo: int, hi: int,
 
 
 def divide(num: Tensor, den: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
-           degree: int = 6) -> Tensor:
+           degree: int = 6, protocol: ProtocolPlan | None = None) -> Tensor:
     """num / den for positive den in [2**lo, 2**hi] (broadcast over num).
 
     Under MPC (9 rounds): den = 2**e·t, t in [1, 2), then (num·2**-e)·p(t - 1.5) with p
     of degree 6 (relative error 1e-5 over the whole range).  CrypTen's own reciprocal
-    needs ~10 Newton steps plus an exp and still fails outside ~[0.01, 100].
+    needs ~10 Newton steps plus an exp and still fails outside ~[0.01, 100].  The
+    ``spline`` variant splits each octave into ``RECIP_SUB`` pieces with a quadratic each
+    (relative error 2.1e-5), as :func:`div_sqrt` does: 3 rounds with FSS comparisons.
     """
-    return _scaled_unit_power(num, den, -1.0, lo, hi, degree)
+    plan = resolve(protocol)
+    if plan.reciprocal == "spline":
+        return _pieces_power(num, den, lo, hi, RECIP_SUB, -1.0, plan=plan)
+    return _scaled_unit_power(num, den, -1.0, lo, hi, degree, plan=plan)
 
 
-def reciprocal(x: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1]) -> Tensor:
+def reciprocal(x: Tensor, lo: int = RECIP_RANGE[0], hi: int = RECIP_RANGE[1],
+               protocol: ProtocolPlan | None = None) -> Tensor:
     """1/x for x in [2**lo, 2**hi]; prefer :func:`divide` (no extra product)."""
-    return divide(x * 0 + 1, x, lo, hi)
+    return divide(x * 0 + 1, x, lo, hi, protocol=protocol)
 
 
 def div_sqrt(num: Tensor, x: Tensor, lo: int = INV_SQRT_RANGE[0],
              hi: int = INV_SQRT_RANGE[1], sub: int = INV_SQRT_SUB,
-             rectify: bool = False) -> Tensor:
+             rectify: bool = False, protocol: ProtocolPlan | None = None) -> Tensor:
     """num / sqrt(x) for positive x in [2**lo, 2**hi]; relu(num) / sqrt(x) with
     ``rectify``, whose sign test rides in the range comparison below (no extra round).
 
-    Under MPC, for few values x (``PIECES_MAX_EXTRA``), 7 rounds: one comparison
-    against every 2**(k/sub) splits x into 2**E·t with E even and t in one of 2·sub
-    pieces of [1, 4); t**-1/2 is a quadratic on each piece (relative error 5.3e-5 for
-    sub = 4), whose square term comes in the round that also forms num·2**(-E/2).
-    Otherwise 8 rounds: x = 2**e·t with t in [1, 2) from one comparison per octave,
-    and a degree-4 polynomial in t (relative error 8.6e-5), whose powers take a round
-    more.  CrypTen's inv_sqrt is off by up to ~79% below 0.01 and above ~200.
+    Under MPC, for few values x (``PIECES_MAX_EXTRA``) or with the ``spline`` variant,
+    7 rounds (3 with FSS): one comparison against every 2**(k/sub) splits x into 2**E·t
+    with E even and t in one of 2·sub pieces of [1, 4); t**-1/2 is a quadratic on each
+    piece (relative error 5.3e-5 for sub = 4), whose square term comes in the round that
+    also forms num·2**(-E/2).  Otherwise 8 rounds (4 with FSS): x = 2**e·t with t in
+    [1, 2) from one comparison per octave, and a degree-4 polynomial in t (relative error
+    8.6e-5), whose powers take a round more.  CrypTen's inv_sqrt is off by up to ~79%
+    below 0.01 and above ~200.
     """
-    if x.numel() * (sub - 1) * (hi - lo) <= PIECES_MAX_EXTRA:
-        return _div_sqrt_pieces(num, x, lo, hi, sub, rectify)
-    return _scaled_unit_power(num, x, -0.5, lo, hi, degree=4, rectify=rectify)
+    plan = resolve(protocol)
+    if plan.rsqrt == "spline" or x.numel() * (sub - 1) * (hi - lo) <= PIECES_MAX_EXTRA:
+        return _pieces_power(num, x, lo, hi, sub, -0.5, rectify, plan)
+    return _scaled_unit_power(num, x, -0.5, lo, hi, degree=4, rectify=rectify, plan=plan)
 
 
 @cache
-def _inv_sqrt_pieces(sub: int) -> tuple[tuple[float, float, float, float], ...]:
-    """(c, a, b, g) for each of the 2·sub pieces [2**(m/sub), 2**((m+1)/sub)) of [1, 4):
-    t**-1/2 ~ a + b·(t - c) + (g·(t - c))², least squares in relative error on
-    Chebyshev nodes (close to minimax).  t**-1/2 is convex, so the square term has a
-    positive coefficient g²: the per-piece quadratics come from ONE secure square of
-    v = sum_m [t in piece m]·g_m·(t - c_m), the pieces' indicators being one-hot."""
-    out = []
-    for m in range(2 * sub):
-        left, right = 2.0 ** (m / sub), 2.0 ** ((m + 1) / sub)
-        c, h = (left + right) / 2, (right - left) / 2
-        # A little beyond the piece: fixed-point thresholds are rounded to 2**-16.
-        u = -h * 1.002 * np.cos(np.linspace(0.0, math.pi, 2001))
-        f = (c + u) ** -0.5
-        a = np.stack([u**i for i in range(3)], 1) / f[:, None]
-        c0, c1, c2 = np.linalg.lstsq(a, np.ones_like(u), rcond=None)[0]
-        out.append((c, float(c0), float(c1), math.sqrt(c2)))
-    return tuple(out)
+def _pieces_plan(lo: int, hi: int, sub: int, power: float = -0.5
+                 ) -> dict[str, torch.Tensor | int]:
+    """The public constants of :func:`_pieces_power` for x in [2**lo, 2**hi], as integer
+    tensors over the n = (hi - lo)·sub pieces j of x's range.
 
-
-@cache
-def _pieces_plan(lo: int, hi: int, sub: int) -> dict[str, torch.Tensor | int]:
-    """The public constants of :func:`_div_sqrt_pieces` for x in [2**lo, 2**hi] (lo, hi
-    even), as integer tensors over the n = (hi - lo)·sub pieces j of x's range.
-
-    Piece j lies in the double octave starting at E_j = lo + 2·floor(j / 2sub) and is
-    piece m_j = j mod 2sub of [1, 4) after scaling by 2**-E_j."""
+    x is scaled by 2**-E into [1, 2**span) with span = 2 for power -1/2 (E even, so that
+    2**(E·power) is an exact power of two; lo and hi even) and 1 for power -1.  Piece j
+    lies in the span of octaves starting at E_j = lo + span·floor(j / (span·sub)) and is
+    piece m_j = j mod (span·sub) of [1, 2**span) after scaling by 2**-E_j."""
     from crypten.encoder import FixedPointEncoder
 
+    span = 2 if power == -0.5 else 1
     scale = FixedPointEncoder().scale
     n = (hi - lo) * sub
-    exps = [lo + 2 * (j // (2 * sub)) for j in range(n)]
-    piece = [j % (2 * sub) for j in range(n)]
+    per = span * sub
+    exps = [lo + span * (j // per) for j in range(n)]
+    piece = [j % per for j in range(n)]
     top = exps[-1]
-    coeffs = _inv_sqrt_pieces(sub)
+    coeffs = splines.power_pieces(power, sub, span)
     return {
         "n": n,
         "top": top,
         "thresholds": torch.tensor([2.0 ** (lo + k / sub) for k in range(1, n)]),
-        # s = 2**(-E/2): exact fixed-point encodings (E/2 <= 16).
-        "s": torch.tensor([round(2.0 ** (-e / 2) * scale) for e in exps]),
+        # s = 2**(E·power): exact fixed-point encodings (|E·power| <= 16).
+        "s": torch.tensor([round(2.0 ** (e * power) * scale) for e in exps]),
         # select[m, j] = [m_j = m]; ups[m, j] = [m_j = m]·2**(top - E_j) (exact integers)
-        "select": torch.tensor([[int(piece[j] == m) for j in range(n)]
-                                for m in range(2 * sub)]),
+        "select": torch.tensor([[int(piece[j] == m) for j in range(n)] for m in range(per)]),
         "ups": torch.tensor([[2 ** (top - exps[j]) if piece[j] == m else 0 for j in range(n)]
-                             for m in range(2 * sub)]),
+                             for m in range(per)]),
         # per piece m, at the fixed-point scale of w_m and the double scale of h_m:
         # lin = b_m·w_m + (a_m - b_m·c_m)·h_m and v = g_m·w_m - g_m·c_m·h_m
         "lin_w": torch.tensor([round(b * scale) for c, a, b, g in coeffs]),
@@ -407,67 +478,115 @@ def _combine(weights: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
     return (w * shares.unsqueeze(0) if weights.dim() == 2 else w * shares).sum(-shares.dim())
 
 
-def _div_sqrt_pieces(num: Tensor, x: Tensor, lo: int, hi: int, sub: int,
-                     rectify: bool = False) -> Tensor:
-    """Secure :func:`div_sqrt`; see there.  Rounds: comparison (4 + 1 with the
-    products [x >= 2**(k/sub)]·x), then {num·s, v²}, then the product."""
-    from crypten.encoder import FixedPointEncoder
-    from crypten.mpc import MPCTensor
-
-    # even bounds, so every double octave [2**E, 2**(E+2)) starts at an even E
-    plan = _pieces_plan(lo - lo % 2, hi + hi % 2, sub)
-    n, top = plan["n"], plan["top"]
-    xs = _repeat(x, n - 1)
-    thresholds = plan["thresholds"].reshape(-1, *([1] * x.dim()))
-    below, below_x, rectified = _range_comparison(xs - thresholds, xs,
-                                                  num if rectify else None)
-    if rectify:
-        num = rectified
-    # One-hot piece indicators o_j = ge_j - ge_(j+1), ge_k = [x >= threshold k] with
-    # ge_0 = 1 and ge_n = 0; integer-scale shares, and the same for o_j·x.
+def _onehot(below: Tensor, below_x: Tensor, x: Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot piece indicators o_j = ge_j - ge_(j+1) (ge_k = [x >= threshold k], with
+    ge_0 = 1 and ge_n = 0) and the o_j·x, from the range test's raw shares: (n, *shape)
+    integer-scale shares and x-scale shares."""
     one = x._tensor.share.new_full((1, *x.shape), int(fused.rank() == 0))
     zero = torch.zeros_like(one)
     ge = torch.cat([one, one - below._tensor.share, zero])
     xsh = x._tensor.share.unsqueeze(0)
     ge_x = torch.cat([xsh, xsh - below_x._tensor.share, zero])
-    onehot, onehot_x = ge[:-1] - ge[1:], ge_x[:-1] - ge_x[1:]
-    s_share = _combine(plan["s"], onehot)
-    # Per piece m of [1, 4): h_m = [t in m] and w_m = h_m·t, the powers of two 2**-E_j
-    # applied as exact integers 2**(top - E_j) and one division.
-    h = _combine(plan["select"], onehot)
-    w = MPCTensor.from_shares(_combine(plan["ups"], onehot_x), precision=0)
-    w.encoder = x.encoder
-    w = w.div(2**top)._tensor.share
+    return ge[:-1] - ge[1:], ge_x[:-1] - ge_x[1:]
+
+
+def _fixed(share: torch.Tensor, divisor: int = 1) -> Tensor:
+    """A fixed-point MPCTensor of raw ``share`` (truncated by ``divisor``)."""
+    from crypten.encoder import FixedPointEncoder
+    from crypten.mpc import MPCTensor
+
+    t = MPCTensor.from_shares(share, precision=0)
+    t.encoder = FixedPointEncoder()
+    return t.div(divisor) if divisor > 1 else t
+
+
+def _pieces_power(num: Tensor, x: Tensor, lo: int, hi: int, sub: int, power: float,
+                  rectify: bool = False, plan: ProtocolPlan | None = None) -> Tensor:
+    """num · x**power (power -1/2 or -1) for positive x in [2**lo, 2**hi] by pieces of
+    octaves; see :func:`div_sqrt`.  Rounds: comparison (4 + 1 with the products
+    [x >= 2**(k/sub)]·x; 1 with FSS), then {num·s, v²}, then the product."""
+    from crypten.encoder import FixedPointEncoder
+
+    plan = resolve(plan)
+    if power == -0.5:  # even bounds, so every double octave [2**E, 2**(E+2)) starts at an even E
+        lo, hi = lo - lo % 2, hi + hi % 2
+    pp = _pieces_plan(lo, hi, sub, power)
+    top = pp["top"]
+    below, below_x, rectified = threshold_products(
+        x, pp["thresholds"].tolist(), plan, range_bits(hi, x.encoder.scale),
+        rectify=num if rectify else None)
+    if rectify:
+        num = rectified
+    onehot, onehot_x = _onehot(below, below_x, x)
+    s_share = _combine(pp["s"], onehot)
+    # Per piece m of [1, 2**span): h_m = [t in m] and w_m = h_m·t, the powers of two
+    # 2**-E_j applied as exact integers 2**(top - E_j) and one division.
+    h = _combine(pp["select"], onehot)
+    w = _like(_combine(pp["ups"], onehot_x), x).div(2**top)._tensor.share
     # lin and v at the double scale, truncated once each.
-    lin_share = _combine(plan["lin_w"], w) + _combine(plan["lin_h"], h)
-    v_share = _combine(plan["v_w"], w) + _combine(plan["v_h"], h)
-
-    def fixed(share: torch.Tensor, divisor: int = 1) -> Tensor:
-        t = MPCTensor.from_shares(share, precision=0)
-        t.encoder = FixedPointEncoder()
-        return t.div(divisor) if divisor > 1 else t
-
+    lin_share = _combine(pp["lin_w"], w) + _combine(pp["lin_h"], h)
+    v_share = _combine(pp["v_w"], w) + _combine(pp["v_h"], h)
     scale = FixedPointEncoder().scale
-    lin, v, s = fixed(lin_share, scale), fixed(v_share, scale), fixed(s_share)
+    lin, v, s = _fixed(lin_share, scale), _fixed(v_share, scale), _fixed(s_share)
     ns, v2 = fused.mul_many([(num, s, "mul"), (v, None, "mul")])
     return ns * (lin + v2)
 
 
-def inv_sqrt(x: Tensor, lo: int = INV_SQRT_RANGE[0], hi: int = INV_SQRT_RANGE[1]) -> Tensor:
+def inv_sqrt(x: Tensor, lo: int = INV_SQRT_RANGE[0], hi: int = INV_SQRT_RANGE[1],
+             protocol: ProtocolPlan | None = None) -> Tensor:
     """1/sqrt(x) for x in [2**lo, 2**hi]; prefer :func:`div_sqrt`."""
-    return div_sqrt(x * 0 + 1, x, lo, hi)
+    return div_sqrt(x * 0 + 1, x, lo, hi, protocol=protocol)
 
 
-def row_max(a: Tensor) -> Tensor:
+def row_max(a: Tensor, protocol: ProtocolPlan | None = None) -> Tensor:
     """max over the last dim, keepdim, by a pairwise tournament: ceil(log2 N) levels of
-    one batched comparison (its product in the comparison's last round) each."""
+    one batched comparison (its product in the comparison's last round; with FSS one
+    round per level) each."""
     while a.shape[-1] > 1:
         n = a.shape[-1]
         h = n // 2
         x, y = a[..., :h], a[..., h : 2 * h]
-        m = y + relu(x - y)
+        m = y + relu(x - y, protocol)
         a = m if n % 2 == 0 else import_crypten().cat([m, a[..., 2 * h :]], dim=-1)
     return a
+
+
+def spline(x: Tensor, sp: splines.Spline, protocol: ProtocolPlan | None = None) -> Tensor:
+    """A piecewise quadratic (``splines.Spline``) of x: one comparison of every element
+    against every breakpoint (1 round with FSS, 5 with the carry tree), the linear part
+    local, the square parts from one or two secure squares in one more round."""
+    from crypten.encoder import FixedPointEncoder
+
+    plan = resolve(protocol)
+    scale = FixedPointEncoder().scale
+    if _fss(plan):
+        window = (plan.fss_bits - fss.SPLINE_SHIFT, fss.SPLINE_SHIFT)
+    else:
+        window = (64, 0)
+    below, below_x, _ = threshold_products(x, sp.breaks, plan, *window)
+    onehot, onehot_x = _onehot(below, below_x, x)
+
+    def table(values: Sequence[float], factor: float) -> torch.Tensor:
+        return torch.tensor([round(v * factor) for v in values])
+
+    a, b, c, q = (list(col) for col in zip(*sp.pieces, strict=True))
+    # lin_j = (a_j - b_j c_j) + b_j x ; v_j = g_j (x - c_j), g_j = sqrt|q_j|; double scale
+    lin = _fixed(_combine(table(b, scale), onehot_x)
+                 + _combine(table([ai - bi * ci for ai, bi, ci in zip(a, b, c, strict=True)],
+                                  scale * scale), onehot), scale)
+    squares = []
+    for sign in (1, -1):
+        g = [math.sqrt(abs(qi)) if qi * sign > 0 else 0.0 for qi in q]
+        if any(g):
+            v_share = (_combine(table(g, scale), onehot_x)
+                       - _combine(table([gi * ci for gi, ci in zip(g, c, strict=True)],
+                                        scale * scale), onehot))
+            squares.append((sign, _fixed(v_share, scale)))
+    out = lin
+    for sign, sq in zip((s for s, _ in squares),
+                        fused.mul_many([(v, None, "mul") for _, v in squares]), strict=True):
+        out = out + sq if sign > 0 else out - sq
+    return out
 
 
 @cache
@@ -497,7 +616,8 @@ def gelu_poly_plain(x: torch.Tensor, cutoff: float = GELU_CUTOFF,
     return torch.relu(x) - torch.where(t < cutoff, p, torch.zeros_like(p))
 
 
-def gelu(x: Tensor, cutoff: float = GELU_CUTOFF, degree: int = GELU_DEGREE) -> Tensor:
+def gelu(x: Tensor, cutoff: float = GELU_CUTOFF, degree: int = GELU_DEGREE,
+         protocol: ProtocolPlan | None = None) -> Tensor:
     """GeLU(x) = relu(x) - [|x| < cutoff]·p(|x|).
 
     Rounds (9): x² (1); one batched comparison for [x < 0] and [x² < cutoff²] (5),
@@ -507,7 +627,18 @@ def gelu(x: Tensor, cutoff: float = GELU_CUTOFF, degree: int = GELU_DEGREE) -> T
     the ring, and the exact 0 cancels them.  Two comparisons per element (the comparison
     is the expensive part: ~350 bytes each), where a three-threshold test would need
     three.
+
+    With FSS comparisons (4 rounds): one key per element evaluated at -cutoff, 0 and
+    cutoff gives relu(x) and iu = [|x| < cutoff]·|x|·2/cutoff locally; the tail is a
+    polynomial in iu (the indicator is 0 or 1, so iu**k = [|x| < cutoff]·u**k: no mask
+    product, and no power exceeds 2**degree).  The ``spline`` variant: 9 quadratic pieces
+    on [-4, 4] (``splines.gelu_spline``, max error 4.3e-4 + rounding), 2 rounds with FSS.
     """
+    plan = resolve(protocol)
+    if plan.gelu == "spline":
+        return spline(x, splines.gelu_spline(), plan)
+    if _fss(plan):
+        return _gelu_fss(x, cutoff, degree, plan)
     crypten = import_crypten()
     coeffs = gelu_tail_coeffs(cutoff, degree)
     x2 = x.square()
@@ -520,6 +651,21 @@ def gelu(x: Tensor, cutoff: float = GELU_CUTOFF, degree: int = GELU_DEGREE) -> T
     powers = _powers(u, degree, square=x2 * (k * k))
     p = _poly(coeffs, powers[1:])
     return r - inside * p
+
+
+def _gelu_fss(x: Tensor, cutoff: float, degree: int, plan: ProtocolPlan) -> Tensor:
+    """:func:`gelu` with one FSS key per element (see there): 1 + ceil(log2 degree)
+    rounds."""
+    below, below_x, _ = threshold_products(x, (-cutoff, 0.0, cutoff), plan, plan.fss_bits)
+    ge = (-below._tensor.share).add_(int(fused.rank() == 0))  # [x >= t_k], integer scale
+    ge_x = x._tensor.share.unsqueeze(0) - below_x._tensor.share  # [x >= t_k]·x
+    r = _like(ge_x[1], x)
+    # [|x| < c]·|x| = -x·[-c <= x < 0] + x·[0 <= x < c]
+    iu = _like(2 * ge_x[1] - ge_x[0] - ge_x[2], x) * (2.0 / cutoff)
+    coeffs = gelu_tail_coeffs(cutoff, degree)
+    inside = _fixed((ge[0] - ge[2]) * round(coeffs[0] * x.encoder.scale))  # c0·[|x| < c]
+    powers = _powers(iu, degree)
+    return r - (inside + _poly((0.0, *coeffs[1:]), powers[1:]))
 
 
 def _powers(t: Tensor, degree: int, square: Tensor | None = None) -> list[Tensor]:

@@ -21,11 +21,15 @@ communicator accounting: one round is one ``all_gather`` of a single flat tensor
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..compat import import_crypten
+
+if TYPE_CHECKING:
+    from crypten.mpc.primitives import BinarySharedTensor
+    from crypten.mpc.provider.provider import TupleProvider
 
 Tensor = Any  # crypten MPCTensor
 
@@ -77,7 +81,7 @@ def wrap_product(share: torch.Tensor, x: Tensor, y: Tensor | None) -> Tensor:
     return out
 
 
-def _request(items: Sequence[tuple[Tensor, Tensor | None, str]], provider,
+def _request(items: Sequence[tuple[Tensor, Tensor | None, str]], provider: TupleProvider,
              opens: list[torch.Tensor]) -> list[tuple]:
     """Fetch a tuple per product and append its masked operands to ``opens``."""
     plans = []
@@ -190,7 +194,7 @@ def products_part(items: Sequence[tuple[Tensor, Tensor | None, str]]) -> Part:
     return opens, lambda vals: _finish(items, plans, vals, 0, rank() == 0)
 
 
-def bit_products(sign, shape: torch.Size, values: Sequence[Tensor],
+def bit_products(sign: BinarySharedTensor, shape: torch.Size, values: Sequence[Tensor],
                  extra: Sequence[tuple[Tensor, Tensor | None, str]] = ()
                  ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Arithmetic bit ``b`` from the binary-shared bit ``sign`` (bit 0 of each word of a

@@ -28,7 +28,7 @@ import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ import torch
 from ..compat import import_crypten
 from . import fused
 from .tuples import Correction, TupleKind, TupleRequest, op_result_size, register, ring, ring_sum
+
+if TYPE_CHECKING:
+    from crypten.encoder import FixedPointEncoder
 
 Tensor = Any  # crypten MPCTensor
 
@@ -57,7 +60,7 @@ class MaskedWeight:
     ``Wᵀ`` (in × out) of products, with ``Wᵀ − b`` public and ``b`` shared."""
 
     def __init__(self, shape: tuple[int, ...], opened: torch.Tensor, mask_share: torch.Tensor,
-                 handle: str, encoder) -> None:
+                 handle: str, encoder: FixedPointEncoder) -> None:
         self.shape = torch.Size(shape)
         self.opened = opened  # E = Wᵀ − b in the ring, (in, out)
         self.mask_share = mask_share  # this party's share of b, (in, out)
@@ -92,7 +95,7 @@ class MaskedWeight:
         return [cls(tuple(w.shape), e, b, handle, w.encoder)
                 for w, e, (b, handle) in zip(weights, opened, masks, strict=True)]
 
-    def size(self, dim: int | None = None):
+    def size(self, dim: int | None = None) -> torch.Size | int:
         return self.shape if dim is None else self.shape[dim]
 
     def numel(self) -> int:

@@ -7,9 +7,14 @@ which the dealer computes by replaying every party's stream.  A :class:`TupleKin
 for one kind of tuple, what a party draws (:meth:`TupleKind.draw`) and what the dealer
 computes (:meth:`TupleKind.correction`), in the same order, so the two cannot drift.
 
+Some kinds do not fit that scheme: an FSS key (``fss``) is useless to party 1 unless the
+dealer made it, so every party fetches its own part (``TupleKind.fetched_by = "every"``),
+and the dealer derives it from a secret of its own (:meth:`TupleKind.keyed_share`), not
+from the parties' streams, whose replay order therefore stays untouched.
+
 This module defines CrypTen's own kinds (Beaver triples for products, squares, binary
 triples, wrap counts, random bits); the protocols of this package register theirs
-(``compare``: carry masks and private ANDs; ``masked``: weight masks).
+(``compare``: carry masks and private ANDs; ``masked``: weight masks; ``fss``: DCF keys).
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ class TupleKind:
     request's ``kind`` to its instance."""
 
     name = ""
+    # Who asks the dealer: "first" -- party 0 alone, for its correction (CrypTen's TTP
+    # scheme; the others draw everything from their streams); "every" -- each party for its
+    # own part (:meth:`keyed_share`), which its stream could not give it.
+    fetched_by = "first"
 
     def validate(self, req: TupleRequest, dealer: Any = None) -> None:
         """Dealer side: raise ValueError (KeyError for unknown referenced data) for a
@@ -77,6 +86,13 @@ class TupleKind:
         """Dealer side: party 0's share of the dependent value, replaying every party's
         stream ``gens`` in :meth:`draw`'s order.  ``dealer`` is the dealer's state, for
         kinds that keep data across sessions (weight masks)."""
+        raise NotImplementedError
+
+    def keyed_share(self, dealer: Any, session: str, secret: bytes, seq: int, rank: int,
+                    req: TupleRequest) -> torch.Tensor:
+        """Dealer side, for kinds every party fetches: ``rank``'s part of request ``seq``
+        of ``session``, a pure function of the session's ``secret``, ``seq`` and the request
+        (so either party may ask first, and the streams are not touched)."""
         raise NotImplementedError
 
     def result_elements(self, req: TupleRequest) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x64\x65\x61ler.proto\x12\tmpcvit.v1\"G\n\x12OpenSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\" \n\x10OpenSessionReply\x12\x0c\n\x04seed\x18\x01 \x01(\x0c\"\x81\x01\n\x11\x43orrectionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05size0\x18\x03 \x03(\x03\x12\r\n\x05size1\x18\x04 \x03(\x03\x12\n\n\x02op\x18\x05 \x01(\t\x12\x16\n\x0eop_kwargs_json\x18\x06 \x01(\t\x12\x0b\n\x03seq\x18\x07 \x01(\x04\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"3\n\x0f\x43orrectionReply\x12 \n\x05share\x18\x01 \x01(\x0b\x32\x11.mpcvit.v1.Tensor\"4\n\x13\x43loseSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\"\x13\n\x11\x43loseSessionReply\"Q\n\x0ePrepareRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12.\n\x08requests\x18\x02 \x03(\x0b\x32\x1c.mpcvit.v1.CorrectionRequest\";\n\x0cPrepareReply\x12+\n\x07replies\x18\x01 \x03(\x0b\x32\x1a.mpcvit.v1.CorrectionReply2\xb7\x02\n\rDealerService\x12I\n\x0bOpenSession\x12\x1d.mpcvit.v1.OpenSessionRequest\x1a\x1b.mpcvit.v1.OpenSessionReply\x12\x46\n\nCorrection\x12\x1c.mpcvit.v1.CorrectionRequest\x1a\x1a.mpcvit.v1.CorrectionReply\x12\x45\n\x0f\x43orrectionBatch\x12\x19.mpcvit.v1.PrepareRequest\x1a\x17.mpcvit.v1.PrepareReply\x12L\n\x0c\x43loseSession\x12\x1e.mpcvit.v1.CloseSessionRequest\x1a\x1c.mpcvit.v1.CloseSessionReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x64\x65\x61ler.proto\x12\tmpcvit.v1\"G\n\x12OpenSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\" \n\x10OpenSessionReply\x12\x0c\n\x04seed\x18\x01 \x01(\x0c\"\x8f\x01\n\x11\x43orrectionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05size0\x18\x03 \x03(\x03\x12\r\n\x05size1\x18\x04 \x03(\x03\x12\n\n\x02op\x18\x05 \x01(\t\x12\x16\n\x0eop_kwargs_json\x18\x06 \x01(\t\x12\x0b\n\x03seq\x18\x07 \x01(\x04\x12\x0c\n\x04rank\x18\x08 \x01(\r\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"3\n\x0f\x43orrectionReply\x12 \n\x05share\x18\x01 \x01(\x0b\x32\x11.mpcvit.v1.Tensor\"4\n\x13\x43loseSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\"\x13\n\x11\x43loseSessionReply\"Q\n\x0ePrepareRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12.\n\x08requests\x18\x02 \x03(\x0b\x32\x1c.mpcvit.v1.CorrectionRequest\";\n\x0cPrepareReply\x12+\n\x07replies\x18\x01 \x03(\x0b\x32\x1a.mpcvit.v1.CorrectionReply2\xb7\x02\n\rDealerService\x12I\n\x0bOpenSession\x12\x1d.mpcvit.v1.OpenSessionRequest\x1a\x1b.mpcvit.v1.OpenSessionReply\x12\x46\n\nCorrection\x12\x1c.mpcvit.v1.CorrectionRequest\x1a\x1a.mpcvit.v1.CorrectionReply\x12\x45\n\x0f\x43orrectionBatch\x12\x19.mpcvit.v1.PrepareRequest\x1a\x17.mpcvit.v1.PrepareReply\x12L\n\x0c\x43loseSession\x12\x1e.mpcvit.v1.CloseSessionRequest\x1a\x1c.mpcvit.v1.CloseSessionReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENSESSIONREPLY']._serialized_start=100
   _globals['_OPENSESSIONREPLY']._serialized_end=132
   _globals['_CORRECTIONREQUEST']._serialized_start=135
-  _globals['_CORRECTIONREQUEST']._serialized_end=264
-  _globals['_TENSOR']._serialized_start=266
-  _globals['_TENSOR']._serialized_end=303
-  _globals['_CORRECTIONREPLY']._serialized_start=305
-  _globals['_CORRECTIONREPLY']._serialized_end=356
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=358
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=410
-  _globals['_CLOSESESSIONREPLY']._serialized_start=412
-  _globals['_CLOSESESSIONREPLY']._serialized_end=431
-  _globals['_PREPAREREQUEST']._serialized_start=433
-  _globals['_PREPAREREQUEST']._serialized_end=514
-  _globals['_PREPAREREPLY']._serialized_start=516
-  _globals['_PREPAREREPLY']._serialized_end=575
-  _globals['_DEALERSERVICE']._serialized_start=578
-  _globals['_DEALERSERVICE']._serialized_end=889
+  _globals['_CORRECTIONREQUEST']._serialized_end=278
+  _globals['_TENSOR']._serialized_start=280
+  _globals['_TENSOR']._serialized_end=317
+  _globals['_CORRECTIONREPLY']._serialized_start=319
+  _globals['_CORRECTIONREPLY']._serialized_end=370
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=372
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=424
+  _globals['_CLOSESESSIONREPLY']._serialized_start=426
+  _globals['_CLOSESESSIONREPLY']._serialized_end=445
+  _globals['_PREPAREREQUEST']._serialized_start=447
+  _globals['_PREPAREREQUEST']._serialized_end=528
+  _globals['_PREPAREREPLY']._serialized_start=530
+  _globals['_PREPAREREPLY']._serialized_end=589
+  _globals['_DEALERSERVICE']._serialized_start=592
+  _globals['_DEALERSERVICE']._serialized_end=903
 # @@protoc_insertion_point(module_scope)

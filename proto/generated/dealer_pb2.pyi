@@ -23,7 +23,7 @@ class OpenSessionReply(_message.Message):
     def __init__(self, seed: _Optional[bytes] = ...) -> None: ...
 
 class CorrectionRequest(_message.Message):
-    __slots__ = ("session", "kind", "size0", "size1", "op", "op_kwargs_json", "seq")
+    __slots__ = ("session", "kind", "size0", "size1", "op", "op_kwargs_json", "seq", "rank")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SIZE0_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class CorrectionRequest(_message.Message):
     OP_FIELD_NUMBER: _ClassVar[int]
     OP_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     session: str
     kind: str
     size0: _containers.RepeatedScalarFieldContainer[int]
@@ -38,7 +39,8 @@ class CorrectionRequest(_message.Message):
     op: str
     op_kwargs_json: str
     seq: int
-    def __init__(self, session: _Optional[str] = ..., kind: _Optional[str] = ..., size0: _Optional[_Iterable[int]] = ..., size1: _Optional[_Iterable[int]] = ..., op: _Optional[str] = ..., op_kwargs_json: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+    rank: int
+    def __init__(self, session: _Optional[str] = ..., kind: _Optional[str] = ..., size0: _Optional[_Iterable[int]] = ..., size1: _Optional[_Iterable[int]] = ..., op: _Optional[str] = ..., op_kwargs_json: _Optional[str] = ..., seq: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")
