@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ceiling: the speed-up the shared parts are sized for")
     p.add_argument("--costs-dir", type=Path, default=None,
                    help="protocols: read/write cost files costs_<model>.yaml here")
+    p.add_argument("--compute", choices=["cpu", "wall"], default="cpu",
+                   help="protocols: compute term of the plans' prices")
     p.add_argument("--json", type=Path, default=None,
                    help="protocols: also write the measured rows as JSON to this file")
     args = p.parse_args(argv)
@@ -340,7 +342,7 @@ def _protocols(args: argparse.Namespace, log) -> int:
     rows = []
     for name in models:
         config = CONFIGS[name]
-        costs = protocol_costs(config, args.costs_dir, log)
+        costs = protocol_costs(config, args.costs_dir, log).priced_by(args.compute)
         rows += measure_protocols(config, costs, networks, log, args.images or 1)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))

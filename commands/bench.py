@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "attention.exp=spline); default: a checkpoint's own plan, else "
                          "default")
     nw.add_argument("--costs", default=None, help="cost file for --protocol auto")
+    nw.add_argument("--compute", choices=["cpu", "wall"], default="cpu",
+                    help="--protocol auto: compute term of the price (party 0's CPU seconds "
+                         "or loopback wall seconds)")
     nw.add_argument("--json", action="store_true", help="end with one JSON object")
 
 
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.bench)
 
 
-def network_plan(text: str | None, model, config, spec, network: str, costs: str | None):
+def network_plan(text: str | None, model, config, spec, network: str, costs: str | None,
+                 compute: str = "cpu"):
     """The plan ``mpcvit bench network`` runs: ``auto`` is the cheapest for ``spec`` on
     ``network`` (from ``costs`` or a fresh profile); None the checkpoint's own plan (the
     default for a config name)."""
@@ -119,7 +123,7 @@ def network_plan(text: str | None, model, config, spec, network: str, costs: str
 
         print(f"--protocol auto without --costs: profiling {config.name} first", flush=True)
         cost_model = profile(config)
-    return choose_plan(cost_model, spec, parse_network(network))
+    return choose_plan(cost_model.priced_by(compute), spec, parse_network(network))
 
 
 def _bench_network(args: argparse.Namespace) -> int:
@@ -140,7 +144,8 @@ def _bench_network(args: argparse.Namespace) -> int:
             if args.arch:
                 spec = ArchSpec.parse(args.arch, config.depth, config.heads)
         profile = parse_network(args.network)
-        plan = network_plan(args.protocol, model, config, spec, args.network, args.costs)
+        plan = network_plan(args.protocol, model, config, spec, args.network, args.costs,
+                            args.compute)
     except (KeyError, ValueError, OSError) as exc:
         print(f"mpcvit bench network: {exc}", file=sys.stderr)
         return 2

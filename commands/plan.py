@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-gain", type=float, default=None,
                         help="a variant must save this fraction of its block's compute "
                              "seconds to replace the default (default 0.1)")
+    parser.add_argument("--compute", choices=["cpu", "wall"], default="cpu",
+                        help="compute term of the price: party 0's CPU seconds (default: "
+                             "steady on a shared machine) or loopback wall seconds")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the plan (YAML) for the one --network given")
     parser.add_argument("--save", type=Path, default=None,
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         print("note: the cost file prices the default plan only (profiled without variants "
               "or before they existed): every plan is the default", file=sys.stderr)
     min_gain = MIN_GAIN if args.min_gain is None else args.min_gain
+    costs = costs.priced_by(args.compute)
     out = {"model": config.name, "spec": spec.to_dict(), "plans": {}}
     for net in networks:
         rep = plan_report(costs, spec, net, min_gain=min_gain)

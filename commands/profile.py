@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-gain", type=float, default=None,
                         help="a variant must save this fraction of its block's compute "
                              "seconds to replace the default (default 0.1)")
+    parser.add_argument("--compute", choices=["cpu", "wall"], default="cpu",
+                        help="compute term of the price: party 0's CPU seconds (default: "
+                             "steady on a shared machine) or loopback wall seconds")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
 
 
@@ -117,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
         costs = profile(config, repeats=args.repeats, provider=args.provider,
                         variants=args.variants == "all")
     min_gain = MIN_GAIN if args.min_gain is None else args.min_gain
+    raw, costs = costs, costs.priced_by(args.compute)
     blocks = costs.blocks_table(network)
-    print_table(blocks, network.describe() + ", default plan")
+    print_table(blocks, f"{network.describe()}, default plan, compute = {args.compute} s")
     networks = report_networks(network)
     variants = variants_table(costs, networks)
     print_variants(variants, networks)
@@ -152,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
               f"{m.compute_s:.3f} s loopback, {network.seconds(m):.3f} s on {network.name}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        costs.save(args.out, network)
+        raw.save(args.out, network)
         print(f"wrote {args.out}")
     if args.json:
         print(json.dumps(report))

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch-lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compute", choices=["cpu", "wall"], default="cpu",
+                        help="compute term of the price: party 0's CPU seconds (default: "
+                             "steady on a shared machine) or loopback wall seconds")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
 
 
@@ -97,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"no --costs: profiling {config.name} first", flush=True)
         costs = profile(config)
+    costs = costs.priced_by(args.compute)
     print(f"search {config.name} on {data.name} ({len(data.train)} images), attention "
           f"{args.attention_kinds}, activations {args.activations or args.activation}, "
           f"lambda {args.lam}, network {network.describe()}", flush=True)

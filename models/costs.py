@@ -13,6 +13,10 @@ What is recorded (all from party 0, as the rest of the project reports):
   full-duplex link, the two directions overlap);
 - ``compute_s``: median wall seconds of the block on loopback (local compute plus the
   loopback transport's own overhead; the network model adds the real link on top);
+- ``cpu_s``: median CPU seconds of party 0's process during the block (all its threads).
+  On a machine shared with other jobs wall seconds grow with the load, CPU-bound work
+  (FSS key evaluation) more than work that waits on rounds, so plans can be priced with
+  ``cpu_s`` as the compute term instead (:meth:`CostModel.priced_by`);
 - ``dealer_requests``: party 0's dealer round trips (recorded, not priced: the network
   model assumes the dealer is near party 0 or preprocessed offline);
 - ``offline_bytes``: the dealer material party 0 received for the block (corrections and
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,30 +83,39 @@ class Cost:
     compute_s: float = 0.0
     dealer_requests: float = 0.0
     offline_bytes: float = 0.0
+    cpu_s: float = 0.0
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.rounds + other.rounds, self.bytes + other.bytes,
                     self.compute_s + other.compute_s,
                     self.dealer_requests + other.dealer_requests,
-                    self.offline_bytes + other.offline_bytes)
+                    self.offline_bytes + other.offline_bytes, self.cpu_s + other.cpu_s)
 
     def scale(self, k: float) -> Cost:
         return Cost(self.rounds * k, self.bytes * k, self.compute_s * k,
-                    self.dealer_requests * k, self.offline_bytes * k)
+                    self.dealer_requests * k, self.offline_bytes * k, self.cpu_s * k)
 
     def to_dict(self) -> dict[str, float]:
         return {"rounds": _num(self.rounds), "bytes": _num(self.bytes),
                 "compute_s": float(self.compute_s),
                 "dealer_requests": _num(self.dealer_requests),
-                "offline_bytes": _num(self.offline_bytes)}
+                "offline_bytes": _num(self.offline_bytes), "cpu_s": float(self.cpu_s)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Cost:
+        """From :meth:`to_dict`'s output; an entry without ``cpu_s`` (older files) takes
+        its wall seconds as its CPU seconds."""
         try:
-            return cls(float(d["rounds"]), float(d["bytes"]), float(d["compute_s"]),
-                       float(d.get("dealer_requests", 0.0)), float(d.get("offline_bytes", 0.0)))
+            compute = float(d["compute_s"])
+            return cls(float(d["rounds"]), float(d["bytes"]), compute,
+                       float(d.get("dealer_requests", 0.0)), float(d.get("offline_bytes", 0.0)),
+                       float(d.get("cpu_s", compute)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"bad cost entry {d!r}: need rounds, bytes, compute_s") from e
+
+    def with_cpu_compute(self) -> Cost:
+        """This cost with its CPU seconds as its compute seconds."""
+        return replace(self, compute_s=self.cpu_s)
 
 
 def _num(v: float) -> float | int:
@@ -441,6 +454,25 @@ class CostModel:
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"cost file lacks a field: {e}") from e
+
+    def priced_by(self, compute: str) -> CostModel:
+        """This cost model with ``compute`` as every entry's compute term: ``wall`` (median
+        loopback wall seconds, as profiled) or ``cpu`` (party 0's CPU seconds; see the
+        module doc).  Rounds and bytes do not change."""
+        if compute == "wall":
+            return self
+        if compute != "cpu":
+            raise ValueError(f"compute must be wall or cpu, got {compute!r}")
+        c = Cost.with_cpu_compute
+        return replace(
+            self,
+            attention={k: (c(one), c(full)) for k, (one, full) in self.attention.items()},
+            activation={k: c(v) for k, v in self.activation.items()},
+            layernorm=c(self.layernorm), layernorm_final=c(self.layernorm_final),
+            linear=c(self.linear), stem=c(self.stem),
+            meta={**self.meta, "priced_compute": "cpu"},
+            token_mask={k: c(v) for k, v in self.token_mask.items()},
+            variants={e: {k: c(v) for k, v in by.items()} for e, by in self.variants.items()})
 
     def save(self, path: str | Path, network: NetworkModel | None = None) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(network), sort_keys=False))

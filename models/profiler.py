@@ -84,8 +84,8 @@ def prepare_offline(provider, trace: list) -> float:
 
 def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
     """Run ``fn`` once to warm up, then ``repeats`` times: this party's rounds and bytes
-    (identical every time) and the median wall seconds.  Parties start each repeat
-    together (a barrier outside the counted region).
+    (identical every time), the median wall seconds and the median CPU seconds of this
+    process.  Parties start each repeat together (a barrier outside the counted region).
 
     Under the dealer the seconds are online seconds, as the party service delivers them:
     the warm-up records ``fn``'s tuple requests and the dealer prepares them before each
@@ -93,7 +93,7 @@ def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
     comm = import_crypten().communicator.get()
     provider = open_dealer()
     trace = record_trace(provider, fn)
-    times, stats, dealer, material = [], None, 0.0, 0.0
+    times, cpus, stats, dealer, material = [], [], None, 0.0, 0.0
     for _ in range(max(1, repeats)):
         b0 = _dealer_bytes()
         if provider is not None:
@@ -102,23 +102,25 @@ def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
         comm.barrier()
         comm.reset_communication_stats()
         d0 = _dealer_requests()
-        tic = time.perf_counter()
+        tic, cpu = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - tic)
+        cpus.append(time.process_time() - cpu)
         stats = comm.get_communication_stats()
         dealer = _dealer_requests() - d0
         material = _dealer_bytes() - b0
     assert stats is not None
     return Cost(float(stats["rounds"]), float(stats["bytes"]), statistics.median(times), dealer,
-                material)
+                material, statistics.median(cpus))
 
 
 def _difference(a: Cost, b: Cost, floor: bool = True) -> Cost:
     """``a - b``, seconds floored at 0 unless ``floor`` is False (both are noisy
     medians; a block that saves has a negative difference)."""
-    seconds = a.compute_s - b.compute_s
+    seconds, cpu = a.compute_s - b.compute_s, a.cpu_s - b.cpu_s
     return Cost(a.rounds - b.rounds, a.bytes - b.bytes, max(0.0, seconds) if floor else seconds,
-                a.dealer_requests - b.dealer_requests, a.offline_bytes - b.offline_bytes)
+                a.dealer_requests - b.dealer_requests, a.offline_bytes - b.offline_bytes,
+                max(0.0, cpu) if floor else cpu)
 
 
 class _Entries:
