@@ -190,17 +190,18 @@ def _diff(plan: ProtocolPlan) -> dict[str, Any]:
             if getattr(plan, f.name) != getattr(DEFAULT, f.name)}
 
 
-# Named plans.  ``lan`` and ``wan`` are what ``mpcvit plan`` chose for vit_7_4_32 and the
-# demo (softmax ViT and scale + relu_nobias) from profiles on this project's machine
-# (docs/benchmarks.md, "Protocol plans per network"); ``mpcvit plan`` prices any other
-# model and network.
+# Named plans.  ``lan`` and ``wan`` are what ``mpcvit plan`` chose for the softmax
+# vit_7_4_32 (CPU-priced, from a profile on this project's machine; docs/benchmarks.md,
+# "Protocol plans per network"); fields a spec does not use do not matter (scale + ReLU
+# gets the same plan).  ``mpcvit plan`` prices any other model and network.
 NAMED: dict[str, ModelPlan] = {
     "default": ModelPlan(),
     "fss": ModelPlan.uniform(PLANS["fss"]),
-    "lan": ModelPlan(),
+    "lan": ModelPlan(attention=ProtocolPlan(comparison="fss"),
+                     norm=ProtocolPlan(comparison="fss")),
     "wan": ModelPlan(
         attention=ProtocolPlan(comparison="fss", exp="spline", reciprocal="spline"),
-        activation=ProtocolPlan(comparison="fss"),
+        activation=ProtocolPlan(comparison="fss", gelu="spline"),
         norm=ProtocolPlan(comparison="fss")),
 }
 
