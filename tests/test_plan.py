@@ -409,3 +409,17 @@ def test_party_one_runs_the_plan_party_zero_serves(tmp_path):
     run = measure_secure_model(DEMO, spec, x, state_dict=model.state_dict(), protocol=plan)
     default = measure_secure_model(DEMO, spec, x, state_dict=model.state_dict())
     assert rounds == {run.rounds} and run.rounds < default.rounds
+
+
+def test_bench_network_plan_auto_is_the_planners_pick(tmp_path):
+    from mpcvit.commands.bench import network_plan
+
+    costs = tmp_path / "costs.yaml"
+    _costs(_fewer_rounds_more_compute).save(costs)
+    model = CostModel.load(costs)
+    for net in ("lan", "wan"):
+        got = network_plan("auto", None, DEMO, SOFTMAX, net, str(costs))
+        assert got == choose_plan(model.priced_by("cpu"), SOFTMAX, NETWORKS[net])
+    assert network_plan("auto", None, DEMO, SOFTMAX, "wan", str(costs)) != ModelPlan()
+    assert network_plan(None, None, DEMO, SOFTMAX, "wan", None) == ModelPlan()
+    assert network_plan("fss", None, DEMO, SOFTMAX, "wan", None) == NAMED["fss"]
