@@ -38,13 +38,19 @@ def network_party(config_dict: dict, spec_dict: dict, state_dict: dict | None,
     return rows
 
 
-def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+def _summary(parties: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """Party 0's figures (rounds and bytes as it counts them, median seconds), plus the
+    dealer material party 1 received (``offline_bytes_p1``: its FSS keys)."""
+    rows = parties[0]
     online = statistics.median(r["compute_s"] for r in rows)
     offline = statistics.median(r["offline_s"] for r in rows)
-    return {"online_s": online, "offline_s": offline, "total_s": online + offline,
-            "rounds": rows[0]["rounds"], "bytes": rows[0]["bytes"],
-            "dealer_requests": statistics.median(r["dealer_requests"] for r in rows),
-            "offline_bytes": statistics.median(r["offline_bytes"] for r in rows)}
+    out = {"online_s": online, "offline_s": offline, "total_s": online + offline,
+           "rounds": rows[0]["rounds"], "bytes": rows[0]["bytes"],
+           "dealer_requests": statistics.median(r["dealer_requests"] for r in rows),
+           "offline_bytes": statistics.median(r["offline_bytes"] for r in rows)}
+    if len(parties) > 1:
+        out["offline_bytes_p1"] = statistics.median(r["offline_bytes"] for r in parties[1])
+    return out
 
 
 def _images(config, n: int) -> torch.Tensor:
@@ -56,12 +62,12 @@ def bench_loopback(config, spec, *, images: int = 2, offline: bool = True,
                    state_dict: dict | None = None, protocol=None,
                    progress=print) -> dict[str, float]:
     """The same program with no emulated link: the compute baseline (``protocol``: a
-    ``ProtocolPlan``, None for the default)."""
+    ``ModelPlan`` or ``ProtocolPlan``, None for the default)."""
     progress("loopback run (compute baseline)...")
     plan = None if protocol is None else protocol.to_dict()
     loop = _summary(run_parties(network_party, config.to_dict(), spec.to_dict(), state_dict,
                                 _images(config, images), offline, plan, provider="dealer",
-                                timeout=3600)[0])
+                                timeout=3600))
     progress(f"  {loop['online_s']:.2f} s online per image, {loop['rounds']} rounds, "
              f"{loop['bytes'] / 1e6:.1f} MB (party 0's count), "
              f"{loop['offline_bytes'] / 1e6:.1f} MB dealer material")
@@ -83,7 +89,7 @@ def bench_network(config, spec, profile: NetworkProfile, *, images: int = 2,
             f"loopback relays ({net.fallback_reason})")
         progress(f"emulated {profile.describe()} via {where}...")
         emu = _summary(run_parties(network_party, *args, offline, plan, provider="dealer",
-                                   network=net, timeout=7200, recv_timeout=600)[0])
+                                   network=net, timeout=7200, recv_timeout=600))
     predicted = loop["online_s"] + profile.mpc_seconds(loop["bytes"], loop["rounds"])
     progress(f"  {emu['online_s']:.2f} s online per image (+{emu['offline_s']:.2f} s offline); "
              f"predicted online {predicted:.2f} s")

@@ -7,13 +7,19 @@ MPCViT+ on loopback, LAN and WAN (emulated links), with the stock-CrypTen baseli
 ``python -m mpcvit.bench.report --section ceiling``: from a fresh block profile, how far
 the speed-up of scale + ReLU over softmax + GeLU can go while every architecture keeps
 paying for its LayerNorms and linear layers.
+``python -m mpcvit.bench.report --section protocols``: the softmax ViT and the best
+MPCViT+ spec of ``vit_7_4_32`` and the demo (random weights, batch 1) under the default
+protocol plan and under the plan chosen for each network (``models/planner.py``, from a
+profile with every variant), on loopback, LAN and WAN (emulated links), in one run.
 Prints Markdown tables; every figure comes from a run made by this command.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from ..mpc.launcher import run_parties
 from ..mpc.netem import PRESETS
@@ -140,6 +146,102 @@ def section_networks(config, networks: list[str], log, images: int = 1,
     return out
 
 
+# The protocols section: (row label, attention, mu, activation).  scale + relu_nobias is the
+# best searched MPCViT+ spec at WAN prices (docs/search.md).
+SPECS_PROTOCOLS = [
+    ("softmax ViT (softmax + gelu)", "softmax", 0.0, "gelu"),
+    ("MPCViT+ (scale + relu_nobias)", "scale", 0.0, "relu_nobias"),
+]
+
+
+def protocol_costs(config, costs_dir: Path | None, log):
+    """The cost file of ``config`` with every protocol variant: read from ``costs_dir``
+    (``costs_<name>.yaml``) when there, else profiled now (and written there)."""
+    from mpcvit.models import profiler
+    from mpcvit.models.costs import CostModel
+
+    path = costs_dir / f"costs_{config.name}.yaml" if costs_dir else None
+    if path is not None and path.is_file():
+        log(f"{config.name}: cost file {path}")
+        return CostModel.load(path, config)
+    log(f"profiling {config.name} with every protocol variant...")
+    costs = profiler.profile(config)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        costs.save(path)
+    return costs
+
+
+def measure_protocols(config, costs, networks: list[str], log, images: int = 1
+                      ) -> list[dict]:
+    """Every spec of :data:`SPECS_PROTOCOLS` on every network under the default plan and
+    under the plan chosen for that network: one row each (a chosen plan equal to the
+    default is measured once).  Loopback runs are shared by the networks."""
+    from mpcvit.models.costs import NETWORKS
+    from mpcvit.models.plan import ModelPlan
+    from mpcvit.models.planner import choose_plan
+
+    from .network import bench_loopback, bench_network
+
+    rows = []
+    for name, att, mu, act in SPECS_PROTOCOLS:
+        spec = build_spec(config, att, mu, act)
+        loops: dict[str, dict] = {}
+
+        def loop(plan: ModelPlan, spec=spec, loops=loops, name=name) -> dict:
+            key = json.dumps(plan.to_dict(), sort_keys=True)
+            if key not in loops:
+                log(f"{config.name} {name}, plan {plan.describe() or 'default'}:")
+                loops[key] = bench_loopback(config, spec, images=images, protocol=plan,
+                                            progress=log)
+            return loops[key]
+
+        for net in networks:
+            chosen = choose_plan(costs, spec, NETWORKS[net])
+            for label, plan in (("default", ModelPlan()), ("chosen", chosen)):
+                if label == "chosen" and chosen.is_default:
+                    rows.append({**rows[-1], "label": "chosen"})
+                    continue
+                base = loop(plan)
+                if net == "loopback":
+                    measured, predicted = base, base["online_s"]
+                else:
+                    res = bench_network(config, spec, PRESETS[net], images=images,
+                                        loopback=base, protocol=plan, progress=log)
+                    measured, predicted = res["measured"], res["predicted_online_s"]
+                pred = costs.predict(spec, plan)
+                rows.append({"model": config.name, "spec": name, "network": net,
+                             "label": label, "plan": plan.to_dict(),
+                             "plan_describe": plan.describe() or "default",
+                             "measured": measured, "predicted_online_s": predicted,
+                             "profile": {"rounds": pred.rounds, "bytes": pred.bytes,
+                                         "seconds": NETWORKS[net].seconds(pred)}})
+    return rows
+
+
+def section_protocols(rows: list[dict], networks: list[str], command: str) -> list[str]:
+    """One Markdown table per network from :func:`measure_protocols`' rows."""
+    out = []
+    for net in networks:
+        p = PRESETS[net]
+        out += [f"\n**{p.describe()}**. `{command}`\n",
+                "| model | spec | plan | online s | offline s | rounds | online MB | "
+                "offline MB p0 / p1 | predicted online s | speed-up vs default plan |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        base = None
+        for r in (r for r in rows if r["network"] == net):
+            m = r["measured"]
+            if r["label"] == "default":
+                base = m["online_s"]
+            speedup = base / m["online_s"] if base and m["online_s"] else float("nan")
+            p1 = m.get("offline_bytes_p1", 0.0)
+            out.append(f"| {r['model']} | {r['spec']} | {r['label']}: {r['plan_describe']} | "
+                       f"{m['online_s']:.2f} | {m['offline_s']:.2f} | {m['rounds']} | "
+                       f"{_mb(m['bytes'])} | {_mb(m['offline_bytes'])} / {_mb(p1)} | "
+                       f"{r['predicted_online_s']:.2f} | {speedup:.2f}x |")
+    return out
+
+
 def section_ceiling(config, networks: list[str], log, target: float = 4.0) -> list[str]:
     """Speed-up of scale + ReLU (and grouped MPCViT+) over softmax + GeLU as the cost
     model predicts it from a fresh profile, then with the LayerNorms, then also the
@@ -190,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     from mpcvit.models.configs import CONFIGS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--section", choices=["models", "networks", "ceiling"], required=True)
-    p.add_argument("--model", default="vit_7_4_32")
+    p.add_argument("--section", choices=["models", "networks", "ceiling", "protocols"],
+                   required=True)
+    p.add_argument("--model", default=None,
+                   help="config (default vit_7_4_32; protocols: comma-separated, default "
+                   "vit_7_4_32,demo)")
     p.add_argument("--networks", default="loopback,lan,wan")
     p.add_argument("--rows", default=None,
                    help="networks: comma-separated row numbers of SPECS_NETWORKS to run "
@@ -201,14 +306,22 @@ def main(argv: list[str] | None = None) -> int:
                    "networks)")
     p.add_argument("--target", type=float, default=4.0,
                    help="ceiling: the speed-up the shared parts are sized for")
+    p.add_argument("--costs-dir", type=Path, default=None,
+                   help="protocols: read/write cost files costs_<model>.yaml here")
+    p.add_argument("--compute", choices=["cpu", "wall"], default="cpu",
+                   help="protocols: compute term of the plans' prices")
+    p.add_argument("--json", type=Path, default=None,
+                   help="protocols: also write the measured rows as JSON to this file")
     args = p.parse_args(argv)
     if args.target <= 1:
         p.error("--target must be above 1")
-    config = CONFIGS[args.model]
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    if args.section == "protocols":
+        return _protocols(args, log)
+    config = CONFIGS[args.model or "vit_7_4_32"]
     if args.section == "models":
         lines = section_models(config, log, args.images or 2)
     elif args.section == "ceiling":
@@ -218,6 +331,23 @@ def main(argv: list[str] | None = None) -> int:
         lines = section_networks(config, args.networks.split(","), log, args.images or 1,
                                  rows)
     print("\n".join(lines))
+    return 0
+
+
+def _protocols(args: argparse.Namespace, log) -> int:
+    from mpcvit.models.configs import CONFIGS
+
+    models = (args.model or "vit_7_4_32,demo").split(",")
+    networks = args.networks.split(",")
+    rows = []
+    for name in models:
+        config = CONFIGS[name]
+        costs = protocol_costs(config, args.costs_dir, log).priced_by(args.compute)
+        rows += measure_protocols(config, costs, networks, log, args.images or 1)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+    command = "python -m mpcvit.bench.report --section protocols"
+    print("\n".join(section_protocols(rows, networks, command)))
     return 0
 
 

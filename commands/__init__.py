@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "import": "mpcvit.commands.import_reference",
     "profile": "mpcvit.commands.profile",
     "search": "mpcvit.commands.search",
+    "plan": "mpcvit.commands.plan",
 }
 
 #: Exit code when a module that an extra brings is missing (every subcommand).
@@ -35,7 +36,8 @@ _SERVER = ("torch", "crypten", "omegaconf", "onnx", "scipy", "grpc_health", "grp
 # subcommand -> modules it needs beyond the client SDK (checked before it is imported)
 NEEDS: dict[str, tuple[str, ...]] = {
     "bench": _SERVER, "party": _SERVER, "dealer": _SERVER, "demo": _SERVER, "eval": _SERVER,
-    "profile": _SERVER, "search": _SERVER, "train": ("torch",), "certs": ("cryptography",),
+    "profile": _SERVER, "search": _SERVER, "plan": _SERVER, "train": ("torch",),
+    "certs": ("cryptography",),
 }
 
 _SERVER_HINT = "pip install 'mpcvit[server]' (in a checkout: pip install -e '.[server]')"

@@ -60,9 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     nw.add_argument("--images", type=int, default=2, help="images measured (median)")
     nw.add_argument("--no-offline", action="store_true",
                     help="fetch correlated randomness online instead of before each image")
-    nw.add_argument("--protocol", default="default",
-                    help="protocol plan: default, fss, or block=variant,... "
-                         "(e.g. comparison=fss,gelu=spline)")
+    nw.add_argument("--protocol", "--plan", dest="protocol", default=None,
+                    help="protocol plan: auto (the cheapest for the spec on --network, "
+                         "priced from --costs or a fresh profile), default, lan, wan, fss, a "
+                         "plan file, or [block.]field=variant,... (e.g. comparison=fss,"
+                         "attention.exp=spline); default: a checkpoint's own plan, else "
+                         "default")
+    nw.add_argument("--costs", default=None, help="cost file for --protocol auto")
+    nw.add_argument("--compute", choices=["cpu", "wall"], default="cpu",
+                    help="--protocol auto: compute term of the price (party 0's CPU seconds "
+                         "or loopback wall seconds)")
     nw.add_argument("--json", action="store_true", help="end with one JSON object")
 
 
@@ -108,14 +115,43 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "soak":
         return _soak(args)
     if args.bench == "network":
-        from mpcvit.bench.network import bench_network
-        from mpcvit.models.checkpoint import load_checkpoint
-        from mpcvit.models.configs import CONFIGS
-        from mpcvit.models.spec import ArchSpec
-        from mpcvit.mpc.netem import parse_network
-        from mpcvit.mpc.protocols.plan import ProtocolPlan
+        return _bench_network(args)
+    raise AssertionError(args.bench)
 
-        state = None
+
+def network_plan(text: str | None, model, config, spec, network: str, costs: str | None,
+                 compute: str = "cpu"):
+    """The plan ``mpcvit bench network`` runs: ``auto`` is the cheapest for ``spec`` on
+    ``network`` (from ``costs`` or a fresh profile); None the checkpoint's own plan (the
+    default for a config name)."""
+    from mpcvit.models.plan import ModelPlan
+
+    if text is None:
+        return ModelPlan.of(getattr(model, "protocol", None))
+    if text.strip() != "auto":
+        return ModelPlan.parse(text)
+    from mpcvit.models.costs import CostModel, parse_network
+    from mpcvit.models.planner import choose_plan
+
+    if costs:
+        cost_model = CostModel.load(costs, config)
+    else:
+        from mpcvit.models.profiler import profile
+
+        print(f"--protocol auto without --costs: profiling {config.name} first", flush=True)
+        cost_model = profile(config)
+    return choose_plan(cost_model.priced_by(compute), spec, parse_network(network))
+
+
+def _bench_network(args: argparse.Namespace) -> int:
+    from mpcvit.bench.network import bench_network
+    from mpcvit.models.checkpoint import load_checkpoint
+    from mpcvit.models.configs import CONFIGS
+    from mpcvit.models.spec import ArchSpec
+    from mpcvit.mpc.netem import parse_network
+
+    state, model = None, None
+    try:
         if args.model in CONFIGS:
             config = CONFIGS[args.model]
             spec = ArchSpec.parse(args.arch or "softmax+gelu", config.depth, config.heads)
@@ -125,20 +161,25 @@ def run(args: argparse.Namespace) -> int:
             if args.arch:
                 spec = ArchSpec.parse(args.arch, config.depth, config.heads)
         profile = parse_network(args.network)
-        plan = ProtocolPlan.parse(args.protocol)
-        res = bench_network(config, spec, profile, images=args.images,
-                            offline=not args.no_offline, state_dict=state, protocol=plan)
-        m = res["measured"]
-        print(f"{args.model} [{args.arch or 'checkpoint spec'}] on {profile.describe()}: "
-              f"online {m['online_s']:.2f} s/image, offline {m['offline_s']:.2f} s, total "
-              f"{m['total_s']:.2f} s; {m['rounds']} rounds, {m['bytes'] / 1e6:.1f} MB, "
-              f"{m['offline_bytes'] / 1e6:.1f} MB dealer material ({plan.describe()}); "
-              f"predicted online {res['predicted_online_s']:.2f} s "
-              f"({res['prediction_error']:+.0%})")
-        if args.json:
-            print(json.dumps(res))
-        return 0
-    raise AssertionError(args.bench)
+        plan = network_plan(args.protocol, model, config, spec, args.network, args.costs,
+                            args.compute)
+    except (KeyError, ValueError, OSError) as exc:
+        print(f"mpcvit bench network: {exc}", file=sys.stderr)
+        return 2
+    res = bench_network(config, spec, profile, images=args.images,
+                        offline=not args.no_offline, state_dict=state, protocol=plan)
+    res["plan"] = plan.to_dict()
+    res["plan_describe"] = plan.describe() or "default"
+    m = res["measured"]
+    print(f"{args.model} [{args.arch or 'checkpoint spec'}] on {profile.describe()}: "
+          f"online {m['online_s']:.2f} s/image, offline {m['offline_s']:.2f} s, total "
+          f"{m['total_s']:.2f} s; {m['rounds']} rounds, {m['bytes'] / 1e6:.1f} MB, "
+          f"{m['offline_bytes'] / 1e6:.1f} MB dealer material (plan {res['plan_describe']}); "
+          f"predicted online {res['predicted_online_s']:.2f} s "
+          f"({res['prediction_error']:+.0%})")
+    if args.json:
+        print(json.dumps(res))
+    return 0
 
 
 def _bench_pairs(args: argparse.Namespace, ckpt: str, counts: tuple[int, ...]) -> int:

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=("dealer", "tfp"),
                         help="correlated randomness source (tfp is INSECURE, tests only)")
     parser.add_argument("--model", help="party 0: checkpoint name or path")
+    parser.add_argument("--protocol", help="party 0: serve this protocol plan instead of the "
+                        "checkpoint's: default, lan, wan, fss, a plan file (mpcvit plan "
+                        "--out), or block.field=variant,...")
     parser.add_argument("--max-batch", type=int, help="requests per secure session")
 
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = PartyConfig.from_yaml(args.config).with_overrides(
             listen=args.listen, peer=args.peer, dealer=args.dealer, provider=args.provider,
-            model=args.model)
+            model=args.model, protocol=args.protocol)
         if args.max_batch:
             config = replace(config, limits=replace(config.limits, max_batch=args.max_batch))
     except (ConfigError, ValueError) as exc:

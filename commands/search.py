@@ -1,6 +1,7 @@
 """``mpcvit search``: latency-aware search of per-head attention kinds (and, with
 ``--activations``, per-layer MLP activations), then binarisation by μ or by a latency
-budget.  Writes the arch spec YAML and a Pareto CSV (μ sweep: predicted latency vs held
+budget.  Writes the arch spec YAML, with the protocol plan that is cheapest for it on
+``--network`` next to its layers, and a Pareto CSV (μ sweep: predicted latency vs held
 out accuracy of the supernet's weights)."""
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch-lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compute", choices=["cpu", "wall"], default="cpu",
+                        help="compute term of the price: party 0's CPU seconds (default: "
+                             "steady on a shared machine) or loopback wall seconds")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
 
 
@@ -54,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from mpcvit.models.configs import get_config
     from mpcvit.models.costs import CostModel, parse_network
     from mpcvit.models.data import DatasetError, limit_bundle, load_dataset
+    from mpcvit.models.plan import arch_yaml
+    from mpcvit.models.planner import plan_report
     from mpcvit.models.profiler import profile
     from mpcvit.models.search import (
         SearchConfig,
@@ -94,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"no --costs: profiling {config.name} first", flush=True)
         costs = profile(config)
+    costs = costs.priced_by(args.compute)
     print(f"search {config.name} on {data.name} ({len(data.train)} images), attention "
           f"{args.attention_kinds}, activations {args.activations or args.activation}, "
           f"lambda {args.lam}, network {network.describe()}", flush=True)
@@ -116,18 +123,22 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    report = plan_report(costs, spec, network)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(spec.to_yaml())
+    args.out.write_text(arch_yaml(spec, report.plan))
     points = mu_sweep(result, costs, network)
     pareto = args.pareto or args.out.with_suffix(".pareto.csv")
     write_pareto_csv(points, pareto)
-    pred = costs.predict(spec)
+    pred = report.cost
+    print("\n".join(report.lines(f"plan for {spec.summary()}")))
     print(f"spec {spec.summary()}: predicted {network.seconds(pred):.4f} s "
-          f"({pred.rounds:.0f} rounds, {pred.bytes / 1e6:.2f} MB) on {network.name}")
+          f"({pred.rounds:.0f} rounds, {pred.bytes / 1e6:.2f} MB) on {network.name} under "
+          f"the plan {report.plan.describe() or 'default'}")
     print(f"wrote {args.out} and {pareto}")
     if args.json:
         print(json.dumps({
             "spec": spec.to_dict(), "predicted_s": network.seconds(pred),
+            "plan": report.plan.to_dict(), "plan_report": report.to_dict(),
             "attention_probs": att.tolist(),
             "activation_probs": None if act is None else act.tolist(),
             "history": [vars(h) for h in result.history],

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from mpcvit.models.configs import get_config
     from mpcvit.models.data import DatasetError, limit_bundle, load_dataset
+    from mpcvit.models.plan import arch_plan
     from mpcvit.models.spec import ArchSpec
     from mpcvit.models.train import TrainConfig, resolve_device, resolve_precision, train
     from mpcvit.models.vit import build_model
@@ -74,11 +75,12 @@ def run(args: argparse.Namespace) -> int:
         data = limit_bundle(load_dataset(args.data), args.limit, args.test_limit, args.seed)
         config = fit_config(get_config(args.model), data)
         spec = ArchSpec.parse(args.arch, config.depth, config.heads)
+        plan = arch_plan(args.arch)  # the search's protocol plan, kept in the checkpoint
     except (DatasetError, KeyError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    model = build_model(config, spec)
+    model = build_model(config, spec, plan)
     teacher = None
     if args.teacher is not None:
         from mpcvit.models.checkpoint import CheckpointError, load_model

@@ -1,5 +1,7 @@
-"""Our checkpoint format: one torch file holding a format version, the config, the spec
-and the state dict.  Loading never unpickles arbitrary objects (``weights_only=True``)."""
+"""Our checkpoint format: one torch file holding a format version, the config, the spec,
+the protocol plan it is served with (``plan``, optional: files without it run the default
+plan) and the state dict.  Loading never unpickles arbitrary objects
+(``weights_only=True``)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 
 from .configs import CONFIGS, ViTConfig
+from .plan import ModelPlan
 from .spec import ArchSpec
 from .vit import ViT
 
@@ -26,12 +29,14 @@ class CheckpointError(ValueError):
 def save_checkpoint(
     model: ViT, path: str | os.PathLike, extra: dict[str, Any] | None = None
 ) -> None:
-    """Write ``model`` (config, spec, weights) and optional plain-data ``extra`` metadata."""
+    """Write ``model`` (config, spec, protocol plan, weights) and optional plain-data
+    ``extra`` metadata."""
     blob = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
         "spec": model.spec.to_dict(),
+        "plan": ModelPlan.of(getattr(model, "protocol", None)).to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": dict(extra or {}),
     }
@@ -83,14 +88,16 @@ def _reference_hint(path: Path) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[ViT, dict[str, Any]]:
-    """Rebuild the model from a checkpoint; returns (model in eval mode, extra metadata)."""
+    """Rebuild the model from a checkpoint; returns (model in eval mode, carrying the
+    checkpoint's protocol plan, and the extra metadata)."""
     blob = read_checkpoint(path)
     try:
         config = ViTConfig.from_dict(blob["config"])
         spec = ArchSpec.from_dict(blob["spec"])
-        model = ViT(config, spec)
+        plan = ModelPlan.from_dict(blob.get("plan"))
+        model = ViT(config, spec, plan)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad config/spec: {e}") from e
+        raise CheckpointError(f"{path}: bad config/spec/plan: {e}") from e
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:

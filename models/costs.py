@@ -13,6 +13,10 @@ What is recorded (all from party 0, as the rest of the project reports):
   full-duplex link, the two directions overlap);
 - ``compute_s``: median wall seconds of the block on loopback (local compute plus the
   loopback transport's own overhead; the network model adds the real link on top);
+- ``cpu_s``: median CPU seconds of party 0's process during the block (all its threads).
+  On a machine shared with other jobs wall seconds grow with the load, CPU-bound work
+  (FSS key evaluation) more than work that waits on rounds, so plans can be priced with
+  ``cpu_s`` as the compute term instead (:meth:`CostModel.priced_by`);
 - ``dealer_requests``: party 0's dealer round trips (recorded, not priced: the network
   model assumes the dealer is near party 0 or preprocessed offline);
 - ``offline_bytes``: the dealer material party 0 received for the block (corrections and
@@ -29,13 +33,19 @@ activation on one token's row, and the ReLU after fc2 on one and on all tokens' 
 whole model is then the sum over its layers.  CrypTen runs every op eagerly and in program
 order, so rounds of independent blocks never merge: the sum is exact for rounds and
 bytes, not an upper bound.
+
+Protocol variants (``models/plan.py``): every entry whose protocol a plan can change is
+also measured under each variant worth pricing (``plan.entry_variants``), and priced
+under a :class:`~mpcvit.models.plan.ModelPlan` by the variant its block type runs.  The
+cost file keeps them in a ``variants`` section (version 2); a version-1 file has the
+default plan's prices only, and prices every other plan as missing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +54,12 @@ from mpcvit.mpc.netem import PRESETS, NetworkProfile
 from mpcvit.mpc.netem import parse_network as parse_link
 
 from .configs import ViTConfig
+from .plan import ModelPlan, entry_block, label
 from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
 
-COST_FILE_VERSION = 1
+COST_FILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no protocol variants (the default plan only)
+PLAN_BLOCKS = ("attention", "activation", "norm", "linear")  # ``CostModel.breakdown``
 
 ATTENTION_KINDS = tuple(k.value for k in AttentionKind)
 ACTIVATION_KINDS = tuple(k.value for k in ActivationKind)
@@ -70,30 +83,39 @@ class Cost:
     compute_s: float = 0.0
     dealer_requests: float = 0.0
     offline_bytes: float = 0.0
+    cpu_s: float = 0.0
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.rounds + other.rounds, self.bytes + other.bytes,
                     self.compute_s + other.compute_s,
                     self.dealer_requests + other.dealer_requests,
-                    self.offline_bytes + other.offline_bytes)
+                    self.offline_bytes + other.offline_bytes, self.cpu_s + other.cpu_s)
 
     def scale(self, k: float) -> Cost:
         return Cost(self.rounds * k, self.bytes * k, self.compute_s * k,
-                    self.dealer_requests * k, self.offline_bytes * k)
+                    self.dealer_requests * k, self.offline_bytes * k, self.cpu_s * k)
 
     def to_dict(self) -> dict[str, float]:
         return {"rounds": _num(self.rounds), "bytes": _num(self.bytes),
                 "compute_s": float(self.compute_s),
                 "dealer_requests": _num(self.dealer_requests),
-                "offline_bytes": _num(self.offline_bytes)}
+                "offline_bytes": _num(self.offline_bytes), "cpu_s": float(self.cpu_s)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Cost:
+        """From :meth:`to_dict`'s output; an entry without ``cpu_s`` (older files) takes
+        its wall seconds as its CPU seconds."""
         try:
-            return cls(float(d["rounds"]), float(d["bytes"]), float(d["compute_s"]),
-                       float(d.get("dealer_requests", 0.0)), float(d.get("offline_bytes", 0.0)))
+            compute = float(d["compute_s"])
+            return cls(float(d["rounds"]), float(d["bytes"]), compute,
+                       float(d.get("dealer_requests", 0.0)), float(d.get("offline_bytes", 0.0)),
+                       float(d.get("cpu_s", compute)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"bad cost entry {d!r}: need rounds, bytes, compute_s") from e
+
+    def with_cpu_compute(self) -> Cost:
+        """This cost with its CPU seconds as its compute seconds."""
+        return replace(self, compute_s=self.cpu_s)
 
 
 def _num(v: float) -> float | int:
@@ -189,6 +211,12 @@ class CostModel:
     ``token_mask`` prices MPCViT+ token masks: ``<kind>.one_token`` is the activation on
     one token's hidden row, ``relu_after.one_token``/``.all_tokens`` the ReLU after fc2
     on one and on all tokens' rows; k tokens cost the affine interpolation, as heads do.
+
+    Those fields hold the default plan's prices.  ``variants[entry][label]`` holds an
+    entry's price under another variant (entry: the cost file's name, such as
+    ``attention.softmax.all_heads`` or ``token_mask.relu_after.one_token``; label:
+    ``plan.label``).  Every pricing method takes an optional ``plan``
+    (:class:`~mpcvit.models.plan.ModelPlan`; None: the default).
     """
 
     config: ViTConfig
@@ -200,9 +228,39 @@ class CostModel:
     stem: Cost
     meta: dict[str, Any] = field(default_factory=dict)
     token_mask: dict[str, Cost] = field(default_factory=dict)
+    variants: dict[str, dict[str, Cost]] = field(default_factory=dict)
+
+    # -- variants ------------------------------------------------------------------------
+    @property
+    def rectify_in_norm(self) -> bool:
+        """Whether a bias-free ReLU rides in its LayerNorm's comparison at batch 1 (the
+        norm is fused with fc1: ``vit.fuses_norm``), so the norm's plan runs it."""
+        from .vit import fuses_norm
+
+        cfg = self.config
+        return cfg.block == "prenorm" and fuses_norm(cfg.mlp_hidden, cfg.dim, cfg.num_tokens)
+
+    def entry_label(self, entry: str, plan: ModelPlan | None) -> str:
+        """The variant of ``entry`` that ``plan`` runs (``default`` for no plan)."""
+        block, relevant = entry_block(entry, self.rectify_in_norm)
+        if plan is None or block is None:
+            return "default"
+        return label(plan.block(block), relevant)
+
+    def price(self, entry: str, default: Cost, plan: ModelPlan | None) -> Cost:
+        """``entry``'s cost under ``plan``: ``default`` for the default variant."""
+        name = self.entry_label(entry, plan)
+        if name == "default":
+            return default
+        try:
+            return self.variants[entry][name]
+        except KeyError:
+            raise KeyError(f"cost file has no price of {entry} under {name}; re-run "
+                           "mpcvit profile (it measures every variant)") from None
 
     # -- prediction ----------------------------------------------------------------------
-    def attention_cost(self, kind: AttentionKind | str, heads: int) -> Cost:
+    def attention_cost(self, kind: AttentionKind | str, heads: int,
+                       plan: ModelPlan | None = None) -> Cost:
         """One layer's attention for ``heads`` heads of ``kind`` (0 heads cost nothing)."""
         kind = AttentionKind(kind).value
         if heads <= 0:
@@ -210,15 +268,21 @@ class CostModel:
         if kind not in self.attention:
             raise KeyError(f"cost file has no attention kind {kind!r}")
         one, full = self.attention[kind]
+        one = self.price(f"attention.{kind}.one_head", one, plan)
+        full = self.price(f"attention.{kind}.all_heads", full, plan)
         return _interpolate(one, full, heads, self.config.heads)
 
-    def activation_cost(self, kind: ActivationKind | str) -> Cost:
+    def activation_cost(self, kind: ActivationKind | str, plan: ModelPlan | None = None) -> Cost:
         kind = ActivationKind(kind).value
         if kind not in self.activation:
             raise KeyError(f"cost file has no activation kind {kind!r}")
-        return self.activation[kind]
+        return self.price(f"activation.{kind}", self.activation[kind], plan)
 
-    def masked_activation_cost(self, kind: ActivationKind | str, tokens: int) -> Cost:
+    def _token_mask(self, name: str, plan: ModelPlan | None) -> Cost:
+        return self.price(f"token_mask.{name}", self.token_mask[name], plan)
+
+    def masked_activation_cost(self, kind: ActivationKind | str, tokens: int,
+                               plan: ModelPlan | None = None) -> Cost:
         """One layer's MLP with a token mask selecting ``tokens`` of the layer's tokens:
         the activation on those rows, the ReLU after fc2 on the others.  A mask selecting
         no token makes the MLP linear before its ReLU: fc1 and fc2 merge, as for
@@ -232,65 +296,106 @@ class CostModel:
         if missing:
             raise KeyError(f"cost file has no token-mask prices {missing}; re-run mpcvit profile")
         if tokens == 0:
-            act = self.activation_cost(ActivationKind.IDENTITY)
+            act = self.activation_cost(ActivationKind.IDENTITY, plan)
         else:
-            act = _interpolate(self.token_mask[f"{kind}.one_token"], self.activation_cost(kind),
-                               tokens, n)
-        relu = _interpolate(self.token_mask["relu_after.one_token"],
-                            self.token_mask["relu_after.all_tokens"], n - tokens, n)
+            act = _interpolate(self._token_mask(f"{kind}.one_token", plan),
+                               self.activation_cost(kind, plan), tokens, n)
+        relu = _interpolate(self._token_mask("relu_after.one_token", plan),
+                            self._token_mask("relu_after.all_tokens", plan), n - tokens, n)
         return act + relu
 
-    def layer_activation_cost(self, layer: LayerSpec) -> Cost:
+    def layer_activation_cost(self, layer: LayerSpec, plan: ModelPlan | None = None) -> Cost:
         """One layer's MLP activation, token mask included."""
         if layer.token_mask is None:
-            return self.activation_cost(layer.activation)
-        return self.masked_activation_cost(layer.activation, len(layer.token_mask))
+            return self.activation_cost(layer.activation, plan)
+        return self.masked_activation_cost(layer.activation, len(layer.token_mask), plan)
 
-    def layer_cost(self, layer: LayerSpec) -> Cost:
+    def layernorm_cost(self, plan: ModelPlan | None = None) -> Cost:
+        """One LayerNorm over all tokens (a block has two)."""
+        return self.price("layernorm", self.layernorm, plan)
+
+    def layer_cost(self, layer: LayerSpec, plan: ModelPlan | None = None) -> Cost:
         """One block: its attention groups (run one after another), activation, two
         LayerNorms and four linear layers."""
-        att = total(self.attention_cost(k, len(hs)) for k, hs in layer.groups())
-        return att + self.layer_activation_cost(layer) + self.layernorm.scale(2) + self.linear
+        att = total(self.attention_cost(k, len(hs), plan) for k, hs in layer.groups())
+        return (att + self.layer_activation_cost(layer, plan)
+                + self.layernorm_cost(plan).scale(2) + self.linear)
 
-    def fixed_cost(self) -> Cost:
+    def fixed_cost(self, plan: ModelPlan | None = None) -> Cost:
         """What every spec pays: LayerNorms, linear layers, stem, head, final norm."""
         d = self.config.depth
-        return (self.layernorm.scale(2 * d) + self.layernorm_final + self.linear.scale(d)
-                + self.stem)
+        return (self.layernorm_cost(plan).scale(2 * d)
+                + self.price("layernorm.final", self.layernorm_final, plan)
+                + self.linear.scale(d) + self.stem)
 
-    def predict(self, spec: ArchSpec) -> Cost:
-        """Whole-model cost of one batch-1 secure forward with ``spec``."""
+    def breakdown(self, spec: ArchSpec, plan: ModelPlan | None = None) -> dict[str, Cost]:
+        """Whole-model cost of ``spec`` split by the block type whose plan runs it
+        (:data:`PLAN_BLOCKS`; ``linear``: the linear layers, which have no variants).  A
+        bias-free ReLU that rides in its LayerNorm counts with ``norm``."""
         spec.validate(self.config.depth, self.config.heads)
-        att = total(self.attention_cost(k, len(hs)) for layer in spec.layers
-                    for k, hs in layer.groups())
-        act = total(self.layer_activation_cost(layer) for layer in spec.layers)
-        return att + act + self.fixed_cost()
-
-    def seconds(self, spec: ArchSpec, network: NetworkModel) -> float:
-        return network.seconds(self.predict(spec))
-
-    def blocks(self) -> dict[str, Cost]:
-        """Whole-model cost of each block name (all layers, all heads of that kind)."""
-        d, h = self.config.depth, self.config.heads
-        out = {f"attention.{k}": self.attention_cost(k, h).scale(d) for k in self.attention}
-        out |= {f"activation.{k}": c.scale(d) for k, c in self.activation.items()}
-        out["layernorm"] = self.layernorm.scale(2 * d) + self.layernorm_final
+        d = self.config.depth
+        out = {b: Cost() for b in PLAN_BLOCKS}
+        out["attention"] = total(self.attention_cost(k, len(hs), plan) for layer in spec.layers
+                                 for k, hs in layer.groups())
+        for layer in spec.layers:
+            block = "activation"
+            if layer.token_mask is None:
+                block = entry_block(f"activation.{layer.activation.value}",
+                                    self.rectify_in_norm)[0] or "activation"
+            out[block] = out[block] + self.layer_activation_cost(layer, plan)
+        out["norm"] = (out["norm"] + self.layernorm_cost(plan).scale(2 * d)
+                       + self.price("layernorm.final", self.layernorm_final, plan))
         out["linear"] = self.linear.scale(d) + self.stem
         return out
 
-    def blocks_table(self, network: NetworkModel) -> dict[str, dict[str, float]]:
+    def predict(self, spec: ArchSpec, plan: ModelPlan | None = None) -> Cost:
+        """Whole-model cost of one batch-1 secure forward with ``spec`` under ``plan``."""
+        return total(self.breakdown(spec, plan).values())
+
+    def seconds(self, spec: ArchSpec, network: NetworkModel,
+                plan: ModelPlan | None = None) -> float:
+        return network.seconds(self.predict(spec, plan))
+
+    def block_names(self) -> list[str]:
+        """The names :meth:`blocks` reports (``attention.<kind>``, ``activation.<kind>``,
+        ``layernorm``, ``linear``)."""
+        return [*(f"attention.{k}" for k in self.attention),
+                *(f"activation.{k}" for k in self.activation), "layernorm", "linear"]
+
+    def block(self, name: str, plan: ModelPlan | None = None) -> Cost:
+        """Whole-model cost of one block name (all layers, all heads of that kind)."""
+        d, h = self.config.depth, self.config.heads
+        group, _, kind = name.partition(".")
+        if group == "attention":
+            return self.attention_cost(kind, h, plan).scale(d)
+        if group == "activation":
+            return self.activation_cost(kind, plan).scale(d)
+        if name == "layernorm":
+            return (self.layernorm_cost(plan).scale(2 * d)
+                    + self.price("layernorm.final", self.layernorm_final, plan))
+        if name == "linear":
+            return self.linear.scale(d) + self.stem
+        raise KeyError(f"unknown block {name!r}")
+
+    def blocks(self, plan: ModelPlan | None = None) -> dict[str, Cost]:
+        """Whole-model cost of each block name (all layers, all heads of that kind)."""
+        return {name: self.block(name, plan) for name in self.block_names()}
+
+    def blocks_table(self, network: NetworkModel,
+                     plan: ModelPlan | None = None) -> dict[str, dict[str, float]]:
         """``blocks`` as the JSON/YAML report shape, with ``seconds`` under ``network``."""
-        return {name: {"rounds": int(round(c.rounds)), "bytes": int(round(c.bytes)),
-                       "compute_s": c.compute_s, "seconds": network.seconds(c)}
-                for name, c in self.blocks().items()}
+        return {name: cost_row(c, network) for name, c in self.blocks(plan).items()}
 
     # -- per-head / per-layer prices for the search ---------------------------------------
-    def head_seconds(self, kind: AttentionKind | str, network: NetworkModel) -> float:
+    def head_seconds(self, kind: AttentionKind | str, network: NetworkModel,
+                     plan: ModelPlan | None = None) -> float:
         """One head's share of a layer whose heads all use ``kind``."""
-        return network.seconds(self.attention_cost(kind, self.config.heads)) / self.config.heads
+        h = self.config.heads
+        return network.seconds(self.attention_cost(kind, h, plan)) / h
 
-    def activation_seconds(self, kind: ActivationKind | str, network: NetworkModel) -> float:
-        return network.seconds(self.activation_cost(kind))
+    def activation_seconds(self, kind: ActivationKind | str, network: NetworkModel,
+                           plan: ModelPlan | None = None) -> float:
+        return network.seconds(self.activation_cost(kind, plan))
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self, network: NetworkModel | None = None) -> dict[str, Any]:
@@ -309,6 +414,9 @@ class CostModel:
                      "linear.stem_head": self.stem.to_dict()},
         }
         d["per_layer"] |= {f"token_mask.{k}": c.to_dict() for k, c in self.token_mask.items()}
+        if self.variants:
+            d["variants"] = {entry: {name: c.to_dict() for name, c in by_label.items()}
+                             for entry, by_label in self.variants.items()}
         if network is not None:
             d["network"] = network.to_dict()
             d["blocks"] = self.blocks_table(network)
@@ -316,8 +424,11 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, d: Any) -> CostModel:
-        if not isinstance(d, dict) or d.get("version") != COST_FILE_VERSION:
-            raise ValueError(f"not a version-{COST_FILE_VERSION} cost file")
+        if not isinstance(d, dict) or "version" not in d:
+            raise ValueError("not a cost file (no version)")
+        if d["version"] not in READABLE_VERSIONS:
+            raise ValueError(f"cost file version {d['version']!r}: this code reads versions "
+                             f"{list(READABLE_VERSIONS)}; re-run mpcvit profile")
         try:
             per, once = d["per_layer"], d["once"]
             attention = {k.split(".", 1)[1]: (Cost.from_dict(v["one_head"]),
@@ -339,9 +450,29 @@ class CostModel:
                 stem=Cost.from_dict(once["linear.stem_head"]),
                 meta=dict(d.get("meta") or {}),
                 token_mask=_token_mask_costs(per),
+                variants=_variant_costs(d.get("variants") or {}),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"cost file lacks a field: {e}") from e
+
+    def priced_by(self, compute: str) -> CostModel:
+        """This cost model with ``compute`` as every entry's compute term: ``wall`` (median
+        loopback wall seconds, as profiled) or ``cpu`` (party 0's CPU seconds; see the
+        module doc).  Rounds and bytes do not change."""
+        if compute == "wall":
+            return self
+        if compute != "cpu":
+            raise ValueError(f"compute must be wall or cpu, got {compute!r}")
+        c = Cost.with_cpu_compute
+        return replace(
+            self,
+            attention={k: (c(one), c(full)) for k, (one, full) in self.attention.items()},
+            activation={k: c(v) for k, v in self.activation.items()},
+            layernorm=c(self.layernorm), layernorm_final=c(self.layernorm_final),
+            linear=c(self.linear), stem=c(self.stem),
+            meta={**self.meta, "priced_compute": "cpu"},
+            token_mask={k: c(v) for k, v in self.token_mask.items()},
+            variants={e: {k: c(v) for k, v in by.items()} for e, by in self.variants.items()})
 
     def save(self, path: str | Path, network: NetworkModel | None = None) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(network), sort_keys=False))
@@ -363,7 +494,13 @@ class CostModel:
 def cost_model_from_measurements(
     config: ViTConfig, m: Mapping[str, Mapping[str, float]], meta: dict[str, Any] | None = None
 ) -> CostModel:
-    """Assemble a :class:`CostModel` from :func:`profile_blocks_party`'s output."""
+    """Assemble a :class:`CostModel` from :func:`profile_blocks_party`'s output: entry ->
+    cost, and ``entry@label`` -> the entry's cost under another protocol variant."""
+    variants: dict[str, dict[str, Any]] = {}
+    for key in [k for k in m if "@" in k]:
+        entry, _, name = key.partition("@")
+        variants.setdefault(entry, {})[name] = m[key]
+    m = {k: v for k, v in m.items() if "@" not in k}
     attention = {}
     for key in m:
         if key.startswith("attention.") and key.endswith(".all_heads"):
@@ -378,6 +515,7 @@ def cost_model_from_measurements(
         layernorm_final=Cost.from_dict(m["layernorm.final"]),
         linear=Cost.from_dict(m["linear"]), stem=Cost.from_dict(m["linear.stem_head"]),
         meta=dict(meta or {}), token_mask=_token_mask_costs(m),
+        variants=_variant_costs(variants),
     )
 
 
@@ -386,6 +524,24 @@ def _token_mask_costs(m: Mapping[str, Any]) -> dict[str, Cost]:
     from files profiled before token masks were priced)."""
     prefix = "token_mask."
     return {k[len(prefix):]: Cost.from_dict(v) for k, v in m.items() if k.startswith(prefix)}
+
+
+def _variant_costs(d: Mapping[str, Any]) -> dict[str, dict[str, Cost]]:
+    """The ``variants`` section: entry -> label -> cost."""
+    if not isinstance(d, Mapping):
+        raise ValueError("cost file: 'variants' must map entries to {variant: cost}")
+    out = {}
+    for entry, by_label in d.items():
+        if not isinstance(by_label, Mapping):
+            raise ValueError(f"cost file: variants of {entry} must map labels to costs")
+        out[str(entry)] = {str(k): Cost.from_dict(v) for k, v in by_label.items()}
+    return out
+
+
+def cost_row(c: Cost, network: NetworkModel) -> dict[str, float]:
+    """A cost as the JSON/YAML report shape, with ``seconds`` under ``network``."""
+    return {"rounds": int(round(c.rounds)), "bytes": int(round(c.bytes)),
+            "compute_s": c.compute_s, "seconds": network.seconds(c)}
 
 
 def _interpolate(one: Cost, full: Cost, count: int, of: int) -> Cost:

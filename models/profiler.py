@@ -31,6 +31,7 @@ from .costs import (
     CostModel,
     cost_model_from_measurements,
 )
+from .plan import ModelPlan
 from .secure import program_fingerprint
 from .spec import ActivationKind, ArchSpec, AttentionKind
 
@@ -83,8 +84,8 @@ def prepare_offline(provider, trace: list) -> float:
 
 def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
     """Run ``fn`` once to warm up, then ``repeats`` times: this party's rounds and bytes
-    (identical every time) and the median wall seconds.  Parties start each repeat
-    together (a barrier outside the counted region).
+    (identical every time), the median wall seconds and the median CPU seconds of this
+    process.  Parties start each repeat together (a barrier outside the counted region).
 
     Under the dealer the seconds are online seconds, as the party service delivers them:
     the warm-up records ``fn``'s tuple requests and the dealer prepares them before each
@@ -92,7 +93,7 @@ def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
     comm = import_crypten().communicator.get()
     provider = open_dealer()
     trace = record_trace(provider, fn)
-    times, stats, dealer, material = [], None, 0.0, 0.0
+    times, cpus, stats, dealer, material = [], [], None, 0.0, 0.0
     for _ in range(max(1, repeats)):
         b0 = _dealer_bytes()
         if provider is not None:
@@ -101,23 +102,56 @@ def measure(fn: Callable[[], Any], repeats: int = 3) -> Cost:
         comm.barrier()
         comm.reset_communication_stats()
         d0 = _dealer_requests()
-        tic = time.perf_counter()
+        tic, cpu = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - tic)
+        cpus.append(time.process_time() - cpu)
         stats = comm.get_communication_stats()
         dealer = _dealer_requests() - d0
         material = _dealer_bytes() - b0
     assert stats is not None
     return Cost(float(stats["rounds"]), float(stats["bytes"]), statistics.median(times), dealer,
-                material)
+                material, statistics.median(cpus))
 
 
 def _difference(a: Cost, b: Cost, floor: bool = True) -> Cost:
     """``a - b``, seconds floored at 0 unless ``floor`` is False (both are noisy
     medians; a block that saves has a negative difference)."""
-    seconds = a.compute_s - b.compute_s
+    seconds, cpu = a.compute_s - b.compute_s, a.cpu_s - b.cpu_s
     return Cost(a.rounds - b.rounds, a.bytes - b.bytes, max(0.0, seconds) if floor else seconds,
-                a.dealer_requests - b.dealer_requests)
+                a.dealer_requests - b.dealer_requests, a.offline_bytes - b.offline_bytes,
+                max(0.0, cpu) if floor else cpu)
+
+
+class _Entries:
+    """The profiler's output: an entry's default cost under its name and its other
+    protocol variants under ``name@label`` (``plan.entry_variants``)."""
+
+    def __init__(self, config: ViTConfig, variants: bool) -> None:
+        from .vit import fuses_norm
+
+        self.out: dict[str, dict[str, float]] = {}
+        self.variants = variants
+        self.rectify_in_norm = config.block == "prenorm" and fuses_norm(
+            config.mlp_hidden, config.dim, config.num_tokens)
+
+    def plans(self, entry: str) -> dict[str, ProtocolPlan]:
+        """label -> plan for every variant of ``entry`` to measure (default first)."""
+        from .plan import entry_variants
+
+        found = entry_variants(entry, self.rectify_in_norm)
+        return found if self.variants else {"default": found["default"]}
+
+    def governed_by(self, entry: str) -> str | None:
+        from .plan import entry_block
+
+        return entry_block(entry, self.rectify_in_norm)[0]
+
+    def add(self, entry: str, measure_with: Callable[[ProtocolPlan], Cost]) -> None:
+        """Measure ``entry`` under each of its variants (``measure_with(plan)``)."""
+        for name, plan in self.plans(entry).items():
+            key = entry if name == "default" else f"{entry}@{name}"
+            self.out[key] = measure_with(plan).to_dict()
 
 
 def _model_for(config: ViTConfig, seed: int):
@@ -134,12 +168,14 @@ def profile_blocks_party(
     activation_kinds: tuple[str, ...] = ACTIVATION_KINDS,
     repeats: int = 3,
     seed: int = 0,
+    variants: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Party program: every block of one layer at the config's real shapes (batch 1),
-    evaluated by the model's own modules and ``models.ops``/``models.vit.attend``."""
-    from . import ops
-    from .secure import merged_linear, share_module
-    from .vit import Block, Linear, attend, normed_linear
+    evaluated by the model's own modules and ``models.ops``/``models.vit.attend``; with
+    ``variants``, each block whose protocol a plan can change also under every variant
+    worth pricing (``plan.entry_variants``), stored as ``entry@label``."""
+    from .secure import share_module
+    from .vit import Block, attend
 
     crypten = import_crypten()
     cfg = ViTConfig.from_dict(config_dict)
@@ -151,51 +187,24 @@ def profile_blocks_party(
     def enc(*shape: int, std: float = 1.0):
         return crypten.cryptensor(torch.randn(*shape, generator=g) * std, src=0)
 
-    out: dict[str, dict[str, float]] = {}
+    entries = _Entries(cfg, variants)
     # Attention cores: q is already scaled by 1/sqrt(d) in the model; scores ~ N(0, 1..4).
     for kind in attention_kinds:
         k = AttentionKind(kind)
         for label, heads in (("one_head", 1), ("all_heads", h)):
             q, kk, v = enc(1, heads, n, hd, std=0.5), enc(1, heads, n, hd), enc(1, heads, n, hd)
-            cost = measure(lambda k=k, q=q, kk=kk, v=v: attend(k, q, kk, v, cfg.attn_eps),
-                           repeats)
-            out[f"attention.{kind}.{label}"] = cost.to_dict()
+            entries.add(f"attention.{kind}.{label}", lambda p, k=k, q=q, kk=kk, v=v: measure(
+                lambda: attend(k, q, kk, v, cfg.attn_eps, p), repeats))
     hidden = enc(1, n, cfg.mlp_hidden, std=1.5)
     x = enc(1, n, d, std=2.0)
     qkv, proj = share_module(blk.attn.qkv), share_module(blk.attn.proj)
     fc1, fc2 = share_module(blk.mlp.fc1), share_module(blk.mlp.fc2)
     xh = enc(1, n, cfg.mlp_hidden)
+    layers = {"qkv": qkv, "proj": proj, "fc1": fc1, "fc2": fc2}
     for kind in activation_kinds:
-        act = ActivationKind(kind)
-        if act is ActivationKind.IDENTITY:
-            # A linear MLP is one merged layer (``secure.merge_linear_mlps``): the cost is
-            # what that layer costs against fc1 and fc2 (negative: it saves).
-            merged = share_module(merged_linear(blk.mlp.fc1, blk.mlp.fc2))
-            if isinstance(blk, Block):
-                norm2 = share_module(blk.norm2)
-                cost = _difference(
-                    measure(lambda m=merged, n=norm2: normed_linear(m, x, n), repeats),
-                    measure(lambda n=norm2: (normed_linear(fc1, x, n), fc2(xh)), repeats),
-                    floor=False)
-            else:
-                cost = _difference(measure(lambda m=merged: m(x), repeats),
-                                   measure(lambda: (fc1(x), fc2(xh)), repeats), floor=False)
-        elif act.bias_free and isinstance(blk, Block):
-            # Its ReLU rides in the norm2 -> fc1 pair (``vit.normed_linear``): the cost is
-            # what the rectified pair costs beyond the plain one.
-            norm2 = share_module(blk.norm2)
-            free = Linear(d, cfg.mlp_hidden, bias=False)
-            free.weight = blk.mlp.fc1.weight
-            fc1_free = share_module(free)
-            cost = _difference(
-                measure(lambda f=fc1_free, n=norm2: normed_linear(f, x, n, rectify=True),
-                        repeats),
-                measure(lambda n=norm2: normed_linear(fc1, x, n), repeats))
-        else:
-            fn = ops.ACTIVATION_FNS[act.value]
-            cost = measure(lambda fn=fn: fn(hidden), repeats)
-        out[f"activation.{kind}"] = cost.to_dict()
-    out |= _token_mask_blocks(enc, cfg, activation_kinds, repeats)
+        entries.add(f"activation.{kind}", lambda p, kind=kind: _activation_cost(
+            model, kind, p, entries, x, hidden, xh, layers, repeats))
+    entries.out |= _token_mask_blocks(enc, cfg, activation_kinds, repeats, entries)
 
     def linears() -> None:
         qkv(x)
@@ -203,25 +212,29 @@ def profile_blocks_party(
         fc1(x)
         fc2(xh)
 
-    out["linear"] = measure(linears, repeats).to_dict()
+    entries.out["linear"] = measure(linears, repeats).to_dict()
     # A folded LayerNorm shares rounds with the linear layer it feeds
     # (``vit.normed_linear``), so its cost is what the pair costs beyond the layer alone;
     # ``layernorm`` is the mean of a block's two.
     if isinstance(blk, Block):
-        norm1, norm2 = share_module(blk.norm1), share_module(blk.norm2)
-        pair = measure(lambda: (normed_linear(qkv, x, norm1), normed_linear(fc1, x, norm2)),
-                       repeats)
         alone = measure(lambda: (qkv(x), fc1(x)), repeats)
-    else:  # CCT: pre_norm feeds qkv; norm1 keeps its affine part (it feeds the residual)
-        pre_norm, norm1 = share_module(blk.pre_norm), share_module(blk.norm1)
-        pair = measure(lambda: (normed_linear(qkv, x, pre_norm), norm1(x)), repeats)
+    else:
         alone = measure(lambda: qkv(x), repeats)
-    out["layernorm"] = _difference(pair, alone).scale(0.5).to_dict()
+    entries.add("layernorm", lambda p: _difference(
+        _norm_pair(blk, p, x, qkv, fc1, repeats), alone).scale(0.5))
     norm = share_module(model.norm)
     xc = enc(1, d, std=2.0)
     head_only = share_module(model.head)
-    final = measure(lambda: normed_linear(head_only, xc, norm), repeats)
-    out["layernorm.final"] = _difference(final, measure(lambda: head_only(xc), repeats)).to_dict()
+    head_alone = measure(lambda: head_only(xc), repeats)
+
+    def final(p: ProtocolPlan) -> Cost:
+        from .vit import normed_linear
+
+        norm.protocol = p
+        return _difference(measure(lambda: normed_linear(head_only, xc, norm), repeats),
+                           head_alone)
+
+    entries.add("layernorm.final", final)
     embed, head = share_module(model.patch_embed), share_module(model.head)
     img = enc(1, cfg.in_chans, cfg.image_size, cfg.image_size)
 
@@ -229,29 +242,91 @@ def profile_blocks_party(
         embed(img)
         head(xc)
 
-    out["linear.stem_head"] = measure(stem, repeats).to_dict()
-    return out
+    entries.out["linear.stem_head"] = measure(stem, repeats).to_dict()
+    return entries.out
+
+
+def _norm_pair(blk, plan: ProtocolPlan, x, qkv, fc1, repeats: int) -> Cost:
+    """A block's two (LayerNorm, linear) pairs under the norm plan ``plan`` (CCT: pre_norm
+    with qkv, and norm1, which keeps its affine part as it feeds the residual)."""
+    from .secure import share_module
+    from .vit import Block, normed_linear
+
+    if isinstance(blk, Block):
+        norm1, norm2 = share_module(blk.norm1), share_module(blk.norm2)
+        norm1.protocol = norm2.protocol = plan
+        return measure(lambda: (normed_linear(qkv, x, norm1), normed_linear(fc1, x, norm2)),
+                       repeats)
+    pre_norm, norm1 = share_module(blk.pre_norm), share_module(blk.norm1)
+    pre_norm.protocol = norm1.protocol = plan
+    return measure(lambda: (normed_linear(qkv, x, pre_norm), norm1(x)), repeats)
+
+
+def _activation_cost(model, kind: str, plan: ProtocolPlan, entries: _Entries, x, hidden, xh,
+                     layers: dict[str, Any], repeats: int) -> Cost:
+    """One layer's MLP activation ``kind`` under ``plan`` (see docs/search.md: identity
+    and relu_nobias are measured by what they change around them)."""
+    from . import ops
+    from .secure import merged_linear, share_module
+    from .vit import Block, Linear, normed_linear
+
+    blk, cfg = model.blocks[0], model.config
+    fc1, fc2 = layers["fc1"], layers["fc2"]
+    act = ActivationKind(kind)
+    if act is ActivationKind.IDENTITY:
+            # A linear MLP is one merged layer (``secure.merge_linear_mlps``): the cost is
+            # what that layer costs against fc1 and fc2 (negative: it saves).
+        # A linear MLP is one merged layer (``secure.merge_linear_mlps``): the cost is
+        # what that layer costs against fc1 and fc2 (negative: it saves).
+        merged = share_module(merged_linear(blk.mlp.fc1, blk.mlp.fc2))
+        if isinstance(blk, Block):
+            norm2 = share_module(blk.norm2)
+            return _difference(
+                measure(lambda: normed_linear(merged, x, norm2), repeats),
+                measure(lambda: (normed_linear(fc1, x, norm2), fc2(xh)), repeats),
+                floor=False)
+        return _difference(measure(lambda: merged(x), repeats),
+                           measure(lambda: (fc1(x), fc2(xh)), repeats), floor=False)
+    if act.bias_free and isinstance(blk, Block):
+        # Its ReLU rides in the norm2 -> fc1 pair (``vit.normed_linear``): the cost is
+        # what the rectified pair costs beyond the plain one.  Fused, the norm's plan runs
+        # the ReLU's sign test; otherwise the MLP's plan runs a ReLU after fc1.
+        in_norm = entries.governed_by(f"activation.{kind}") == "norm"
+        norm2 = share_module(blk.norm2)
+        norm2.protocol = plan if in_norm else None
+        relu_plan = None if in_norm else plan
+        free = Linear(cfg.dim, cfg.mlp_hidden, bias=False)
+        free.weight = blk.mlp.fc1.weight
+        fc1_free = share_module(free)
+        return _difference(
+            measure(lambda: normed_linear(fc1_free, x, norm2, rectify=True,
+                                          protocol=relu_plan), repeats),
+            measure(lambda: normed_linear(fc1, x, norm2), repeats))
+    fn = ops.ACTIVATION_FNS[act.value]
+    return measure(lambda: fn(hidden, protocol=plan), repeats)
 
 
 def _token_mask_blocks(enc: Callable[..., Any], cfg: ViTConfig, activation_kinds: Iterable[str],
-                       repeats: int) -> dict[str, dict[str, float]]:
+                       repeats: int, entries: _Entries) -> dict[str, dict[str, float]]:
     """MPCViT+ token masks (``vit.Mlp``): each maskable activation on one token's hidden
-    row, and the ReLU after fc2 on one token's and on all tokens' rows."""
+    row, and the ReLU after fc2 on one token's and on all tokens' rows, each under the
+    activation's variants."""
     from . import ops
     from .spec import MASKABLE_ACTIVATIONS
 
-    out = {}
+    before = dict(entries.out)
     one = enc(1, 1, cfg.mlp_hidden, std=1.5)
     for kind in activation_kinds:
         act = ActivationKind(kind)
         if act in MASKABLE_ACTIVATIONS:
             fn = ops.ACTIVATION_FNS[act.value]
-            out[f"token_mask.{kind}.one_token"] = measure(lambda fn=fn: fn(one), repeats).to_dict()
+            entries.add(f"token_mask.{kind}.one_token",
+                        lambda p, fn=fn: measure(lambda: fn(one, protocol=p), repeats))
     for label, n in (("one_token", 1), ("all_tokens", cfg.num_tokens)):
         y = enc(1, n, cfg.dim, std=2.0)
-        out[f"token_mask.relu_after.{label}"] = measure(lambda y=y: ops.relu(y),
-                                                        repeats).to_dict()
-    return out
+        entries.add(f"token_mask.relu_after.{label}",
+                    lambda p, y=y: measure(lambda: ops.relu(y, p), repeats))
+    return {k: v for k, v in entries.out.items() if k not in before}
 
 
 def profile(
@@ -261,15 +336,18 @@ def profile(
     repeats: int = 3,
     seed: int = 0,
     provider: str = "dealer",
-    timeout: float = 1800.0,
+    timeout: float = 3600.0,
+    variants: bool = True,
 ) -> CostModel:
-    """Profile every block in a real 2-party run over gRPC; party 0's counts."""
+    """Profile every block in a real 2-party run over gRPC; party 0's counts.  With
+    ``variants``, every protocol variant a plan can choose is measured too."""
     from mpcvit.mpc.launcher import run_parties
 
     res = run_parties(profile_blocks_party, config.to_dict(), tuple(attention_kinds),
-                      tuple(activation_kinds), repeats, seed, provider=provider,
+                      tuple(activation_kinds), repeats, seed, variants, provider=provider,
                       timeout=timeout)
     meta = {"provider": provider, "backend": "grpc", "batch": 1, "repeats": repeats,
+            "variants": variants,
             "counts": "party 0", "compute": "median loopback wall seconds",
             "ops_sha1": program_fingerprint(),
             "profiled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -284,15 +362,14 @@ def build_secure(config_dict: dict[str, Any], spec_dict: dict[str, Any],
                  protocol_dict: dict[str, Any] | None = None):
     """Party program helper: the ``SecureViT`` of a model party 0 owns (``state_dict``,
     or a seeded random init when None); the other party builds the public structure.
-    Both run the protocol plan ``protocol_dict`` (``ProtocolPlan.to_dict``; None: the
-    default)."""
-    from mpcvit.mpc.protocols.plan import ProtocolPlan
-
+    Both run the protocol plan ``protocol_dict`` (``ModelPlan.to_dict``, or one
+    ``ProtocolPlan.to_dict`` for every block; None: the default)."""
+    from .plan import ModelPlan
     from .secure import SecureViT
     from .vit import ViT
 
     cfg, spec = ViTConfig.from_dict(config_dict), ArchSpec.from_dict(spec_dict)
-    plan = ProtocolPlan.from_dict(protocol_dict)
+    plan = ModelPlan.from_dict(protocol_dict)
     if import_crypten().communicator.get().get_rank() == 0:
         torch.manual_seed(0)
         model = ViT(cfg, spec).eval()
@@ -376,10 +453,10 @@ def measure_secure_model(
     state_dict: dict[str, torch.Tensor] | None = None,
     provider: str = "dealer",
     timeout: float = 1800.0,
-    protocol: ProtocolPlan | None = None,
+    protocol: ModelPlan | ProtocolPlan | None = None,
 ) -> SecureRun:
     """Run the whole secure model on ``images`` (one at a time) in 2 real parties, with
-    the protocol plan ``protocol`` (None: the default)."""
+    the protocol plan ``protocol`` (per block type or one for all; None: the default)."""
     from mpcvit.mpc.launcher import run_parties
 
     plan = None if protocol is None else protocol.to_dict()

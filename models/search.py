@@ -17,6 +17,11 @@ share a kind.
 Afterwards the mixture is binarised either MPCViT-style, a global top-k keeping the
 fraction μ of heads with the highest weight on a non-cheapest kind, or greedily into
 the spec the search prefers most that meets a latency budget under the cost model.
+
+Protocol plans (``models/planner.py``): the search picks the plan with the architecture.
+A kind's price in the loss is its cheapest protocol variant on the network; a whole spec
+is priced under its cheapest plan (``planner.choose_plan``), which the command writes
+next to the spec.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, planner
 from .configs import ViTConfig
 from .costs import CostModel, NetworkModel
 from .data import DataBundle, Split
+from .plan import ModelPlan
 from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
 from .train import augment_batch, evaluate, iterate_batches, warmup_cosine
 from .vit import Attention, Mlp, ViT, attend, normed_linear
@@ -179,14 +185,15 @@ class LatencyPrices:
         cfg = net.config
         if costs.config.replace(name="", num_classes=1) != cfg.replace(name="", num_classes=1):
             raise ValueError(f"cost file is for {costs.config}, the model is {cfg}")
-        head = torch.tensor([costs.head_seconds(k, network) for k in net.attention_kinds])
-        fixed = network.seconds(costs.fixed_cost())
+        head = torch.tensor([planner.head_seconds(costs, k, network)
+                             for k in net.attention_kinds])
+        fixed = planner.fixed_seconds(costs, network)
         if net.activation_kinds is None:
             act = None
-            fixed += cfg.depth * costs.activation_seconds(net.activation, network)
+            fixed += cfg.depth * planner.activation_seconds(costs, net.activation, network)
             act_max = 0.0
         else:
-            act = torch.tensor([costs.activation_seconds(k, network)
+            act = torch.tensor([planner.activation_seconds(costs, k, network)
                                 for k in net.activation_kinds])
             act_max = cfg.depth * float(act.max())
         ref = fixed + cfg.depth * cfg.heads * float(head.max()) + act_max
@@ -203,9 +210,15 @@ class LatencyPrices:
 # ----------------------------------------------------------------------------- binarise
 
 
+def plan_seconds(costs: CostModel, spec: ArchSpec, network: NetworkModel) -> float:
+    """Predicted seconds of ``spec`` under its cheapest protocol plan on ``network``."""
+    return costs.seconds(spec, network, planner.choose_plan(costs, spec, network))
+
+
 def cheapest(kinds: Sequence[AttentionKind], costs: CostModel, network: NetworkModel) -> int:
-    """Index of the cheapest attention kind per head under ``network``."""
-    prices = [costs.head_seconds(k, network) for k in kinds]
+    """Index of the cheapest attention kind per head under ``network`` (each under its
+    cheapest protocol variant)."""
+    prices = [planner.head_seconds(costs, k, network) for k in kinds]
     return min(range(len(kinds)), key=lambda i: prices[i])
 
 
@@ -271,8 +284,8 @@ class _SpecSpace:
         self.act_probs = act_probs
         self.f_kinds = [ActivationKind(k) for k in activation_kinds] if self.searched else []
         self.fixed_act = ActivationKind(activation)
-        self.a_price = [costs.head_seconds(k, network) for k in self.a_kinds]
-        self.f_price = [costs.activation_seconds(k, network) for k in self.f_kinds]
+        self.a_price = [planner.head_seconds(costs, k, network) for k in self.a_kinds]
+        self.f_price = [planner.activation_seconds(costs, k, network) for k in self.f_kinds]
 
     def spec(self, att: list[list[int]], act: list[int]) -> ArchSpec:
         return ArchSpec(tuple(
@@ -281,7 +294,7 @@ class _SpecSpace:
             for layer, row in enumerate(att)))
 
     def seconds(self, att: list[list[int]], act: list[int]) -> float:
-        return self.costs.seconds(self.spec(att, act), self.network)
+        return plan_seconds(self.costs, self.spec(att, act), self.network)
 
     def moves(self, att: list[list[int]], act: list[int]):
         for layer, row in enumerate(att):
@@ -506,7 +519,7 @@ def search(
         n = max(1, sums["n"])
         stats = SearchEpoch(epoch + 1, cfg.epochs, sums["loss"] / n, sums["task"] / n,
                             sums["correct"] / n, val_acc, expected,
-                            costs.seconds(argmax_spec(net), network),
+                            plan_seconds(costs, argmax_spec(net), network),
                             time.perf_counter() - tic)
         result.history.append(stats)
         if progress is not None:
@@ -525,13 +538,15 @@ class ParetoPoint:
     rounds: float
     bytes: float
     val_acc: float
+    plan: ModelPlan = ModelPlan()
 
     def row(self) -> dict[str, object]:
         s = self.spec.summary()
         return {"mu": self.mu, "predicted_s": round(self.predicted_s, 6),
                 "rounds": int(self.rounds), "bytes": int(self.bytes),
                 "val_acc": round(self.val_acc, 4),
-                "kinds": " ".join(f"{k}={v}" for k, v in sorted(s.items()))}
+                "kinds": " ".join(f"{k}={v}" for k, v in sorted(s.items())),
+                "plan": self.plan.describe() or "default"}
 
 
 def mu_sweep(
@@ -552,8 +567,9 @@ def mu_sweep(
         if result.val is not None:
             vx, vy = result.val.tensors()
             _, acc = evaluate(net.derive(spec), vx, vy)
-        c = costs.predict(spec)
-        points.append(ParetoPoint(mu, spec, network.seconds(c), c.rounds, c.bytes, acc))
+        plan = planner.choose_plan(costs, spec, network)
+        c = costs.predict(spec, plan)
+        points.append(ParetoPoint(mu, spec, network.seconds(c), c.rounds, c.bytes, acc, plan))
     return points
 
 

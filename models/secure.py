@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from mpcvit.mpc.compat import import_crypten
 from mpcvit.mpc.protocols.masked import MaskedWeight, mask_provider
-from mpcvit.mpc.protocols.plan import ProtocolPlan, resolve
+from mpcvit.mpc.protocols.plan import ProtocolPlan
 from torch import nn
 
 from .configs import ViTConfig
+from .plan import ModelPlan
 from .spec import ActivationKind, ArchSpec
 from .vit import Block, CCTBlock, Linear, ViT
 
@@ -202,11 +203,11 @@ class SecureViT:
     """
 
     def __init__(self, config: ViTConfig, spec: ArchSpec, root: SecureModule,
-                 protocol: ProtocolPlan | None = None) -> None:
+                 protocol: ModelPlan | ProtocolPlan | None = None) -> None:
         self.config = config
         self.spec = spec
         self.root = root
-        self.protocol = resolve(protocol)
+        self.protocol = ModelPlan.of(protocol)
 
     @classmethod
     def from_model(
@@ -215,14 +216,15 @@ class SecureViT:
         config: ViTConfig | None = None,
         spec: ArchSpec | None = None,
         src: int = 0,
-        protocol: ProtocolPlan | None = None,
+        protocol: ModelPlan | ProtocolPlan | None = None,
     ) -> SecureViT:
         """Share the owner's weights.  On rank ``src`` pass the trained ``model``; on the
         other ranks pass ``None`` plus the public ``config`` and ``spec``: they build the
         same structure and contribute zeros, so they only ever receive shares.
 
-        ``protocol`` is the plan the secure model runs (every party must pass the same;
-        None: the owner's model's own plan on rank ``src``, the default plan elsewhere).
+        ``protocol`` is the plan the secure model runs, one per block type or one for all
+        (every party must pass the same; None: the owner's model's own plan on rank
+        ``src``, the default plan elsewhere).
         """
         crypten = import_crypten()
         rank = crypten.communicator.get().get_rank()
@@ -243,7 +245,7 @@ class SecureViT:
         prepared = prepare_for_mpc(owner)
         if protocol is None:
             protocol = getattr(owner, "protocol", None) if rank == src else None
-        prepared.set_protocol(resolve(protocol))
+        prepared.set_protocol(protocol)
         return cls(config, spec, share_module(prepared, src), prepared.protocol)
 
     def __call__(self, x):

@@ -231,7 +231,9 @@ class ArchSpec:
             raise ValueError(f"ArchSpec must be a mapping, got {type(d).__name__}")
         if "version" not in d:
             raise ValueError("ArchSpec is missing its 'version' field")
-        unknown = set(d) - {"version", "layers"}
+        # ``plan``: the protocol plan chosen with the spec (models/plan.py reads it); not
+        # part of the architecture, so the spec leaves it to that module.
+        unknown = set(d) - {"version", "layers", "plan"}
         if unknown:
             raise ValueError(f"unknown ArchSpec fields: {sorted(unknown)}")
         layers = d.get("layers")

@@ -5,8 +5,9 @@ CrypTen ``MPCTensor``s share, so ``models.secure.SecureViT`` runs these same met
 mirror of the module tree whose parameters are secret shares.
 
 The modules that call secure functions with several protocol variants (LayerNorm,
-Attention, Mlp) carry the model's :class:`ProtocolPlan` as the attribute ``protocol``
-(None: the default plan), which the secure mirror copies; ``ViT.set_protocol`` sets it.
+Attention, Mlp) carry a :class:`ProtocolPlan` as the attribute ``protocol`` (None: the
+default plan), which the secure mirror copies.  Their ``plan_block`` names the block type
+whose plan they run (``models.plan.ModelPlan``); ``ViT.set_protocol`` sets them all.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from . import ops
 from .configs import ViTConfig
+from .plan import ModelPlan
 from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
 
 
@@ -32,6 +34,8 @@ class Linear(nn.Linear):
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm whose forward also accepts CrypTen tensors (robust inv-sqrt)."""
+
+    plan_block = "norm"
 
     def __init__(self, *args, protocol: ProtocolPlan | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -57,13 +61,20 @@ def normed_linear(linear, x, norm=None, rectify: bool = False,
         y = linear(x)
         return ops.relu(y, protocol) if rectify else y
     out_features, in_features = linear.weight.shape[0], linear.weight.shape[1]
-    extra = 2 * max(0, out_features - in_features) * math.prod(x.shape[:-1])
     if (ops.is_plain(x) or norm.weight is not None or norm.bias is not None
-            or extra > ops.FUSE_MAX_EXTRA or (rectify and linear.bias is not None)):
+            or not fuses_norm(out_features, in_features, math.prod(x.shape[:-1]))
+            or (rectify and linear.bias is not None)):
         y = linear(norm(x))
         return ops.relu(y, protocol) if rectify else y
     return ops.norm_linear(x, norm.eps, linear.weight, linear.bias, rectify=rectify,
                            protocol=norm.protocol)
+
+
+def fuses_norm(out_features: int, in_features: int, rows: int) -> bool:
+    """Whether a folded LayerNorm is fused with the linear layer it feeds: the 2·(out − in)
+    more opened elements per row stay within ``ops.FUSE_MAX_EXTRA`` (public shapes only;
+    ``rows`` = batch × tokens)."""
+    return 2 * max(0, out_features - in_features) * rows <= ops.FUSE_MAX_EXTRA
 
 
 class PatchEmbed(nn.Module):
@@ -101,6 +112,8 @@ class Attention(nn.Module):
     Heads of the same kind are gathered (one ``index_select`` by a precomputed
     permutation) and evaluated by a single op per kind, never by a loop over heads.
     """
+
+    plan_block = "attention"
 
     def __init__(
         self,
@@ -157,6 +170,8 @@ class Mlp(nn.Module):
     """fc2(act(fc1 x)).  With a token mask (MPCViT+) only the masked tokens apply the
     activation; the others compute relu(fc2(fc1 x)), as the reference's linear-GeLU mode.
     """
+
+    plan_block = "activation"
 
     def __init__(self, dim: int, hidden: int, activation: ActivationKind,
                  token_mask: tuple[int, ...] | None = None, tokens: int | None = None,
@@ -268,7 +283,7 @@ class ViT(nn.Module):
     """
 
     def __init__(self, config: ViTConfig, spec: ArchSpec | None = None,
-                 protocol: ProtocolPlan | None = None) -> None:
+                 protocol: ModelPlan | ProtocolPlan | None = None) -> None:
         super().__init__()
         spec = spec if spec is not None else ArchSpec.uniform(config.depth, config.heads)
         spec.validate(config.depth, config.heads, config.num_tokens)
@@ -299,13 +314,15 @@ class ViT(nn.Module):
             elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
 
-    def set_protocol(self, protocol: ProtocolPlan | None) -> None:
-        """Run the secure building blocks with ``protocol`` (None: the default plan): set
-        on every module that carries a plan.  Plaintext outputs do not change."""
-        self.protocol = protocol
+    def set_protocol(self, protocol: ModelPlan | ProtocolPlan | dict | str | None) -> None:
+        """Run the secure building blocks with ``protocol``: a :class:`ModelPlan` (one
+        plan per block type), one ProtocolPlan for every block, or None (the default):
+        set on every module that carries a plan.  Plaintext outputs do not change."""
+        plan = ModelPlan.of(protocol)
+        self.protocol = plan
         for m in self.modules():
-            if m is not self and hasattr(m, "protocol"):
-                m.protocol = protocol
+            if m is not self and hasattr(m, "plan_block"):
+                m.protocol = plan.block(m.plan_block)
 
     def set_spec(self, spec: ArchSpec) -> None:
         """Switch attention/activation kinds in place.  The weights are kind-independent,

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from mpcvit.models.plan import ModelPlan
 from mpcvit.models.secure import program_fingerprint
 from mpcvit.mpc.compat import import_crypten
 from mpcvit.mpc.errors import DealerUnreachable, PeerError
-from mpcvit.mpc.protocols.plan import ProtocolPlan
 
 from .pairing import SessionStats
 
@@ -44,7 +44,8 @@ class ModelFacts:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     extra: dict[str, Any] = field(default_factory=dict)
-    # The protocol plan both parties run (``ProtocolPlan.to_dict``; {} is the default).
+    # The protocol plan both parties run, per block type (``ModelPlan.to_dict``; {} is the
+    # default plan).
     protocol: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,7 +70,7 @@ class ModelFacts:
                        class_names=tuple(str(n) for n in d.get("class_names", ())),
                        mean=tuple(float(v) for v in d.get("mean", ())),
                        std=tuple(float(v) for v in d.get("std", ())),
-                       protocol=ProtocolPlan.from_dict(d.get("protocol") or {}).to_dict())
+                       protocol=ModelPlan.from_dict(d.get("protocol") or {}).to_dict())
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed model description from the leader: {exc}") from None
 
@@ -96,10 +97,9 @@ def describe_model(model: Any, name: str, dataset: str | None,
         class_names = data.FASHION_MNIST_CLASSES
     if not class_names:
         class_names = tuple(str(i) for i in range(config.num_classes))
-    plan = getattr(model, "protocol", None)
+    plan = ModelPlan.of(getattr(model, "protocol", None))
     return ModelFacts(name=name, config=config.to_dict(), spec=model.spec.to_dict(),
-                      class_names=class_names, mean=mean, std=std,
-                      protocol=plan.to_dict() if plan is not None else {})
+                      class_names=class_names, mean=mean, std=std, protocol=plan.to_dict())
 
 
 class CrypTenBackend:
@@ -217,7 +217,7 @@ class CrypTenBackend:
                              self._generations(link)):
             secure = SecureViT.from_model(self._model if self.rank == 0 else None,
                                           config, spec, src=0,
-                                          protocol=ProtocolPlan.from_dict(self.facts.protocol))
+                                          protocol=ModelPlan.from_dict(self.facts.protocol))
         self._secure = secure
         log.info("event=weights_session session=%s seconds=%.2f", session,
                  time.perf_counter() - start)

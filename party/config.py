@@ -3,7 +3,8 @@
 One file per process (``deploy/party0.yaml`` ...).  Addresses can be overridden by
 environment variables so the same files serve Docker Compose (service host names) and
 local runs (127.0.0.1 and free ports): ``MPCVIT_LISTEN``, ``MPCVIT_PEER``,
-``MPCVIT_DEALER``, ``MPCVIT_MODEL``, ``MPCVIT_PROVIDER``; ``MPCVIT_TLS_DIR`` turns on
+``MPCVIT_DEALER``, ``MPCVIT_MODEL``, ``MPCVIT_PROVIDER``, ``MPCVIT_PROTOCOL``;
+``MPCVIT_TLS_DIR`` turns on
 mutual TLS with ``ca.pem`` and ``<role>.pem``/``<role>.key`` from that directory (the
 layout ``mpcvit certs`` writes; roles dealer, party0, party1, client; a party also trusts
 ``client-ca.pem`` there, if present).  ``{ordinal}`` in
@@ -30,6 +31,7 @@ ENV_OVERRIDES = {
     "dealer": "MPCVIT_DEALER",
     "model": "MPCVIT_MODEL",
     "provider": "MPCVIT_PROVIDER",
+    "protocol": "MPCVIT_PROTOCOL",
 }
 
 
@@ -127,6 +129,9 @@ class PartyConfig:
     tls: TlsConfig | None = None
     model: str = "demo"  # party 0: checkpoint name or path
     model_name: str = ""  # name clients ask for; defaults to the checkpoint's stem
+    # party 0: the protocol plan to serve instead of the checkpoint's (a named plan
+    # default/lan/wan/fss, a plan file, or block.field=variant items; models/plan.py)
+    protocol: str | None = None
     dataset: str | None = "fashion-mnist"  # normalisation and class names
     log_format: str = "json"
     log_level: str = "INFO"
@@ -141,6 +146,13 @@ class PartyConfig:
             raise ConfigError("listen and peer addresses are required")
         if self.log_format not in ("json", "text"):
             raise ConfigError("log_format must be json or text")
+        if self.protocol:
+            from mpcvit.models.plan import ModelPlan
+
+            try:
+                ModelPlan.parse(self.protocol)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"protocol: {exc}") from None
 
     @property
     def served_name(self) -> str:
@@ -156,7 +168,7 @@ class PartyConfig:
         data = expand_ordinal(data, env)
         known = {"rank", "listen", "peer", "dealer", "provider", "timeouts", "limits", "tls",
                  "model", "model_name", "dataset", "log_format", "log_level", "chunk_bytes",
-                 "metrics", "health_port"}
+                 "metrics", "health_port", "protocol"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown party config keys: {sorted(unknown)}")
@@ -182,6 +194,7 @@ class PartyConfig:
             peer=str(data.get("peer", "")), provider=provider, timeouts=timeouts,
             service_timeouts=service_timeouts, limits=limits, tls=tls,
             model=str(data.get("model", "demo")), model_name=str(data.get("model_name") or ""),
+            protocol=str(data["protocol"]) if data.get("protocol") else None,
             dataset=data.get("dataset", "fashion-mnist"),
             log_format=str(data.get("log_format", "json")),
             log_level=str(data.get("log_level", "INFO")),

@@ -73,6 +73,8 @@ def load_party_model(config: PartyConfig) -> tuple[Any, ModelFacts]:
 
     ``random:<config>[:seed]`` builds an untrained model of a named shape (tests and
     benchmarks only: its predictions are meaningless); anything else is a checkpoint.
+    The model runs the checkpoint's protocol plan unless the config's ``protocol`` names
+    another; party 1 receives it with the public facts.
     """
     if config.model.startswith("random:"):
         import torch
@@ -86,6 +88,10 @@ def load_party_model(config: PartyConfig) -> tuple[Any, ModelFacts]:
         from mpcvit.models.checkpoint import load_checkpoint, resolve_checkpoint
 
         model, extra = load_checkpoint(resolve_checkpoint(config.model))
+    if config.protocol:
+        from mpcvit.models.plan import ModelPlan
+
+        model.set_protocol(ModelPlan.parse(config.protocol))
     model.eval()
     return model, describe_model(model, config.served_name, config.dataset, extra)
 

@@ -103,3 +103,21 @@ def test_bench_soak_json_contract(capsys, tmp_path):
     assert res["failures"] == res["crossed"] == res["unauthorized_accepted"] == 0
     assert res["kills"] == res["recovered"] == 2
     assert res["hostile_unexpected"] == 0
+
+
+def test_bench_network_json_reports_the_plan_it_ran(capsys):
+    """`mpcvit bench network --protocol PLAN --json` keeps its figures' keys and names the
+    plan; a named plan with FSS comparisons takes fewer rounds than the default."""
+    from mpcvit.models.plan import NAMED
+
+    rounds = {}
+    for plan in ("default", "wan"):
+        assert main(["bench", "network", "--model", "demo", "--arch", "relu_softmax+relu",
+                     "--network", "1gbit,2ms", "--images", "1", "--protocol", plan,
+                     "--json"]) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["loopback"]["rounds"] == res["measured"]["rounds"] > 0
+        assert res["measured"]["online_s"] > 0 and "predicted_online_s" in res
+        assert res["plan"] == NAMED[plan].to_dict() and res["plan_describe"] == plan
+        rounds[plan] = res["measured"]["rounds"]
+    assert rounds["wan"] < rounds["default"]

@@ -17,8 +17,10 @@ from mpcvit.models.costs import (
     cost_model_from_measurements,
     parse_network,
 )
+from mpcvit.models.plan import ModelPlan
 from mpcvit.models.profiler import measure_secure_model
 from mpcvit.models.spec import ArchSpec, LayerSpec
+from mpcvit.mpc.protocols.plan import PLANS, ProtocolPlan
 
 DEMO = get_config("demo")
 
@@ -221,29 +223,61 @@ def test_profile_cli_reports_every_block(profiled):
         > b["attention.scale"]["rounds"]
     assert b["activation.gelu"]["bytes"] > b["activation.quad"]["bytes"]
     assert costs.config == DEMO
+    # every variant a plan can choose was profiled: FSS comparisons take fewer rounds
+    rows = {(r["block"], r["variant"]): r for r in report["variants"]}
+    for block, variant in (("attention.softmax", "comparison=fss,exp=spline,reciprocal=spline"),
+                           ("activation.gelu", "comparison=fss,gelu=spline"),
+                           ("activation.relu", "comparison=fss"),
+                           ("layernorm", "comparison=fss")):
+        assert rows[(block, variant)]["rounds"] < rows[(block, "default")]["rounds"], block
+        assert rows[(block, variant)]["offline_bytes"] > 0  # FSS keys from the dealer
+    # the demo's bias-free ReLU rides in its LayerNorm: it follows the norm's comparison
+    assert rows[("activation.relu_nobias", "comparison=fss")]["rounds"] == 0
+    assert ("attention.scale", "comparison=fss") not in rows  # nothing to vary
+
+
+SPECS = {
+    "softmax": ArchSpec.uniform(DEMO.depth, DEMO.heads, "softmax", "gelu"),
+    "mixed": ArchSpec(tuple(LayerSpec(("relu_softmax", "scale", "quad2", "scale"), act)
+                            for act in ("relu", "quad", "identity", "gelu"))),
+    "bias_free": ArchSpec(tuple(LayerSpec(("scale",) * 4, act)
+                                for act in ("relu_nobias", "relu", "relu_nobias", "quad"))),
+    "token_masks": ArchSpec((LayerSpec(("relu_softmax", "scale", "scale", "scale"), "gelu",
+                                       tuple(range(0, 50, 3))),
+                             LayerSpec(("scale",) * 4, "gelu", ()),
+                             LayerSpec(("scale",) * 4, "relu", (0, 7, 49)),
+                             LayerSpec(("scale",) * 4, "gelu"))),
+}
+_FSS = ProtocolPlan(comparison="fss")
+# non-default plans: every block on its own variant, and blocks on different ones
+PLAN_ALL = ModelPlan.uniform(PLANS["fss"])
+PLAN_SPLIT = ModelPlan(attention=_FSS.replace(exp="spline"), activation=_FSS, norm=ProtocolPlan())
+PLAN_NORM = ModelPlan(activation=_FSS.replace(gelu="spline"), norm=_FSS)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", [
-    ArchSpec.uniform(DEMO.depth, DEMO.heads, "softmax", "gelu"),
-    ArchSpec(tuple(LayerSpec(("relu_softmax", "scale", "quad2", "scale"), act)
-                   for act in ("relu", "quad", "identity", "gelu"))),
-    ArchSpec(tuple(LayerSpec(("scale",) * 4, act)
-                   for act in ("relu_nobias", "relu", "relu_nobias", "quad"))),
-    ArchSpec((LayerSpec(("relu_softmax", "scale", "scale", "scale"), "gelu",
-                        tuple(range(0, 50, 3))),
-              LayerSpec(("scale",) * 4, "gelu", ()),
-              LayerSpec(("scale",) * 4, "relu", (0, 7, 49)),
-              LayerSpec(("scale",) * 4, "gelu"))),
-], ids=["softmax", "mixed", "bias_free", "token_masks"])
-def test_blocks_predict_whole_model_run(profiled, spec):
+@pytest.mark.parametrize("name,plan", [
+    ("softmax", None), ("mixed", None), ("bias_free", None), ("token_masks", None),
+    ("softmax", PLAN_SPLIT), ("mixed", PLAN_ALL), ("bias_free", PLAN_NORM),
+    ("token_masks", PLAN_NORM),
+], ids=["softmax", "mixed", "bias_free", "token_masks", "softmax-split_plan",
+        "mixed-fss_plan", "bias_free-norm_plan", "token_masks-norm_plan"])
+def test_blocks_predict_whole_model_run(profiled, name, plan):
     import torch
 
     _, costs = profiled
-    run = measure_secure_model(DEMO, spec, torch.randn(1, 1, 28, 28), provider="dealer")
-    pred = costs.predict(spec)
+    spec = SPECS[name]
+    run = measure_secure_model(DEMO, spec, torch.randn(1, 1, 28, 28), provider="dealer",
+                               protocol=plan)
+    pred = costs.predict(spec, plan)
     assert math.isclose(pred.rounds, run.rounds, rel_tol=0.15), (pred.rounds, run.rounds)
     assert math.isclose(pred.bytes, run.bytes, rel_tol=0.15), (pred.bytes, run.bytes)
+    if plan is not None:
+        # each block priced by the variant its plan runs: rounds exact, bytes exact up to
+        # the interpolation over heads and tokens (measured: exact)
+        assert pred.rounds == run.rounds
+        assert math.isclose(pred.bytes, run.bytes, rel_tol=0.01), (pred.bytes, run.bytes)
+        assert run.rounds < costs.predict(spec).rounds  # and a plan that changes something
     if any(layer.token_mask is not None for layer in spec.layers):
         # token masks are priced from per-token measurements: rounds exact, bytes linear
         # in tokens (measured: exact)

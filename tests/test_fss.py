@@ -15,6 +15,7 @@ import torch
 from mpcvit.mpc.compat import import_crypten
 
 import_crypten()
+from mpcvit.models.plan import ModelPlan  # noqa: E402
 from mpcvit.mpc.dealer import DealerState  # noqa: E402
 from mpcvit.mpc.protocols import dcf, fss  # noqa: E402
 from mpcvit.mpc.protocols.plan import PLANS, VARIANTS, ProtocolPlan  # noqa: E402
@@ -185,7 +186,7 @@ def test_the_model_carries_its_plan_to_every_secure_block():
     from mpcvit.models.vit import ViT
 
     model = ViT(CONFIGS["demo"], protocol=PLANS["fss"])
-    carriers = [m for m in prepare_for_mpc(model).modules() if hasattr(m, "protocol")]
+    carriers = [m for m in prepare_for_mpc(model).modules() if hasattr(m, "plan_block")]
     assert len(carriers) >= 3 * CONFIGS["demo"].depth
     assert all(m.protocol == PLANS["fss"] for m in carriers)
     x = torch.randn(1, 1, 28, 28)
@@ -203,9 +204,9 @@ def test_model_facts_carry_the_plan_to_party_one():
     plan = ProtocolPlan.parse("comparison=fss,exp=spline")
     facts = describe_model(ViT(CONFIGS["demo"], protocol=plan), "demo", None)
     received = ModelFacts.from_dict(json.loads(json.dumps(facts.to_dict())))
-    assert ProtocolPlan.from_dict(received.protocol) == plan
+    assert ModelPlan.from_dict(received.protocol) == ModelPlan.uniform(plan)
     assert ModelFacts.from_dict(describe_model(ViT(CONFIGS["demo"]), "d", None)
-                                .to_dict()).protocol == ProtocolPlan().to_dict()
+                                .to_dict()).protocol == ModelPlan().to_dict() == {}
     bad = facts.to_dict() | {"protocol": {"gelu": "erf"}}
     with pytest.raises(ValueError, match="malformed"):
         ModelFacts.from_dict(bad)
