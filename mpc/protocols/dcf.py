@@ -345,97 +345,242 @@ def dcf_eval(key: DcfKey, z: np.ndarray, prg: AesPrg | None = None) -> np.ndarra
 
 
 def dcf_eval_raw(key: DcfKey, z: np.ndarray, prg: AesPrg | None = None) -> np.ndarray:
-    """Shares as a (k, m, N) array for points z of shape (m, N) (no input checks)."""
+    """Shares as a (k, m, N) array for points z of shape (m, N) (no input checks).
+
+    An element's points share the tree levels on which they all agree: those are walked
+    once (:func:`_eval_chunk`); the shares are those of separate walks, bit for bit.
+    """
     prg = prg or default_prg()
     points, count = z.shape
     out = np.empty((key.k, points, count), U64)
     if out.size == 0:
         return out
     per_chunk = max(1, _EVAL_LANES // points)
-    scratch = _EvalScratch(min(count, per_chunk) * points, key.k)
+    lanes = _Lanes(points * min(count, per_chunk), key.k)
     for c0 in range(0, count, per_chunk):
         c1 = min(count, c0 + per_chunk)
-        _eval_chunk(key, z[:, c0:c1], c0, out[:, :, c0:c1], prg, scratch)
+        _eval_chunk(key, z[:, c0:c1], c0, lanes, prg, out[:, :, c0:c1])
     return out
 
 
-class _EvalScratch:
-    """Per-call buffers for the level loop (sized for the largest chunk)."""
+class _KeyPart:
+    """One chunk of a key's elements, in the order ``order`` (None: as stored); tcw
+    widened to words for the shifts."""
 
-    def __init__(self, lanes: int, k: int) -> None:
-        self.seed_a = _Blocks(lanes)
-        self.seed_b = _Blocks(lanes)
-        self.values = [_Blocks(lanes) for _ in range((k + 1) // 2)]
-        self.u64 = [np.empty(lanes, U64) for _ in range(8)]
+    def __init__(self, key: DcfKey, c0: int, c1: int, order: np.ndarray | None) -> None:
+        self.party, self.n, self.k, self.size = key.party, key.n, key.k, c1 - c0
+        cols = slice(c0, c1)
+        if order is None:
+            self.seed, self.scw, self.vcw = key.seed[cols], key.scw[:, :, cols], key.vcw[:, :, cols]
+            self.tcw, self.fcw = key.tcw[:, cols].astype(U64), key.fcw[:, cols]
+            return
+        self.seed = np.take(key.seed[cols], order, axis=0, mode="clip")
+        self.scw = np.take(key.scw[:, :, cols], order, axis=2, mode="clip")
+        self.vcw = np.take(key.vcw[:, :, cols], order, axis=2, mode="clip")
+        self.tcw = np.take(key.tcw[:, cols], order, axis=1, mode="clip").astype(U64)
+        self.fcw = np.take(key.fcw[:, cols], order, axis=1, mode="clip")
 
 
-def _eval_chunk(key: DcfKey, z: np.ndarray, c0: int, out: np.ndarray, prg: AesPrg,
-                scratch: _EvalScratch) -> None:
-    """Walk the n levels for points z (m, C) of elements c0..c0+C; writes out (k, m, C).
+class _Lanes:
+    """Walk state of up to ``size`` lanes (one point of one element each) and the
+    buffers of one level; operations act on the first ``a`` lanes.
 
-    Per level and lane: one seed block and ceil(k/2) payload blocks of AES, then in-place
-    numpy passes.  The control bit is kept both as 0/1 and as a mask (0 or all ones) so
-    corrections are ANDs, and the next level's child tweak rides on the seed correction.
+    Layout of a chunk of c elements with m points each: lanes 0..c-1 walk point 0 of
+    every element (the trunk); then come, element after element, the m - 1 other points
+    of the elements whose points have split, in the order they split.  So the active
+    lanes are always a prefix.  The seed ``s`` is the AES input: 128-bit blocks with the
+    child bit (also in ``child``) in the low word's free lowest bit.  Payload words
+    accumulate interleaved like the AES payload blocks (``acc``), control-bit
+    corrections separately (``corr``); the control bit ``t`` is 0 or 1, so a correction
+    is a product ``cw * t``.
     """
-    points, size = z.shape
-    c1, lanes, shape = c0 + size, points * size, (points, size)
-    zc, xb, xb_next, t, t_new, tmask, tmp, word = (u[:lanes].reshape(shape)
-                                                    for u in scratch.u64)
-    np.copyto(zc, z)
-    cur, nxt = scratch.seed_a, scratch.seed_b
-    s = cur.words(lanes).reshape(points, size, 2)
-    s[...] = key.seed[c0:c1]
-    t.fill(key.party)
-    np.negative(t, out=tmask)
-    _bit(zc, key.n - 1, xb)
-    np.bitwise_or(s[..., 0], xb, out=s[..., 0])  # child tweak in the seed's free low bit
-    acc = out  # (k, m, C): payload words and corrections (party 1 negates at the end)
-    acc.fill(0)
-    for i in range(key.n):
-        _add_payload(acc, key.vcw[i, :, c0:c1], tmask, s, _value_blocks(prg, s, scratch),
-                     tmp, word)
-        s_next = prg.seed_into(s, nxt)
-        np.bitwise_and(s_next[..., 0], _ONE, out=t_new)
-        # low word: seed correction, clear the control bit, set the next child tweak
-        np.bitwise_and(key.scw[i, 0, c0:c1], tmask, out=tmp)
-        np.bitwise_xor(tmp, t_new, out=tmp)
-        if i + 1 < key.n:
-            _bit(zc, key.n - 2 - i, xb_next)
-            np.bitwise_xor(tmp, xb_next, out=tmp)
-        np.bitwise_xor(s_next[..., 0], tmp, out=s_next[..., 0])
-        np.bitwise_and(key.scw[i, 1, c0:c1], tmask, out=tmp)
-        np.bitwise_xor(s_next[..., 1], tmp, out=s_next[..., 1])
-        # control bit: t' = t_raw XOR (t AND t_cw[child]), t in {0, 1}
-        np.right_shift(key.tcw[i, c0:c1], xb, out=tmp, dtype=U64)
-        np.bitwise_and(tmp, t, out=tmp)
-        np.bitwise_xor(t_new, tmp, out=t_new)
-        np.negative(t_new, out=tmask)
-        s, cur, nxt = s_next, nxt, cur
-        xb, xb_next = xb_next, xb
-        t, t_new = t_new, t
-    _add_payload(acc, key.fcw[:, c0:c1], tmask, s, _value_blocks(prg, s, scratch), tmp, word)
-    if key.party == 1:
-        np.negative(acc, out=acc)
+
+    def __init__(self, size: int, k: int) -> None:
+        blocks = (k + 1) // 2
+        self.s = np.empty((size, 2), U64)
+        self.raw_seed = np.empty(16 * size + 16, np.uint8)
+        self.raw_values = [np.empty(16 * size + 16, np.uint8) for _ in range(blocks)]
+        self.acc = np.empty((blocks, size, 2), U64)
+        self.corr = np.empty((k, size), U64)
+        self.mask_seed = np.empty((2, size), U64)
+        self.mask_value = np.empty((k, size), U64)
+        self.z, self.t, self.t_raw, self.child, self.next_bit, self.tmp = (
+            np.empty(size, U64) for _ in range(6))
+
+    def aes(self, enc, raw: np.ndarray, a: int) -> np.ndarray:
+        """AES-ECB of the first a seeds into ``raw``: an (a, 2) view."""
+        enc.update_into(self.s[:a].reshape(-1).view(np.uint8), raw[: 16 * a + 15])
+        return raw[: 16 * a].view(U64).reshape(a, 2)
+
+
+class _Split:
+    """Where the lanes of a chunk are: c trunk lanes, then ``rows`` lanes for each of the
+    first ``cols`` elements.  Key words (w, c) of one level apply to every lane of their
+    element: as they are to the trunk, repeated (:meth:`spread`) to the other lanes."""
+
+    def __init__(self, c: int, rows: int, cols: int) -> None:
+        self.c, self.rows, self.cols = c, rows, cols
+        self.lanes = c + rows * cols
+
+    def spread(self, words: np.ndarray) -> np.ndarray | None:
+        """Key words (w, c) for the branch lanes: (w, rows * cols)."""
+        if not self.cols:
+            return None
+        return np.repeat(words[:, :self.cols], self.rows, axis=1)
+
+    def apply(self, op, words: np.ndarray, spread: np.ndarray | None, lane_words: np.ndarray,
+              out: np.ndarray) -> None:
+        """out[:, lane] = op(key words of the lane's element, lane_words[lane])."""
+        c, a = self.c, self.lanes
+        op(words, lane_words[:c], out=out[:, :c])
+        if spread is not None:
+            op(spread, lane_words[c:a], out=out[:, c:a])
+
+
+def _payload(lanes: _Lanes, split: _Split, prg: AesPrg, cw: np.ndarray) -> None:
+    """acc += payload words of the seeds (MMO), corr += cw (k, c) * t."""
+    a = split.lanes
+    s = lanes.s[:a]
+    for j, raw in enumerate(lanes.raw_values):
+        block = lanes.aes(prg._value_encryptor(j), raw, a)
+        np.bitwise_xor(block, s, out=block)
+        acc = lanes.acc[j, :a]
+        np.add(acc, block, out=acc)
+    mask = lanes.mask_value[:, :a]
+    split.apply(np.multiply, cw, split.spread(cw), lanes.t, mask)
+    corr = lanes.corr[:, :a]
+    np.add(corr, mask, out=corr)
+
+
+def _level(lanes: _Lanes, split: _Split, prg: AesPrg, scw: np.ndarray, vcw: np.ndarray,
+           tcw: np.ndarray, position: int) -> None:
+    """One tree level for the active lanes: payload, then the child seed and control bit,
+    with the next level's child bit (bit ``position`` of the lane's point; none when
+    negative) set in the seed.  Key words: scw (2, c), vcw (k, c), tcw (1, c)."""
+    a = split.lanes
+    s, t, t_raw, tmp = lanes.s[:a], lanes.t[:a], lanes.t_raw[:a], lanes.tmp[:a]
+    _payload(lanes, split, prg, vcw)
+    mask = lanes.mask_seed[:, :a]
+    split.apply(np.multiply, scw, split.spread(scw), lanes.t, mask)
+    out = lanes.aes(prg._seed, lanes.raw_seed, a)
+    np.bitwise_xor(out, s, out=s)  # MMO: s is now the raw child seed
+    np.bitwise_and(s[:, 0], _ONE, out=t_raw)
+    # low word: seed correction, clear the control bit, set the next child bit
+    np.bitwise_xor(mask[0], t_raw, out=mask[0])
+    if position >= 0:
+        nxt = lanes.next_bit[:a]
+        _bit(lanes.z[:a], position, nxt)
+        np.bitwise_xor(mask[0], nxt, out=mask[0])
+    np.bitwise_xor(s[:, 0], mask[0], out=s[:, 0])
+    np.bitwise_xor(s[:, 1], mask[1], out=s[:, 1])
+    # control bit: t' = t_raw XOR (t AND t_cw[child]), t in {0, 1}
+    split.apply(np.right_shift, tcw, split.spread(tcw), lanes.child, tmp[None])
+    np.bitwise_and(tmp, t, out=tmp)
+    np.bitwise_xor(t_raw, tmp, out=t)
+    lanes.child, lanes.next_bit = lanes.next_bit, lanes.child
+
+
+def _bit_length(v: np.ndarray) -> np.ndarray:
+    """Bit length of each uint64 word (0 for 0)."""
+    v = v.copy()
+    length = np.zeros(v.shape, np.int64)
+    for step in (32, 16, 8, 4, 2, 1):
+        big = v >= U64(1 << step)
+        length += big * step
+        np.right_shift(v, U64(step), out=v, where=big)
+    return length + (v > 0)
+
+
+def _split_depths(z: np.ndarray, n: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(order, start) for points z (m, c): elements sorted by the number of leading bits
+    on which all their points agree, and start[i] = the number of elements whose points
+    have split before level i (start[n] = all that split at all)."""
+    points, c = z.shape
+    if points == 1:
+        return None, np.zeros(n + 1, np.int64)
+    spread = np.zeros(c, U64)
+    for row in z[1:]:
+        spread |= row ^ z[0]
+    depth = n - _bit_length(spread)  # n: all points equal
+    order = np.argsort(depth, kind="stable")
+    return order, np.searchsorted(depth[order], np.arange(n + 1), side="left")
+
+
+def _eval_chunk(key: DcfKey, z: np.ndarray, c0: int, lanes: _Lanes, prg: AesPrg,
+                out: np.ndarray) -> None:
+    """Walk the points z (m, c) of elements c0..c0+c; writes out (k, m, c).
+
+    Above the depth where an element's points stop agreeing they all follow one path,
+    so only point 0 walks it (the trunk lane); at that depth the other m - 1 points
+    take a copy of the trunk's state and walk on their own.  Elements are taken in
+    order of that depth so that the active lanes are a prefix (see :class:`_Lanes`).
+    """
+    n, k = key.n, key.k
+    points, c = z.shape
+    rows = points - 1
+    order, start = _split_depths(z, n)
+    part = _KeyPart(key, c0, c0 + c, order)
+    zs = z if order is None else z[:, order]
+    lanes.z[:c] = zs[0]
+    if rows:
+        lanes.z[c:c + rows * c].reshape(c, rows)[...] = zs[1:].T
+    lanes.s[:c] = part.seed
+    lanes.t[:c] = part.party
+    lanes.acc[:, :c] = 0
+    lanes.corr[:, :c] = 0
+    _bit(lanes.z[:c], n - 1, lanes.child[:c])
+    np.bitwise_or(lanes.s[:c, 0], lanes.child[:c], out=lanes.s[:c, 0])
+    for i in range(n):
+        split = _Split(c, rows, int(start[i]))
+        if start[i + 1] > start[i]:
+            _branch(lanes, c, rows, int(start[i]), int(start[i + 1]), n - 1 - i)
+            split = _Split(c, rows, int(start[i + 1]))
+        _level(lanes, split, prg, part.scw[i], part.vcw[i], part.tcw[i:i + 1], n - 2 - i)
+    split = _Split(c, rows, int(start[n]))
+    _payload(lanes, split, prg, part.fcw)
+    _results(lanes, split, part, order, out)
+
+
+def _branch(lanes: _Lanes, c: int, rows: int, lo: int, hi: int, position: int) -> None:
+    """Elements lo..hi-1 (in order) split before the level of bit ``position``: their other
+    points' lanes start from a copy of the trunk lane, with their own child bit."""
+    first, last = c + rows * lo, c + rows * hi
+    shape = (hi - lo, rows)
+    s = lanes.s[first:last].reshape(*shape, 2)
+    s[...] = lanes.s[lo:hi, None, :]
+    s[..., 0] &= _CLEAR_LOW
+    child = lanes.child[first:last]
+    _bit(lanes.z[first:last], position, child)
+    np.bitwise_or(s[..., 0], child.reshape(shape), out=s[..., 0])
+    lanes.t[first:last].reshape(shape)[...] = lanes.t[lo:hi, None]
+    lanes.acc[:, first:last].reshape(-1, *shape, 2)[...] = lanes.acc[:, lo:hi, None, :]
+    lanes.corr[:, first:last].reshape(-1, *shape)[...] = lanes.corr[:, lo:hi, None]
+
+
+def _results(lanes: _Lanes, split: _Split, part: _KeyPart, order: np.ndarray | None,
+             out: np.ndarray) -> None:
+    """out (k, m, c) from the lanes: payload words + corrections, negated for party 1;
+    an element whose points never split copies the trunk's result."""
+    c, rows, cols = split.c, split.rows, split.cols
+    words = np.empty((part.k, split.lanes), U64)
+    for e in range(part.k):
+        np.add(lanes.acc[e // 2, :split.lanes, e % 2], lanes.corr[e, :split.lanes],
+               out=words[e])
+    if part.party == 1:
+        np.negative(words, out=words)
+    if order is None:
+        out[:, 0] = words[:, :c]
+        return
+    out[:, 0, order] = words[:, :c]
+    out[:, 1:, order[:cols]] = words[:, c:].reshape(part.k, cols, rows).transpose(0, 2, 1)
+    same = order[cols:]
+    out[:, 1:, same] = out[:, :1, same]
 
 
 def _bit(z: np.ndarray, position: int, out: np.ndarray) -> None:
     """Bit ``position`` of each word of z (0 or 1)."""
     np.right_shift(z, U64(position), out=out)
     np.bitwise_and(out, _ONE, out=out)
-
-
-def _value_blocks(prg: AesPrg, s: np.ndarray, scratch: _EvalScratch) -> list[np.ndarray]:
-    """Raw AES payload blocks of the seeds s (the MMO feed-forward is left to the caller)."""
-    return [prg.encrypt_value(j, s, v) for j, v in enumerate(scratch.values)]
-
-
-def _add_payload(acc, cw, tmask, s, blocks, tmp, word) -> None:
-    """acc[e] += payload word e of the seeds (MMO: AES xor input) + (t ? cw[e] : 0)."""
-    for e, block in enumerate(_payload_words(blocks, acc.shape[0])):
-        np.bitwise_xor(block, s[..., e % 2], out=word)
-        np.add(acc[e], word, out=acc[e])
-        np.bitwise_and(cw[e], tmask, out=tmp)
-        np.add(acc[e], tmp, out=acc[e])
 
 
 # --------------------------------------------------------------------------- serialisation
