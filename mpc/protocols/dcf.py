@@ -70,7 +70,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 U64 = np.uint64
 DEFAULT_LABEL = b"mpcvit/fss/aes-mmo/v1"
 _CLEAR_LOW = U64(0xFFFF_FFFF_FFFF_FFFE)
-_EVAL_LANES = 32768  # lanes (element x point) per chunk: numpy call overhead vs cache
+_EVAL_LANES = 16384  # lanes per chunk and block: numpy call overhead vs cache (L2)
 _ONE = np.array(1, dtype=U64)
 _GEN_LANES = 8192
 
@@ -355,129 +355,173 @@ def dcf_eval_raw(key: DcfKey, z: np.ndarray, prg: AesPrg | None = None) -> np.nd
     out = np.empty((key.k, points, count), U64)
     if out.size == 0:
         return out
-    per_chunk = max(1, _EVAL_LANES // points)
-    lanes = _Lanes(points * min(count, per_chunk), key.k)
-    for c0 in range(0, count, per_chunk):
-        c1 = min(count, c0 + per_chunk)
-        _eval_chunk(key, z[:, c0:c1], c0, lanes, prg, out[:, :, c0:c1])
+    trunk = _Block(1, min(count, _EVAL_LANES), key.k)
+    branch = None
+    for c0 in range(0, count, _EVAL_LANES):
+        c1 = min(count, c0 + _EVAL_LANES)
+        if points == 1:
+            part = _KeyPart(key, slice(c0, c1), 0)
+            _walk(trunk, part, z[:, c0:c1], np.zeros(c1 - c0, np.int64), prg, out[:, :, c0:c1])
+            continue
+        branch = branch or _Block(points - 1, min(count, max(1, _EVAL_LANES // (points - 1))),
+                                  key.k)
+        _eval_chunk(key, z[:, c0:c1], c0, trunk, branch, prg, out[:, :, c0:c1])
     return out
 
 
 class _KeyPart:
-    """One chunk of a key's elements, in the order ``order`` (None: as stored); tcw
-    widened to words for the shifts."""
+    """Key words of some elements (``cols``: a slice, views; or indices, copies) from
+    level ``first`` on; tcw widened to words for the shifts."""
 
-    def __init__(self, key: DcfKey, c0: int, c1: int, order: np.ndarray | None) -> None:
-        self.party, self.n, self.k, self.size = key.party, key.n, key.k, c1 - c0
-        cols = slice(c0, c1)
-        if order is None:
-            self.seed, self.scw, self.vcw = key.seed[cols], key.scw[:, :, cols], key.vcw[:, :, cols]
-            self.tcw, self.fcw = key.tcw[:, cols].astype(U64), key.fcw[:, cols]
+    def __init__(self, key: DcfKey, cols: slice | np.ndarray, first: int) -> None:
+        self.party, self.n, self.k, self.first = key.party, key.n, key.k, first
+        if isinstance(cols, slice):
+            self.seed, self.scw = key.seed[cols], key.scw[first:, :, cols]
+            self.vcw, self.fcw = key.vcw[first:, :, cols], key.fcw[:, cols]
+            self.tcw = key.tcw[first:, cols].astype(U64)
             return
-        self.seed = np.take(key.seed[cols], order, axis=0, mode="clip")
-        self.scw = np.take(key.scw[:, :, cols], order, axis=2, mode="clip")
-        self.vcw = np.take(key.vcw[:, :, cols], order, axis=2, mode="clip")
-        self.tcw = np.take(key.tcw[:, cols], order, axis=1, mode="clip").astype(U64)
-        self.fcw = np.take(key.fcw[:, cols], order, axis=1, mode="clip")
+        self.seed = np.take(key.seed, cols, axis=0, mode="clip")
+        self.scw = np.take(key.scw[first:], cols, axis=2, mode="clip")
+        self.vcw = np.take(key.vcw[first:], cols, axis=2, mode="clip")
+        self.tcw = np.take(key.tcw[first:], cols, axis=1, mode="clip").astype(U64)
+        self.fcw = np.take(key.fcw, cols, axis=1, mode="clip")
 
 
-class _Lanes:
-    """Walk state of up to ``size`` lanes (one point of one element each) and the
-    buffers of one level; operations act on the first ``a`` lanes.
+class _Block:
+    """Walk state of ``rows`` points for each of up to ``cols`` elements (row-major) and
+    the buffers of one level.  A level acts on the first ``c`` columns of every row;
+    key words (w, c) broadcast over the rows.
 
-    Layout of a chunk of c elements with m points each: lanes 0..c-1 walk point 0 of
-    every element (the trunk); then come, element after element, the m - 1 other points
-    of the elements whose points have split, in the order they split.  So the active
-    lanes are always a prefix.  The seed ``s`` is the AES input: 128-bit blocks with the
-    child bit (also in ``child``) in the low word's free lowest bit.  Payload words
-    accumulate interleaved like the AES payload blocks (``acc``), control-bit
-    corrections separately (``corr``); the control bit ``t`` is 0 or 1, so a correction
-    is a product ``cw * t``.
+    The seed ``s`` is the AES input: 128-bit blocks with the child bit (also in
+    ``child``) in the low word's free lowest bit.  Payload words accumulate interleaved
+    like the AES payload blocks (``acc``), control-bit corrections separately
+    (``corr``); the control bit is kept as 0/1 (``t``) and as a mask (``tmask``, 0 or all
+    ones) so that corrections are ANDs.
     """
 
-    def __init__(self, size: int, k: int) -> None:
-        blocks = (k + 1) // 2
-        self.s = np.empty((size, 2), U64)
+    def __init__(self, rows: int, cols: int, k: int) -> None:
+        self.rows, self.cols, self.k = rows, cols, k
+        blocks, shape, size = (k + 1) // 2, (rows, cols), rows * cols
+        self.s = np.empty((rows, cols, 2), U64)
+        self.stage = np.empty((size, 2), U64)  # contiguous AES input for a partial block
         self.raw_seed = np.empty(16 * size + 16, np.uint8)
         self.raw_values = [np.empty(16 * size + 16, np.uint8) for _ in range(blocks)]
-        self.acc = np.empty((blocks, size, 2), U64)
-        self.corr = np.empty((k, size), U64)
-        self.mask_seed = np.empty((2, size), U64)
-        self.mask_value = np.empty((k, size), U64)
-        self.z, self.t, self.t_raw, self.child, self.next_bit, self.tmp = (
-            np.empty(size, U64) for _ in range(6))
+        self.acc = np.empty((blocks, rows, cols, 2), U64)
+        self.corr = np.empty((k, rows, cols), U64)
+        self.mask_seed = np.empty((2, rows, cols), U64)
+        self.mask_value = np.empty((k, rows, cols), U64)
+        self.z, self.t, self.tmask, self.t_raw, self.child, self.next_bit, self.tmp = (
+            np.empty(shape, U64) for _ in range(7))
 
-    def aes(self, enc, raw: np.ndarray, a: int) -> np.ndarray:
-        """AES-ECB of the first a seeds into ``raw``: an (a, 2) view."""
-        enc.update_into(self.s[:a].reshape(-1).view(np.uint8), raw[: 16 * a + 15])
-        return raw[: 16 * a].view(U64).reshape(a, 2)
+    def aes_input(self, c: int) -> np.ndarray:
+        """The seeds of the first c columns as one contiguous (rows, c, 2) array."""
+        s = self.s[:, :c]
+        if c == self.cols or self.rows == 1:
+            return s
+        stage = self.stage[: self.rows * c].reshape(self.rows, c, 2)
+        np.copyto(stage, s)
+        return stage
 
-
-class _Split:
-    """Where the lanes of a chunk are: c trunk lanes, then ``rows`` lanes for each of the
-    first ``cols`` elements.  Key words (w, c) of one level apply to every lane of their
-    element: as they are to the trunk, repeated (:meth:`spread`) to the other lanes."""
-
-    def __init__(self, c: int, rows: int, cols: int) -> None:
-        self.c, self.rows, self.cols = c, rows, cols
-        self.lanes = c + rows * cols
-
-    def spread(self, words: np.ndarray) -> np.ndarray | None:
-        """Key words (w, c) for the branch lanes: (w, rows * cols)."""
-        if not self.cols:
-            return None
-        return np.repeat(words[:, :self.cols], self.rows, axis=1)
-
-    def apply(self, op, words: np.ndarray, spread: np.ndarray | None, lane_words: np.ndarray,
-              out: np.ndarray) -> None:
-        """out[:, lane] = op(key words of the lane's element, lane_words[lane])."""
-        c, a = self.c, self.lanes
-        op(words, lane_words[:c], out=out[:, :c])
-        if spread is not None:
-            op(spread, lane_words[c:a], out=out[:, c:a])
+    @staticmethod
+    def aes(enc, x: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        """AES-ECB of the contiguous blocks x (rows, c, 2) into ``raw``: same shape."""
+        size = 8 * x.size
+        enc.update_into(x.reshape(-1).view(np.uint8), raw[: size + 15])
+        return raw[:size].view(U64).reshape(x.shape)
 
 
-def _payload(lanes: _Lanes, split: _Split, prg: AesPrg, cw: np.ndarray) -> None:
-    """acc += payload words of the seeds (MMO), corr += cw (k, c) * t."""
-    a = split.lanes
-    s = lanes.s[:a]
-    for j, raw in enumerate(lanes.raw_values):
-        block = lanes.aes(prg._value_encryptor(j), raw, a)
-        np.bitwise_xor(block, s, out=block)
-        acc = lanes.acc[j, :a]
-        np.add(acc, block, out=acc)
-    mask = lanes.mask_value[:, :a]
-    split.apply(np.multiply, cw, split.spread(cw), lanes.t, mask)
-    corr = lanes.corr[:, :a]
+def _payload(block: _Block, x: np.ndarray, prg: AesPrg, cw: np.ndarray) -> None:
+    """acc += payload words of the seeds x (MMO), corr += cw (k, c) where t = 1."""
+    c = x.shape[1]
+    for j, raw in enumerate(block.raw_values):
+        words = block.aes(prg._value_encryptor(j), x, raw)
+        np.bitwise_xor(words, x, out=words)
+        acc = block.acc[j, :, :c]
+        np.add(acc, words, out=acc)
+    mask = block.mask_value[:, :, :c]
+    np.bitwise_and(cw[:, None, :], block.tmask[None, :, :c], out=mask)
+    corr = block.corr[:, :, :c]
     np.add(corr, mask, out=corr)
 
 
-def _level(lanes: _Lanes, split: _Split, prg: AesPrg, scw: np.ndarray, vcw: np.ndarray,
+def _level(block: _Block, c: int, prg: AesPrg, scw: np.ndarray, vcw: np.ndarray,
            tcw: np.ndarray, position: int) -> None:
-    """One tree level for the active lanes: payload, then the child seed and control bit,
-    with the next level's child bit (bit ``position`` of the lane's point; none when
-    negative) set in the seed.  Key words: scw (2, c), vcw (k, c), tcw (1, c)."""
-    a = split.lanes
-    s, t, t_raw, tmp = lanes.s[:a], lanes.t[:a], lanes.t_raw[:a], lanes.tmp[:a]
-    _payload(lanes, split, prg, vcw)
-    mask = lanes.mask_seed[:, :a]
-    split.apply(np.multiply, scw, split.spread(scw), lanes.t, mask)
-    out = lanes.aes(prg._seed, lanes.raw_seed, a)
-    np.bitwise_xor(out, s, out=s)  # MMO: s is now the raw child seed
-    np.bitwise_and(s[:, 0], _ONE, out=t_raw)
+    """One tree level for the first c columns: payload, then the child seed and control
+    bit, with the next level's child bit (bit ``position`` of the point; none when
+    negative) set in the seed.  Key words: scw (2, c), vcw (k, c), tcw (c,)."""
+    s, t = block.s[:, :c], block.t[:, :c]
+    t_raw, tmp = block.t_raw[:, :c], block.tmp[:, :c]
+    x = block.aes_input(c)
+    _payload(block, x, prg, vcw)
+    mask = block.mask_seed[:, :, :c]
+    np.bitwise_and(scw[:, None, :], block.tmask[None, :, :c], out=mask)
+    out = block.aes(prg._seed, x, block.raw_seed)
+    np.bitwise_xor(out, x, out=out)  # MMO: the raw child seed
+    np.bitwise_and(out[..., 0], _ONE, out=t_raw)
     # low word: seed correction, clear the control bit, set the next child bit
     np.bitwise_xor(mask[0], t_raw, out=mask[0])
     if position >= 0:
-        nxt = lanes.next_bit[:a]
-        _bit(lanes.z[:a], position, nxt)
+        nxt = block.next_bit[:, :c]
+        _bit(block.z[:, :c], position, nxt)
         np.bitwise_xor(mask[0], nxt, out=mask[0])
-    np.bitwise_xor(s[:, 0], mask[0], out=s[:, 0])
-    np.bitwise_xor(s[:, 1], mask[1], out=s[:, 1])
+    np.bitwise_xor(out[..., 0], mask[0], out=s[..., 0])
+    np.bitwise_xor(out[..., 1], mask[1], out=s[..., 1])
     # control bit: t' = t_raw XOR (t AND t_cw[child]), t in {0, 1}
-    split.apply(np.right_shift, tcw, split.spread(tcw), lanes.child, tmp[None])
+    np.right_shift(tcw[None, :], block.child[:, :c], out=tmp)
     np.bitwise_and(tmp, t, out=tmp)
     np.bitwise_xor(t_raw, tmp, out=t)
-    lanes.child, lanes.next_bit = lanes.next_bit, lanes.child
+    np.negative(t, out=block.tmask[:, :c])
+    block.child, block.next_bit = block.next_bit, block.child
+
+
+def _walk(block: _Block, part: _KeyPart, z: np.ndarray, depth: np.ndarray, prg: AesPrg,
+          out: np.ndarray, start=None, base: np.ndarray | None = None,
+          snapshot=None) -> None:
+    """Walk the points z (rows, c) of the part's elements through every level and the
+    leaf; writes out (k, rows, c) (party 1 negated).
+
+    Element j joins at level ``depth[j]`` (non-decreasing) with the seed and control bit
+    ``start(lo, hi)`` gives for elements lo..hi-1 and a zero payload; ``base`` (k, c) is
+    added at the end.  The trunk (depth 0) starts from the key's seeds.  ``snapshot(i)``
+    runs at depth i before level i."""
+    n, c = part.n, z.shape[1]
+    block.z[:, :c] = z
+    joined = np.searchsorted(depth, np.arange(part.first, n + 1), side="right")
+    active = 0
+    for i in range(part.first, n):
+        hi = int(joined[i - part.first])
+        if hi > active:
+            seed, t = (part.seed, part.party) if start is None else start(active, hi)
+            _join(block, active, hi, seed, t, n - 1 - i)
+            active = hi
+        if snapshot is not None:
+            snapshot(i)
+        j = i - part.first
+        _level(block, active, prg, part.scw[j, :, :active], part.vcw[j, :, :active],
+               part.tcw[j, :active], n - 2 - i)
+    x = block.aes_input(active)
+    _payload(block, x, prg, part.fcw[:, :active])
+    for e in range(part.k):
+        words = out[e]
+        np.add(block.acc[e // 2, :, :c, e % 2], block.corr[e, :, :c], out=words)
+        if base is not None:
+            np.add(words, base[e][None, :], out=words)
+    if part.party == 1:
+        np.negative(out, out=out)
+
+
+def _join(block: _Block, lo: int, hi: int, seed: np.ndarray, t, position: int) -> None:
+    """Columns lo..hi-1 start walking: seeds (hi-lo, 2) (lowest bit zero) with each row's
+    child bit (bit ``position`` of its point), control bits t, zero payload."""
+    s = block.s[:, lo:hi]
+    s[...] = seed[None]
+    child = block.child[:, lo:hi]
+    _bit(block.z[:, lo:hi], position, child)
+    np.bitwise_or(s[..., 0], child, out=s[..., 0])
+    block.t[:, lo:hi] = t
+    np.negative(block.t[:, lo:hi], out=block.tmask[:, lo:hi])
+    block.acc[:, :, lo:hi] = 0
+    block.corr[:, :, lo:hi] = 0
 
 
 def _bit_length(v: np.ndarray) -> np.ndarray:
@@ -491,90 +535,55 @@ def _bit_length(v: np.ndarray) -> np.ndarray:
     return length + (v > 0)
 
 
-def _split_depths(z: np.ndarray, n: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """(order, start) for points z (m, c): elements sorted by the number of leading bits
-    on which all their points agree, and start[i] = the number of elements whose points
-    have split before level i (start[n] = all that split at all)."""
+def _eval_chunk(key: DcfKey, z: np.ndarray, c0: int, trunk: _Block, branch: _Block,
+                prg: AesPrg, out: np.ndarray) -> None:
+    """Points z (m, c), m >= 2, of elements c0..c0+c-1; writes out (k, m, c).
+
+    Above the depth D where an element's points stop agreeing they all follow one path,
+    so only point 0 walks it (the trunk); the other m - 1 points start at depth D from
+    the trunk's seed and control bit there, with a zero payload, and the trunk's payload
+    so far is added to their results.  They walk in blocks of elements sorted by D, so
+    that a block's active columns are a prefix and its levels mostly full.
+    """
+    n, k = key.n, key.k
     points, c = z.shape
-    if points == 1:
-        return None, np.zeros(n + 1, np.int64)
+    rows = points - 1
     spread = np.zeros(c, U64)
     for row in z[1:]:
         spread |= row ^ z[0]
     depth = n - _bit_length(spread)  # n: all points equal
     order = np.argsort(depth, kind="stable")
-    return order, np.searchsorted(depth[order], np.arange(n + 1), side="left")
+    ranked_depth = depth[order]
+    bounds = np.searchsorted(ranked_depth, np.arange(n + 1), side="left")
+    seeds = np.empty((c, 2), U64)  # the trunk at each element's split, in split order
+    t_split = np.empty(c, U64)
+    base = np.empty((k, c), U64)
 
+    def snapshot(i: int) -> None:
+        lo, hi = bounds[i], bounds[i + 1]
+        if hi > lo:
+            idx = order[lo:hi]
+            seeds[lo:hi] = trunk.s[0, idx]
+            seeds[lo:hi, 0] &= _CLEAR_LOW
+            t_split[lo:hi] = trunk.t[0, idx]
+            for e in range(k):
+                base[e, lo:hi] = trunk.acc[e // 2, 0, idx, e % 2] + trunk.corr[e, 0, idx]
 
-def _eval_chunk(key: DcfKey, z: np.ndarray, c0: int, lanes: _Lanes, prg: AesPrg,
-                out: np.ndarray) -> None:
-    """Walk the points z (m, c) of elements c0..c0+c; writes out (k, m, c).
-
-    Above the depth where an element's points stop agreeing they all follow one path,
-    so only point 0 walks it (the trunk lane); at that depth the other m - 1 points
-    take a copy of the trunk's state and walk on their own.  Elements are taken in
-    order of that depth so that the active lanes are a prefix (see :class:`_Lanes`).
-    """
-    n, k = key.n, key.k
-    points, c = z.shape
-    rows = points - 1
-    order, start = _split_depths(z, n)
-    part = _KeyPart(key, c0, c0 + c, order)
-    zs = z if order is None else z[:, order]
-    lanes.z[:c] = zs[0]
-    if rows:
-        lanes.z[c:c + rows * c].reshape(c, rows)[...] = zs[1:].T
-    lanes.s[:c] = part.seed
-    lanes.t[:c] = part.party
-    lanes.acc[:, :c] = 0
-    lanes.corr[:, :c] = 0
-    _bit(lanes.z[:c], n - 1, lanes.child[:c])
-    np.bitwise_or(lanes.s[:c, 0], lanes.child[:c], out=lanes.s[:c, 0])
-    for i in range(n):
-        split = _Split(c, rows, int(start[i]))
-        if start[i + 1] > start[i]:
-            _branch(lanes, c, rows, int(start[i]), int(start[i + 1]), n - 1 - i)
-            split = _Split(c, rows, int(start[i + 1]))
-        _level(lanes, split, prg, part.scw[i], part.vcw[i], part.tcw[i:i + 1], n - 2 - i)
-    split = _Split(c, rows, int(start[n]))
-    _payload(lanes, split, prg, part.fcw)
-    _results(lanes, split, part, order, out)
-
-
-def _branch(lanes: _Lanes, c: int, rows: int, lo: int, hi: int, position: int) -> None:
-    """Elements lo..hi-1 (in order) split before the level of bit ``position``: their other
-    points' lanes start from a copy of the trunk lane, with their own child bit."""
-    first, last = c + rows * lo, c + rows * hi
-    shape = (hi - lo, rows)
-    s = lanes.s[first:last].reshape(*shape, 2)
-    s[...] = lanes.s[lo:hi, None, :]
-    s[..., 0] &= _CLEAR_LOW
-    child = lanes.child[first:last]
-    _bit(lanes.z[first:last], position, child)
-    np.bitwise_or(s[..., 0], child.reshape(shape), out=s[..., 0])
-    lanes.t[first:last].reshape(shape)[...] = lanes.t[lo:hi, None]
-    lanes.acc[:, first:last].reshape(-1, *shape, 2)[...] = lanes.acc[:, lo:hi, None, :]
-    lanes.corr[:, first:last].reshape(-1, *shape)[...] = lanes.corr[:, lo:hi, None]
-
-
-def _results(lanes: _Lanes, split: _Split, part: _KeyPart, order: np.ndarray | None,
-             out: np.ndarray) -> None:
-    """out (k, m, c) from the lanes: payload words + corrections, negated for party 1;
-    an element whose points never split copies the trunk's result."""
-    c, rows, cols = split.c, split.rows, split.cols
-    words = np.empty((part.k, split.lanes), U64)
-    for e in range(part.k):
-        np.add(lanes.acc[e // 2, :split.lanes, e % 2], lanes.corr[e, :split.lanes],
-               out=words[e])
-    if part.party == 1:
-        np.negative(words, out=words)
-    if order is None:
-        out[:, 0] = words[:, :c]
-        return
-    out[:, 0, order] = words[:, :c]
-    out[:, 1:, order[:cols]] = words[:, c:].reshape(part.k, cols, rows).transpose(0, 2, 1)
-    same = order[cols:]
-    out[:, 1:, same] = out[:, :1, same]
+    _walk(trunk, _KeyPart(key, slice(c0, c0 + c), 0), z[:1], np.zeros(c, np.int64), prg,
+          out[:, :1], snapshot=snapshot)
+    split = int(bounds[n])  # elements whose points do not all agree, in split order
+    ranked = np.empty((k, rows, c), U64)
+    ranked[:, :, split:] = out[:, :1, order[split:]]
+    for a in range(0, split, branch.cols):
+        b = min(split, a + branch.cols)
+        first = int(ranked_depth[a])
+        part = _KeyPart(key, c0 + order[a:b], first)
+        _walk(branch, part, z[1:, order[a:b]], ranked_depth[a:b], prg, ranked[:, :, a:b],
+              lambda lo, hi, a=a: (seeds[a + lo:a + hi], t_split[a + lo:a + hi]),
+              base[:, a:b])
+    inverse = np.empty(c, np.intp)
+    inverse[order] = np.arange(c)
+    out[:, 1:] = np.take(ranked, inverse, axis=2, mode="clip")
 
 
 def _bit(z: np.ndarray, position: int, out: np.ndarray) -> None:
