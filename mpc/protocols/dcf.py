@@ -17,7 +17,10 @@ Mixed-Mode and Fixed-Point Secure Computation", EUROCRYPT 2021):
 * :func:`dcf_keygen` / :func:`dcf_eval` -- keys for ``f(z) = beta if z < alpha else 0``
   over an ``n``-bit domain (1 <= n <= 64, unsigned) with a payload of ``k`` words in
   Z_{2^64}; ``Eval(k0, z) + Eval(k1, z) = f(z) mod 2^64``.  One key can be evaluated at
-  many public points.
+  many public points; the points of a key walk the tree levels on which they all agree
+  once (a spline's points ``y - t_k`` are close together: of the 23 levels of a 24-bit
+  key, about 10 are shared by all ten GeLU breakpoints), with the shares of separate
+  walks, bit for bit.
 * Gates on top (:func:`gate_keygen`, :func:`msb_eval`, :func:`drelu_eval`,
   :func:`relu_eval`, :func:`spline_eval`): with ``y = x + r`` public,
   ``MSB(x) = MSB(y) XOR MSB(r) XOR [y mod 2^(m-1) < r mod 2^(m-1)]``; the comparison is an
