@@ -3,8 +3,10 @@
 Times DCF key generation (both keys) and evaluation (per party) for several input widths
 and payload sizes, next to the raw fixed-key AES work the evaluation must do (the same
 number of blocks through the same PRG, measured in the same run), then the sign/ReLU gates
-at full and reduced width, and the sign error rate of reduced-width gates on
-N(0, 1) activations at scale 2^16.  Everything runs on one core; times are the best of
+at full and reduced width, the spline gates (one key per element evaluated at the GeLU and
+exp breakpoints, with the walk shared by an element's points, against one walk per point
+in the same run), and the sign error rate of reduced-width gates on N(0, 1) activations at
+scale 2^16.  Everything runs on one core; times are the best of
 ``--repeats`` runs in CPU time of the thread (on an idle machine the same as wall-clock
 time, and robust when other jobs share the cores; the JSON also has wall-clock times).
 """
@@ -19,6 +21,10 @@ import time
 import numpy as np
 
 from ..mpc.protocols import dcf as fss
+from ..mpc.protocols import splines
+
+SPLINE_WINDOW = (24, 8)  # bits, shift of spline comparisons under the default plan (fss.py)
+SPLINES = {"gelu": splines.GELU_BREAKS, "exp": splines.EXP_BREAKS}
 
 U64 = np.uint64
 
@@ -95,6 +101,42 @@ def gate_row(kind: str, bits: int, count: int, repeats: int, rng: np.random.Gene
             "eval_us": 1e6 * ev / count, "key_bytes": fss.gate_key_bytes(degree, bits)}
 
 
+def walked_levels(y: np.ndarray, thresholds: list[int], bits: int, shift: int) -> float:
+    """Tree levels walked per element when an element's points share the levels on which
+    they all agree (``dcf._eval_chunk``): n for the first point, n - D for each other."""
+    n = bits - 1
+    t = np.array([v % (1 << 64) for v in thresholds], dtype=U64)
+    z = fss.reduce_bits(y[None, :] - t[:, None], shift, bits) & U64((1 << n) - 1)
+    spread = np.zeros(y.shape, U64)
+    for row in z[1:]:
+        spread |= row ^ z[0]
+    depth = n - fss._bit_length(spread)
+    return float(n + (len(thresholds) - 1) * np.mean(n - depth))
+
+
+def spline_row(name: str, count: int, repeats: int, rng: np.random.Generator,
+               prg: fss.AesPrg) -> dict:
+    """A degree-1 gate evaluated at a spline's breakpoints (x at scale 2^16): the shared
+    walk against one evaluation per breakpoint, same keys, same run."""
+    bits, shift = SPLINE_WINDOW
+    thresholds = [round(t * 2**16) for t in SPLINES[name]]
+    r = rng.integers(0, 1 << 64, size=count, dtype=U64)
+    x = np.round(rng.standard_normal(count) * 2**17).astype(np.int64)
+    y = x.view(U64) + r
+    keys: list = []
+    gen = _best(lambda: keys.append(fss.gate_keygen(r, 1, bits, shift, rng, prg)),
+                max(1, repeats - 1))
+    k0, _ = keys[-1]
+    shared = _best(lambda: fss.threshold_eval(0, k0, y, thresholds, prg), repeats)
+    separate = _best(lambda: [fss.threshold_eval(0, k0, y, [t], prg) for t in thresholds],
+                     repeats)
+    return {"spline": name, "points": len(thresholds), "bits": bits, "shift": shift,
+            "N": count, "keygen_us": 1e6 * gen / count, "eval_us": 1e6 * shared / count,
+            "separate_us": 1e6 * separate / count, "speedup": separate / shared,
+            "levels": walked_levels(y, thresholds, bits, shift),
+            "levels_separate": len(thresholds) * (bits - 1)}
+
+
 def error_row(bits: int, shift: int, count: int, rng: np.random.Generator,
               prg: fss.AesPrg) -> dict:
     """Reduced-width sign/ReLU on x = round(N(0,1) 2^16): error rates of the real gates."""
@@ -117,7 +159,8 @@ def run(sizes: list[int], widths: list[int], payloads: list[int], repeats: int,
         seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     prg = fss.AesPrg()
-    result = {"aes_gb_per_s": prg.throughput(), "dcf": [], "gates": [], "reduced": []}
+    result = {"aes_gb_per_s": prg.throughput(), "dcf": [], "gates": [], "splines": [],
+              "reduced": []}
     for count in sizes:
         for n in widths:
             for k in payloads:
@@ -126,6 +169,8 @@ def run(sizes: list[int], widths: list[int], payloads: list[int], repeats: int,
     for kind in ("sign", "relu"):
         for bits in widths:
             result["gates"].append(gate_row(kind, bits, big, repeats, rng, prg))
+    for name in SPLINES:
+        result["splines"].append(spline_row(name, big, repeats, rng, prg))
     for bits, shift in ((32, 0), (24, 8), (16, 8), (16, 12), (12, 12)):
         result["reduced"].append(error_row(bits, shift, min(big, 1 << 16), rng, prg))
     return result
@@ -146,6 +191,15 @@ def _print(result: dict) -> None:
     for row in result["gates"]:
         print(f"{row['gate']:>5}{row['bits']:>6}{row['N']:>8}{row['keygen_us']:>14.3f}"
               f"{row['eval_us']:>12.3f}{row['key_bytes']:>10}")
+    print("\nSpline gates: one degree-1 key per element at every breakpoint (eval = one party; "
+          "separate = one evaluation per breakpoint, same keys; levels = tree levels walked "
+          "per element)")
+    print(f"{'spline':>7}{'points':>7}{'bits':>5}{'N':>8}{'eval us/el':>12}{'separate':>10}"
+          f"{'speedup':>9}{'levels':>8}{'of':>5}")
+    for row in result["splines"]:
+        print(f"{row['spline']:>7}{row['points']:>7}{row['bits']:>5}{row['N']:>8}"
+              f"{row['eval_us']:>12.3f}{row['separate_us']:>10.3f}{row['speedup']:>9.2f}"
+              f"{row['levels']:>8.1f}{row['levels_separate']:>5}")
     print("\nReduced width (comparison on floor(y/2^f) mod 2^m), x = round(N(0,1) * 2^16)")
     print(f"{'m':>3}{'f':>4}{'in range':>10}{'sign err':>10}{'relu max ulps':>15}"
           f"{'relu mean ulps':>16}{'key B/el':>10}")

@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                         "softmax+gelu,scale+relu (vit_7_4_32; default: none)")
     parser.add_argument("--whole-model", default="vit_7_4_32")
     parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--whole-plans", default="default,fss",
+                        help="plans for the whole models: default (carry), fss (all FSS)")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     args = parser.parse_args(argv)
     result: dict[str, Any] = {"ops": [], "whole": {}}
@@ -171,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         result["ops"].append(res)
     for arch in filter(None, args.whole.split(",")):
         print(f"\nwhole model {args.whole_model} [{arch}], {args.images} images", flush=True)
-        result["whole"][arch] = bench_whole(args.whole_model, arch,
-                                            {"default": CARRY, "fss": FSS_SPLINES},
-                                            args.images)
+        plans = {"default": CARRY, "fss": FSS_SPLINES}
+        wanted = {p: plans[p] for p in args.whole_plans.split(",") if p in plans}
+        result["whole"][arch] = bench_whole(args.whole_model, arch, wanted, args.images)
     if args.json:
         print(json.dumps(result))
     return 0

@@ -88,6 +88,84 @@ def test_dcf_matches_plain_comparison(n, k):
     assert np.array_equal(single, want[:, 5])
 
 
+def _reference_eval(key, z: np.ndarray) -> np.ndarray:
+    """One point per element, level by level, written from the construction (the module
+    doc) with no shortcuts: shares (N, k)."""
+    prg = fss.AesPrg()
+    n, k, count = key.n, key.k, key.count
+    s, t = key.seed.copy(), np.full(count, key.party, U64)
+    acc = np.zeros((count, k), U64)
+
+    def payload(x: np.ndarray, cw: np.ndarray) -> None:
+        for e in range(k):
+            block = prg.value_into(e // 2, x, fss._Blocks(count)).copy()
+            acc[:, e] += block[:, e % 2] + cw[e] * t
+
+    for i in range(n):
+        child = (z >> U64(n - 1 - i)) & U64(1)
+        x = s.copy()
+        x[:, 0] |= child
+        payload(x, key.vcw[i])
+        raw = prg.seed_into(x, fss._Blocks(count)).copy()
+        t_raw = raw[:, 0] & U64(1)
+        raw[:, 0] ^= t_raw
+        s = raw ^ (key.scw[i].T * t[:, None])
+        t = t_raw ^ (((key.tcw[i].astype(U64) >> child) & U64(1)) * t)
+    payload(s, key.fcw)
+    return U64(0) - acc if key.party else acc
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 23, 31, 64])
+def test_dcf_shares_match_a_plain_level_by_level_walk(n):
+    rng = np.random.default_rng(40 + n)
+    count, k = 500, 3
+    keys = fss.dcf_keygen(_bits(rng, count, n), _uniform(rng, (count, k)), n, rng)
+    z = _bits(rng, count, n)
+    for key in keys:
+        assert np.array_equal(fss.dcf_eval(key, z), _reference_eval(key, z))
+
+
+def _clustered_points(rng: np.random.Generator, count: int, n: int, offsets) -> np.ndarray:
+    """(count, m) points y - o for public offsets o, as the spline thresholds give them:
+    close together, so that an element's points share their leading bits."""
+    top = U64((1 << n) - 1) if n < 64 else U64(2**64 - 1)
+    y = _bits(rng, count, n)
+    y[:4] = [0, 1, top, top >> U64(1)]  # around 0, the top and the middle: carries
+    return (y[:, None] - np.asarray(offsets, dtype=np.int64).view(U64)[None, :]) & top
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 23, 31, 63, 64])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_shared_walk_equals_separate_walks(n, k, monkeypatch):
+    """Several points per element walk their common levels once: the shares equal those
+    of one walk per point, bit for bit, for clustered, spread, repeated and identical
+    points, across chunk and block boundaries."""
+    monkeypatch.setattr(fss, "_EVAL_LANES", 96)  # many chunks and branch blocks
+    rng = np.random.default_rng(10 * n + k)
+    count = 700
+    keys = fss.dcf_keygen(_bits(rng, count, n), _uniform(rng, (count, k)), n, rng)
+    clustered = _clustered_points(rng, count, n, [-700, -5, -1, 0, 3, 256, 1024])
+    spread = _bits(rng, (count, 4), n)
+    repeated = np.repeat(_bits(rng, (count, 1), n), 3, axis=1)
+    repeated[::2, 1] = _bits(rng, count // 2 + count % 2, n)  # some elements split, some not
+    for z in (clustered, spread, repeated, np.repeat(spread[:, :1], 2, axis=1)):
+        for key in keys:
+            together = fss.dcf_eval(key, z)
+            for j in range(z.shape[1]):
+                assert np.array_equal(together[:, j], fss.dcf_eval(key, z[:, j])), (j, z.shape)
+
+
+def test_shared_walk_on_many_points_matches_the_reference():
+    rng = np.random.default_rng(12)
+    n, count = 43, 300
+    keys = fss.dcf_keygen(_bits(rng, count, n), _uniform(rng, (count, 2)), n, rng)
+    z = _clustered_points(rng, count, n, list(range(-(1 << 20), 1 << 20, 1 << 15)))
+    for key in keys[:1]:
+        together = fss.dcf_eval(key, z)
+        for j in (0, 1, 31, 63):
+            assert np.array_equal(together[:, j], _reference_eval(key, z[:, j]))
+
+
 def test_dcf_keys_are_deterministic_given_the_generator():
     alpha, beta = np.arange(50, dtype=U64), np.arange(50, dtype=U64) * U64(3)
     first = fss.dcf_keygen(alpha, beta, 16, np.random.default_rng(7))
@@ -402,5 +480,9 @@ def test_benchmark_runs_on_a_tiny_grid():
     assert [row["key_bytes"] for row in result["dcf"]] == [fss.dcf_key_bytes(16, k)
                                                           for k in (1, 2)]
     assert {row["gate"] for row in result["gates"]} == {"sign", "relu"}
+    gelu = result["splines"][0]
+    assert (gelu["spline"], gelu["points"]) == ("gelu", 10)
+    # the points of an element share their leading levels: fewer walked than separately
+    assert 23 <= gelu["levels"] < gelu["levels_separate"] == 10 * 23
     exact = result["reduced"][0]
     assert (exact["bits"], exact["shift"], exact["sign_error_rate"]) == (32, 0, 0.0)

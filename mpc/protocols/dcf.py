@@ -17,7 +17,10 @@ Mixed-Mode and Fixed-Point Secure Computation", EUROCRYPT 2021):
 * :func:`dcf_keygen` / :func:`dcf_eval` -- keys for ``f(z) = beta if z < alpha else 0``
   over an ``n``-bit domain (1 <= n <= 64, unsigned) with a payload of ``k`` words in
   Z_{2^64}; ``Eval(k0, z) + Eval(k1, z) = f(z) mod 2^64``.  One key can be evaluated at
-  many public points.
+  many public points; the points of a key walk the tree levels on which they all agree
+  once (a spline's points ``y - t_k`` are close together: of the 23 levels of a 24-bit
+  key, about 10 are shared by all ten GeLU breakpoints), with the shares of separate
+  walks, bit for bit.
 * Gates on top (:func:`gate_keygen`, :func:`msb_eval`, :func:`drelu_eval`,
   :func:`relu_eval`, :func:`spline_eval`): with ``y = x + r`` public,
   ``MSB(x) = MSB(y) XOR MSB(r) XOR [y mod 2^(m-1) < r mod 2^(m-1)]``; the comparison is an
@@ -70,7 +73,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 U64 = np.uint64
 DEFAULT_LABEL = b"mpcvit/fss/aes-mmo/v1"
 _CLEAR_LOW = U64(0xFFFF_FFFF_FFFF_FFFE)
-_EVAL_LANES = 32768  # lanes (element x point) per chunk: numpy call overhead vs cache
+_EVAL_LANES = 16384  # lanes per chunk and block: numpy call overhead vs cache (L2)
 _ONE = np.array(1, dtype=U64)
 _GEN_LANES = 8192
 
@@ -345,97 +348,251 @@ def dcf_eval(key: DcfKey, z: np.ndarray, prg: AesPrg | None = None) -> np.ndarra
 
 
 def dcf_eval_raw(key: DcfKey, z: np.ndarray, prg: AesPrg | None = None) -> np.ndarray:
-    """Shares as a (k, m, N) array for points z of shape (m, N) (no input checks)."""
+    """Shares as a (k, m, N) array for points z of shape (m, N) (no input checks).
+
+    An element's points share the tree levels on which they all agree: those are walked
+    once (:func:`_eval_chunk`); the shares are those of separate walks, bit for bit.
+    """
     prg = prg or default_prg()
     points, count = z.shape
     out = np.empty((key.k, points, count), U64)
     if out.size == 0:
         return out
-    per_chunk = max(1, _EVAL_LANES // points)
-    scratch = _EvalScratch(min(count, per_chunk) * points, key.k)
-    for c0 in range(0, count, per_chunk):
-        c1 = min(count, c0 + per_chunk)
-        _eval_chunk(key, z[:, c0:c1], c0, out[:, :, c0:c1], prg, scratch)
+    trunk = _Block(1, min(count, _EVAL_LANES), key.k)
+    branch = None
+    for c0 in range(0, count, _EVAL_LANES):
+        c1 = min(count, c0 + _EVAL_LANES)
+        if points == 1:
+            part = _KeyPart(key, slice(c0, c1), 0)
+            _walk(trunk, part, z[:, c0:c1], np.zeros(c1 - c0, np.int64), prg, out[:, :, c0:c1])
+            continue
+        branch = branch or _Block(points - 1, min(count, max(1, _EVAL_LANES // (points - 1))),
+                                  key.k)
+        _eval_chunk(key, z[:, c0:c1], c0, trunk, branch, prg, out[:, :, c0:c1])
     return out
 
 
-class _EvalScratch:
-    """Per-call buffers for the level loop (sized for the largest chunk)."""
+class _KeyPart:
+    """Key words of some elements (``cols``: a slice, views; or indices, copies) from
+    level ``first`` on; tcw widened to words for the shifts."""
 
-    def __init__(self, lanes: int, k: int) -> None:
-        self.seed_a = _Blocks(lanes)
-        self.seed_b = _Blocks(lanes)
-        self.values = [_Blocks(lanes) for _ in range((k + 1) // 2)]
-        self.u64 = [np.empty(lanes, U64) for _ in range(8)]
+    def __init__(self, key: DcfKey, cols: slice | np.ndarray, first: int) -> None:
+        self.party, self.n, self.k, self.first = key.party, key.n, key.k, first
+        if isinstance(cols, slice):
+            self.seed, self.scw = key.seed[cols], key.scw[first:, :, cols]
+            self.vcw, self.fcw = key.vcw[first:, :, cols], key.fcw[:, cols]
+            self.tcw = key.tcw[first:, cols].astype(U64)
+            return
+        self.seed = np.take(key.seed, cols, axis=0, mode="clip")
+        self.scw = np.take(key.scw[first:], cols, axis=2, mode="clip")
+        self.vcw = np.take(key.vcw[first:], cols, axis=2, mode="clip")
+        self.tcw = np.take(key.tcw[first:], cols, axis=1, mode="clip").astype(U64)
+        self.fcw = np.take(key.fcw, cols, axis=1, mode="clip")
 
 
-def _eval_chunk(key: DcfKey, z: np.ndarray, c0: int, out: np.ndarray, prg: AesPrg,
-                scratch: _EvalScratch) -> None:
-    """Walk the n levels for points z (m, C) of elements c0..c0+C; writes out (k, m, C).
+class _Block:
+    """Walk state of ``rows`` points for each of up to ``cols`` elements (row-major) and
+    the buffers of one level.  A level acts on the first ``c`` columns of every row;
+    key words (w, c) broadcast over the rows.
 
-    Per level and lane: one seed block and ceil(k/2) payload blocks of AES, then in-place
-    numpy passes.  The control bit is kept both as 0/1 and as a mask (0 or all ones) so
-    corrections are ANDs, and the next level's child tweak rides on the seed correction.
+    The seed ``s`` is the AES input: 128-bit blocks with the child bit (also in
+    ``child``) in the low word's free lowest bit.  Payload words accumulate interleaved
+    like the AES payload blocks (``acc``), control-bit corrections separately
+    (``corr``); the control bit is kept as 0/1 (``t``) and as a mask (``tmask``, 0 or all
+    ones) so that corrections are ANDs.
     """
-    points, size = z.shape
-    c1, lanes, shape = c0 + size, points * size, (points, size)
-    zc, xb, xb_next, t, t_new, tmask, tmp, word = (u[:lanes].reshape(shape)
-                                                    for u in scratch.u64)
-    np.copyto(zc, z)
-    cur, nxt = scratch.seed_a, scratch.seed_b
-    s = cur.words(lanes).reshape(points, size, 2)
-    s[...] = key.seed[c0:c1]
-    t.fill(key.party)
-    np.negative(t, out=tmask)
-    _bit(zc, key.n - 1, xb)
-    np.bitwise_or(s[..., 0], xb, out=s[..., 0])  # child tweak in the seed's free low bit
-    acc = out  # (k, m, C): payload words and corrections (party 1 negates at the end)
-    acc.fill(0)
-    for i in range(key.n):
-        _add_payload(acc, key.vcw[i, :, c0:c1], tmask, s, _value_blocks(prg, s, scratch),
-                     tmp, word)
-        s_next = prg.seed_into(s, nxt)
-        np.bitwise_and(s_next[..., 0], _ONE, out=t_new)
-        # low word: seed correction, clear the control bit, set the next child tweak
-        np.bitwise_and(key.scw[i, 0, c0:c1], tmask, out=tmp)
-        np.bitwise_xor(tmp, t_new, out=tmp)
-        if i + 1 < key.n:
-            _bit(zc, key.n - 2 - i, xb_next)
-            np.bitwise_xor(tmp, xb_next, out=tmp)
-        np.bitwise_xor(s_next[..., 0], tmp, out=s_next[..., 0])
-        np.bitwise_and(key.scw[i, 1, c0:c1], tmask, out=tmp)
-        np.bitwise_xor(s_next[..., 1], tmp, out=s_next[..., 1])
-        # control bit: t' = t_raw XOR (t AND t_cw[child]), t in {0, 1}
-        np.right_shift(key.tcw[i, c0:c1], xb, out=tmp, dtype=U64)
-        np.bitwise_and(tmp, t, out=tmp)
-        np.bitwise_xor(t_new, tmp, out=t_new)
-        np.negative(t_new, out=tmask)
-        s, cur, nxt = s_next, nxt, cur
-        xb, xb_next = xb_next, xb
-        t, t_new = t_new, t
-    _add_payload(acc, key.fcw[:, c0:c1], tmask, s, _value_blocks(prg, s, scratch), tmp, word)
-    if key.party == 1:
-        np.negative(acc, out=acc)
+
+    def __init__(self, rows: int, cols: int, k: int) -> None:
+        self.rows, self.cols, self.k = rows, cols, k
+        blocks, shape, size = (k + 1) // 2, (rows, cols), rows * cols
+        self.s = np.empty((rows, cols, 2), U64)
+        self.stage = np.empty((size, 2), U64)  # contiguous AES input for a partial block
+        self.raw_seed = np.empty(16 * size + 16, np.uint8)
+        self.raw_values = [np.empty(16 * size + 16, np.uint8) for _ in range(blocks)]
+        self.acc = np.empty((blocks, rows, cols, 2), U64)
+        self.corr = np.empty((k, rows, cols), U64)
+        self.mask_seed = np.empty((2, rows, cols), U64)
+        self.mask_value = np.empty((k, rows, cols), U64)
+        self.z, self.t, self.tmask, self.t_raw, self.child, self.next_bit, self.tmp = (
+            np.empty(shape, U64) for _ in range(7))
+
+    def aes_input(self, c: int) -> np.ndarray:
+        """The seeds of the first c columns as one contiguous (rows, c, 2) array."""
+        s = self.s[:, :c]
+        if c == self.cols or self.rows == 1:
+            return s
+        stage = self.stage[: self.rows * c].reshape(self.rows, c, 2)
+        np.copyto(stage, s)
+        return stage
+
+    @staticmethod
+    def aes(enc, x: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        """AES-ECB of the contiguous blocks x (rows, c, 2) into ``raw``: same shape."""
+        size = 8 * x.size
+        enc.update_into(x.reshape(-1).view(np.uint8), raw[: size + 15])
+        return raw[:size].view(U64).reshape(x.shape)
+
+
+def _payload(block: _Block, x: np.ndarray, prg: AesPrg, cw: np.ndarray) -> None:
+    """acc += payload words of the seeds x (MMO), corr += cw (k, c) where t = 1."""
+    c = x.shape[1]
+    for j, raw in enumerate(block.raw_values):
+        words = block.aes(prg._value_encryptor(j), x, raw)
+        np.bitwise_xor(words, x, out=words)
+        acc = block.acc[j, :, :c]
+        np.add(acc, words, out=acc)
+    mask = block.mask_value[:, :, :c]
+    np.bitwise_and(cw[:, None, :], block.tmask[None, :, :c], out=mask)
+    corr = block.corr[:, :, :c]
+    np.add(corr, mask, out=corr)
+
+
+def _level(block: _Block, c: int, prg: AesPrg, scw: np.ndarray, vcw: np.ndarray,
+           tcw: np.ndarray, position: int) -> None:
+    """One tree level for the first c columns: payload, then the child seed and control
+    bit, with the next level's child bit (bit ``position`` of the point; none when
+    negative) set in the seed.  Key words: scw (2, c), vcw (k, c), tcw (c,)."""
+    s, t = block.s[:, :c], block.t[:, :c]
+    t_raw, tmp = block.t_raw[:, :c], block.tmp[:, :c]
+    x = block.aes_input(c)
+    _payload(block, x, prg, vcw)
+    mask = block.mask_seed[:, :, :c]
+    np.bitwise_and(scw[:, None, :], block.tmask[None, :, :c], out=mask)
+    out = block.aes(prg._seed, x, block.raw_seed)
+    np.bitwise_xor(out, x, out=out)  # MMO: the raw child seed
+    np.bitwise_and(out[..., 0], _ONE, out=t_raw)
+    # low word: seed correction, clear the control bit, set the next child bit
+    np.bitwise_xor(mask[0], t_raw, out=mask[0])
+    if position >= 0:
+        nxt = block.next_bit[:, :c]
+        _bit(block.z[:, :c], position, nxt)
+        np.bitwise_xor(mask[0], nxt, out=mask[0])
+    np.bitwise_xor(out[..., 0], mask[0], out=s[..., 0])
+    np.bitwise_xor(out[..., 1], mask[1], out=s[..., 1])
+    # control bit: t' = t_raw XOR (t AND t_cw[child]), t in {0, 1}
+    np.right_shift(tcw[None, :], block.child[:, :c], out=tmp)
+    np.bitwise_and(tmp, t, out=tmp)
+    np.bitwise_xor(t_raw, tmp, out=t)
+    np.negative(t, out=block.tmask[:, :c])
+    block.child, block.next_bit = block.next_bit, block.child
+
+
+def _walk(block: _Block, part: _KeyPart, z: np.ndarray, depth: np.ndarray, prg: AesPrg,
+          out: np.ndarray, start=None, base: np.ndarray | None = None,
+          snapshot=None) -> None:
+    """Walk the points z (rows, c) of the part's elements through every level and the
+    leaf; writes out (k, rows, c) (party 1 negated).
+
+    Element j joins at level ``depth[j]`` (non-decreasing) with the seed and control bit
+    ``start(lo, hi)`` gives for elements lo..hi-1 and a zero payload; ``base`` (k, c) is
+    added at the end.  The trunk (depth 0) starts from the key's seeds.  ``snapshot(i)``
+    runs at depth i before level i."""
+    n, c = part.n, z.shape[1]
+    block.z[:, :c] = z
+    joined = np.searchsorted(depth, np.arange(part.first, n + 1), side="right")
+    active = 0
+    for i in range(part.first, n):
+        hi = int(joined[i - part.first])
+        if hi > active:
+            seed, t = (part.seed, part.party) if start is None else start(active, hi)
+            _join(block, active, hi, seed, t, n - 1 - i)
+            active = hi
+        if snapshot is not None:
+            snapshot(i)
+        j = i - part.first
+        _level(block, active, prg, part.scw[j, :, :active], part.vcw[j, :, :active],
+               part.tcw[j, :active], n - 2 - i)
+    x = block.aes_input(active)
+    _payload(block, x, prg, part.fcw[:, :active])
+    for e in range(part.k):
+        words = out[e]
+        np.add(block.acc[e // 2, :, :c, e % 2], block.corr[e, :, :c], out=words)
+        if base is not None:
+            np.add(words, base[e][None, :], out=words)
+    if part.party == 1:
+        np.negative(out, out=out)
+
+
+def _join(block: _Block, lo: int, hi: int, seed: np.ndarray, t, position: int) -> None:
+    """Columns lo..hi-1 start walking: seeds (hi-lo, 2) (lowest bit zero) with each row's
+    child bit (bit ``position`` of its point), control bits t, zero payload."""
+    s = block.s[:, lo:hi]
+    s[...] = seed[None]
+    child = block.child[:, lo:hi]
+    _bit(block.z[:, lo:hi], position, child)
+    np.bitwise_or(s[..., 0], child, out=s[..., 0])
+    block.t[:, lo:hi] = t
+    np.negative(block.t[:, lo:hi], out=block.tmask[:, lo:hi])
+    block.acc[:, :, lo:hi] = 0
+    block.corr[:, :, lo:hi] = 0
+
+
+def _bit_length(v: np.ndarray) -> np.ndarray:
+    """Bit length of each uint64 word (0 for 0)."""
+    v = v.copy()
+    length = np.zeros(v.shape, np.int64)
+    for step in (32, 16, 8, 4, 2, 1):
+        big = v >= U64(1 << step)
+        length += big * step
+        np.right_shift(v, U64(step), out=v, where=big)
+    return length + (v > 0)
+
+
+def _eval_chunk(key: DcfKey, z: np.ndarray, c0: int, trunk: _Block, branch: _Block,
+                prg: AesPrg, out: np.ndarray) -> None:
+    """Points z (m, c), m >= 2, of elements c0..c0+c-1; writes out (k, m, c).
+
+    Above the depth D where an element's points stop agreeing they all follow one path,
+    so only point 0 walks it (the trunk); the other m - 1 points start at depth D from
+    the trunk's seed and control bit there, with a zero payload, and the trunk's payload
+    so far is added to their results.  They walk in blocks of elements sorted by D, so
+    that a block's active columns are a prefix and its levels mostly full.
+    """
+    n, k = key.n, key.k
+    points, c = z.shape
+    rows = points - 1
+    spread = np.zeros(c, U64)
+    for row in z[1:]:
+        spread |= row ^ z[0]
+    depth = n - _bit_length(spread)  # n: all points equal
+    order = np.argsort(depth, kind="stable")
+    ranked_depth = depth[order]
+    bounds = np.searchsorted(ranked_depth, np.arange(n + 1), side="left")
+    seeds = np.empty((c, 2), U64)  # the trunk at each element's split, in split order
+    t_split = np.empty(c, U64)
+    base = np.empty((k, c), U64)
+
+    def snapshot(i: int) -> None:
+        lo, hi = bounds[i], bounds[i + 1]
+        if hi > lo:
+            idx = order[lo:hi]
+            seeds[lo:hi] = trunk.s[0, idx]
+            seeds[lo:hi, 0] &= _CLEAR_LOW
+            t_split[lo:hi] = trunk.t[0, idx]
+            for e in range(k):
+                base[e, lo:hi] = trunk.acc[e // 2, 0, idx, e % 2] + trunk.corr[e, 0, idx]
+
+    _walk(trunk, _KeyPart(key, slice(c0, c0 + c), 0), z[:1], np.zeros(c, np.int64), prg,
+          out[:, :1], snapshot=snapshot)
+    split = int(bounds[n])  # elements whose points do not all agree, in split order
+    ranked = np.empty((k, rows, c), U64)
+    ranked[:, :, split:] = out[:, :1, order[split:]]
+    for a in range(0, split, branch.cols):
+        b = min(split, a + branch.cols)
+        first = int(ranked_depth[a])
+        part = _KeyPart(key, c0 + order[a:b], first)
+        _walk(branch, part, z[1:, order[a:b]], ranked_depth[a:b], prg, ranked[:, :, a:b],
+              lambda lo, hi, a=a: (seeds[a + lo:a + hi], t_split[a + lo:a + hi]),
+              base[:, a:b])
+    inverse = np.empty(c, np.intp)
+    inverse[order] = np.arange(c)
+    out[:, 1:] = np.take(ranked, inverse, axis=2, mode="clip")
 
 
 def _bit(z: np.ndarray, position: int, out: np.ndarray) -> None:
     """Bit ``position`` of each word of z (0 or 1)."""
     np.right_shift(z, U64(position), out=out)
     np.bitwise_and(out, _ONE, out=out)
-
-
-def _value_blocks(prg: AesPrg, s: np.ndarray, scratch: _EvalScratch) -> list[np.ndarray]:
-    """Raw AES payload blocks of the seeds s (the MMO feed-forward is left to the caller)."""
-    return [prg.encrypt_value(j, s, v) for j, v in enumerate(scratch.values)]
-
-
-def _add_payload(acc, cw, tmask, s, blocks, tmp, word) -> None:
-    """acc[e] += payload word e of the seeds (MMO: AES xor input) + (t ? cw[e] : 0)."""
-    for e, block in enumerate(_payload_words(blocks, acc.shape[0])):
-        np.bitwise_xor(block, s[..., e % 2], out=word)
-        np.add(acc[e], word, out=acc[e])
-        np.bitwise_and(cw[e], tmask, out=tmp)
-        np.add(acc[e], tmp, out=acc[e])
 
 
 # --------------------------------------------------------------------------- serialisation
