@@ -133,3 +133,30 @@ def test_waiting_for_a_starting_party_says_so(tmp_path) -> None:
     assert lines and lines[0].startswith(f"waiting for party 0 at {address}: starting (")
     assert "not received the model" in lines[0]
     assert "parties not ready after 2 s" in str(err.value)
+
+
+def test_the_shipped_demo_agrees_with_its_plaintext_model_on_200_test_images(cluster) -> None:
+    """The held-out check of the shipped checkpoint: 200 real test images classified under
+    MPC get the plaintext model's class. Only a near tie (top-2 plaintext logits closer
+    than the secure run's fixed-point error can reach) may go either way."""
+    import torch
+    from mpcvit.models.checkpoint import load_checkpoint, resolve_checkpoint
+
+    images = load_images(["fashion-mnist:test:0-199"])
+    with PrivateInferenceClient(cluster.party_addresses, timeout=600) as client:
+        client.wait_ready(120, connect_timeout=10)
+        info = client.model_info()
+        secure = client.infer_batch([im.pixels for im in images])
+    model, _ = load_checkpoint(resolve_checkpoint("demo"))
+    x = torch.from_numpy(np.stack([info.preprocess(im.pixels) for im in images]))
+    with torch.no_grad():
+        plain = model(x).numpy()
+    secure_logits = np.stack([p.logits for p in secure])
+    assert secure_logits.shape == plain.shape == (200, 10)
+    error = np.abs(secure_logits - plain).max()
+    assert error < 0.05, error
+    top2 = np.sort(plain, axis=1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) > 2 * error
+    agree = secure_logits.argmax(1) == plain.argmax(1)
+    assert agree[decided].all(), np.flatnonzero(decided & ~agree)
+    assert decided.sum() >= 195
