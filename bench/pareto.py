@@ -466,7 +466,7 @@ def _teacher_desc(args: argparse.Namespace) -> str:
     if args.teacher is None:
         return "the softmax ViT of the table"
     acc = checkpoint_accuracy(args.teacher)
-    return f"`{args.teacher}` (softmax, test accuracy {_fmt(acc, '.4f')})"
+    return f"a softmax ViT of the same shape and recipe (test accuracy {_fmt(acc, '.4f')})"
 
 
 def _acc_images(args: argparse.Namespace) -> str:

@@ -42,8 +42,7 @@ SPECS_NETWORKS = [
     ("MPCViT+ μ=0.25 + relu", "mix", 0.25, "relu"),
     ("MPCViT+ μ=0.25 grouped (ReLU-softmax heads in the first 2 layers) + relu", "grouped",
      0.25, "relu"),
-    ("MPCViT+ μ=0 (all scale) + relu: the spec the demo's MPCViT+ search chose", "scale", 0.0,
-     "relu"),
+    ("MPCViT+ μ=0 (all scale) + relu", "scale", 0.0, "relu"),
 ]
 
 
