@@ -32,14 +32,16 @@ BLOCKS = ("attention", "activation", "norm")
 # Per block, the sub-plans worth pricing, default first.  The spline variants run with FSS
 # comparisons only: with the carry tree every breakpoint is a full comparison (~350 bytes
 # per element, 8-10 breakpoints), more bytes than the rounds it saves are worth on any
-# link below ~1 s RTT at 100 Mbps.  ``rsqrt=spline`` is left out: at batch 1 the LayerNorm
-# already uses the pieces (``functions.PIECES_MAX_EXTRA``), the same protocol.
+# link below ~1 s RTT at 100 Mbps.  ``rsqrt=spline`` is priced too, although at batch 1
+# the LayerNorm already uses the pieces (``functions.PIECES_MAX_EXTRA``), the same
+# protocol: the named plan ``fss`` asks for it, and every plan a user can name must have a
+# measured price.
 _FSS = {"comparison": "fss"}
 CANDIDATES: dict[str, tuple[dict[str, Any], ...]] = {
     "attention": ({}, _FSS, {**_FSS, "exp": "spline"}, {**_FSS, "reciprocal": "spline"},
                   {**_FSS, "exp": "spline", "reciprocal": "spline"}),
     "activation": ({}, _FSS, {**_FSS, "gelu": "spline"}),
-    "norm": ({}, _FSS),
+    "norm": ({}, _FSS, {**_FSS, "rsqrt": "spline"}),
 }
 
 _CMP = ("comparison", "fss_bits")

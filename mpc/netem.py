@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import uuid
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .ports import free_port
 
 log = logging.getLogger("mpcvit.netem")
 
@@ -119,12 +119,6 @@ def namespaces_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class PartyView:
     """What one process needs to know to live in the emulated network."""
@@ -178,7 +172,7 @@ class EmulatedNetwork:
             else:
                 log.warning("network namespaces unavailable (%s): relays on loopback, "
                             "user-space rate limiting", self.fallback_reason)
-                self._ports = {k: _free_port() for k in
+                self._ports = {k: free_port() for k in
                                ("party0", "party1", "dealer", "relay_to0", "relay_to1",
                                 "relay_dealer")}
             self._start_relays()

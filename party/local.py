@@ -8,10 +8,8 @@ talk over gRPC exactly as on separate hosts.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,13 +18,9 @@ from typing import Any
 
 import yaml
 
+from ..mpc.ports import free_port
+
 DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

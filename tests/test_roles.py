@@ -6,6 +6,7 @@ the configs that carry them.  Certificates are made here (``mpcvit.mpc.certs`` o
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from pathlib import Path
 
 import pytest
@@ -452,12 +453,18 @@ def test_a_server_of_another_role_cannot_answer_for_the_dealer_or_a_party(pki) -
         finally:
             server.stop(0)
     impostor, port = serve_dealer("127.0.0.1:0", configs["party1"])
+    # "party 1" is a socket that never answers, so the only failure the client can meet
+    # first is the handshake with the impostor posing as party 0.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
     try:
         c = configs["client"]
-        with PrivateInferenceClient([f"localhost:{port}", f"localhost:{port}"], timeout=10,
-                                    tls=ClientTls(c.ca, c.cert, c.key)) as client:
+        with PrivateInferenceClient([f"localhost:{port}", f"localhost:{silent.getsockname()[1]}"],
+                                    timeout=10, tls=ClientTls(c.ca, c.cert, c.key)) as client:
             with pytest.raises(PartyUnavailable) as info:
                 client.model_info()
         assert info.value.party == 0  # refused at the handshake with "party 0"
     finally:
         impostor.stop(0)
+        silent.close()
