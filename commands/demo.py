@@ -50,7 +50,7 @@ def ensure_checkpoint(name: str, epochs: int) -> Path:
     print(f"demo checkpoint {out} missing: training it now "
           f"({epochs} epochs on 20000 images, progress below)", flush=True)
     cmd = [sys.executable, "-m", "mpcvit.commands", "train", "--model", "demo",
-           "--arch", "relu_softmax+relu", "--data", "fashion-mnist", "--out", str(out),
+           "--arch", "scale+relu_nobias", "--data", "fashion-mnist", "--out", str(out),
            "--epochs", str(epochs), "--limit", "20000", "--test-limit", "2000", "--warmup", "0.5",
            "--threads", "2"]
     subprocess.run(cmd, check=True)
