@@ -17,7 +17,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from mpcvit.mpc.compat import import_crypten
@@ -34,6 +34,13 @@ from .costs import (
 from .plan import ModelPlan
 from .secure import program_fingerprint
 from .spec import ActivationKind, ArchSpec, AttentionKind
+
+if TYPE_CHECKING:  # the dealer (grpc) and the model classes are imported where used
+    from crypten.mpc import MPCTensor
+    from mpcvit.mpc.dealer import DealerProvider
+
+    from .secure import SecureModule, SecureViT
+    from .vit import Block, CCTBlock, ViT
 
 
 def _dealer_requests() -> float:
@@ -55,7 +62,7 @@ def _dealer_bytes(key: str = "bytes") -> float:
 _offline_sessions = itertools.count()
 
 
-def open_dealer():
+def open_dealer() -> DealerProvider | None:
     """The dealer provider if a dealer session is open in this process, else None."""
     from mpcvit.mpc import runtime
 
@@ -63,7 +70,7 @@ def open_dealer():
     return provider if provider.in_session else None
 
 
-def record_trace(provider, fn: Callable[[], Any]) -> list:
+def record_trace(provider: DealerProvider | None, fn: Callable[[], Any]) -> list:
     """Run ``fn`` once and return the dealer tuple requests it made ([] without a
     dealer): what an offline phase must prepare for its next run."""
     if provider is None:
@@ -74,7 +81,7 @@ def record_trace(provider, fn: Callable[[], Any]) -> list:
     return list(provider.trace[start:])
 
 
-def prepare_offline(provider, trace: list) -> float:
+def prepare_offline(provider: DealerProvider, trace: list) -> float:
     """The offline phase for the next run of a program whose tuple requests were
     ``trace``, as the party service runs it before each request: every party calls this
     at the same point.  Returns the seconds it took."""
@@ -154,7 +161,7 @@ class _Entries:
             self.out[key] = measure_with(plan).to_dict()
 
 
-def _model_for(config: ViTConfig, seed: int):
+def _model_for(config: ViTConfig, seed: int) -> ViT:
     from .secure import fold_norms
     from .vit import ViT
 
@@ -184,7 +191,7 @@ def profile_blocks_party(
     n, d, h, hd = cfg.num_tokens, cfg.dim, cfg.heads, cfg.head_dim
     g = torch.Generator().manual_seed(seed)
 
-    def enc(*shape: int, std: float = 1.0):
+    def enc(*shape: int, std: float = 1.0) -> MPCTensor:
         return crypten.cryptensor(torch.randn(*shape, generator=g) * std, src=0)
 
     entries = _Entries(cfg, variants)
@@ -246,7 +253,8 @@ def profile_blocks_party(
     return entries.out
 
 
-def _norm_pair(blk, plan: ProtocolPlan, x, qkv, fc1, repeats: int) -> Cost:
+def _norm_pair(blk: Block | CCTBlock, plan: ProtocolPlan, x: MPCTensor, qkv: SecureModule,
+               fc1: SecureModule, repeats: int) -> Cost:
     """A block's two (LayerNorm, linear) pairs under the norm plan ``plan`` (CCT: pre_norm
     with qkv, and norm1, which keeps its affine part as it feeds the residual)."""
     from .secure import share_module
@@ -262,8 +270,9 @@ def _norm_pair(blk, plan: ProtocolPlan, x, qkv, fc1, repeats: int) -> Cost:
     return measure(lambda: (normed_linear(qkv, x, pre_norm), norm1(x)), repeats)
 
 
-def _activation_cost(model, kind: str, plan: ProtocolPlan, entries: _Entries, x, hidden, xh,
-                     layers: dict[str, Any], repeats: int) -> Cost:
+def _activation_cost(model: ViT, kind: str, plan: ProtocolPlan, entries: _Entries,
+                     x: MPCTensor, hidden: MPCTensor, xh: MPCTensor,
+                     layers: dict[str, SecureModule], repeats: int) -> Cost:
     """One layer's MLP activation ``kind`` under ``plan`` (see docs/search.md: identity
     and relu_nobias are measured by what they change around them)."""
     from . import ops
@@ -359,7 +368,7 @@ def profile(
 
 def build_secure(config_dict: dict[str, Any], spec_dict: dict[str, Any],
                  state_dict: dict[str, torch.Tensor] | None,
-                 protocol_dict: dict[str, Any] | None = None):
+                 protocol_dict: dict[str, Any] | None = None) -> SecureViT:
     """Party program helper: the ``SecureViT`` of a model party 0 owns (``state_dict``,
     or a seeded random init when None); the other party builds the public structure.
     Both run the protocol plan ``protocol_dict`` (``ModelPlan.to_dict``, or one
@@ -379,7 +388,7 @@ def build_secure(config_dict: dict[str, Any], spec_dict: dict[str, Any],
     return SecureViT.from_model(None, cfg, spec, protocol=plan)
 
 
-def timed_forward(secure, image: torch.Tensor) -> dict[str, Any]:
+def timed_forward(secure: SecureViT, image: torch.Tensor) -> dict[str, Any]:
     """Party program helper: one batch-1 secure forward of ``image`` (shared by party 1)
     with this party's rounds, bytes, wall seconds, CPU seconds of this process (all its
     threads: on a shared machine wall time also counts waiting for a core), dealer

@@ -27,8 +27,9 @@ next to the spec.
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -222,7 +223,9 @@ def cheapest(kinds: Sequence[AttentionKind], costs: CostModel, network: NetworkM
     return min(range(len(kinds)), key=lambda i: prices[i])
 
 
-def _activations(act_probs: torch.Tensor | None, act_kinds, default, depth: int):
+def _activations(act_probs: torch.Tensor | None,
+                 act_kinds: Sequence[ActivationKind | str] | None,
+                 default: ActivationKind | str, depth: int) -> list[ActivationKind]:
     if act_probs is None:
         return [ActivationKind(default)] * depth
     return [ActivationKind(act_kinds[int(i)]) for i in act_probs.argmax(-1)]
@@ -276,8 +279,10 @@ class _Move:
 class _SpecSpace:
     """Index-encoded specs over the candidate kinds, their single-change moves and costs."""
 
-    def __init__(self, att_probs, attention_kinds, costs, network, act_probs,
-                 activation_kinds, activation) -> None:
+    def __init__(self, att_probs: torch.Tensor, attention_kinds: Sequence[AttentionKind],
+                 costs: CostModel, network: NetworkModel, act_probs: torch.Tensor | None,
+                 activation_kinds: Sequence[ActivationKind] | None,
+                 activation: ActivationKind | str) -> None:
         self.att_probs, self.costs, self.network = att_probs, costs, network
         self.a_kinds = [AttentionKind(k) for k in attention_kinds]
         self.searched = act_probs is not None and activation_kinds is not None
@@ -296,7 +301,7 @@ class _SpecSpace:
     def seconds(self, att: list[list[int]], act: list[int]) -> float:
         return plan_seconds(self.costs, self.spec(att, act), self.network)
 
-    def moves(self, att: list[list[int]], act: list[int]):
+    def moves(self, att: list[list[int]], act: list[int]) -> Iterator[_Move]:
         for layer, row in enumerate(att):
             for h, cur in enumerate(row):
                 p = self.att_probs[layer, h]
@@ -573,7 +578,7 @@ def mu_sweep(
     return points
 
 
-def write_pareto_csv(points: Sequence[ParetoPoint], path) -> None:
+def write_pareto_csv(points: Sequence[ParetoPoint], path: str | os.PathLike) -> None:
     import csv
 
     with open(path, "w", newline="") as f:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from mpcvit.mpc.compat import import_crypten
@@ -24,6 +25,9 @@ from .plan import ModelPlan
 from .spec import ActivationKind, ArchSpec
 from .vit import Block, CCTBlock, Linear, ViT
 
+if TYPE_CHECKING:
+    from crypten.mpc import MPCTensor
+
 
 class SecureModule:
     """Mirror of one ``nn.Module`` whose parameters are ``MPCTensor``s.
@@ -32,7 +36,7 @@ class SecureModule:
     and bound to the mirror, so ``self.qkv(x)`` inside a forward calls the mirrored child.
     """
 
-    def __init__(self, module: nn.Module, encrypt) -> None:
+    def __init__(self, module: nn.Module, encrypt: Callable[[torch.Tensor], MPCTensor]) -> None:
         self._cls = type(module)
         for name, value in vars(module).items():
             if not name.startswith("_") and name != "training":
@@ -51,7 +55,7 @@ class SecureModule:
             return types.MethodType(attr, self)
         raise AttributeError(name)
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._cls.forward(self, *args, **kwargs)
 
     def parameters(self) -> list:
@@ -68,7 +72,8 @@ class SecureModule:
         return out
 
 
-def _mirror(module: nn.Module, encrypt):
+def _mirror(module: nn.Module,
+            encrypt: Callable[[torch.Tensor], MPCTensor]) -> SecureModule | list[Any]:
     if isinstance(module, nn.ModuleList):
         return [_mirror(m, encrypt) for m in module]
     return SecureModule(module, encrypt)
@@ -86,7 +91,7 @@ def share_module(module: nn.Module, src: int = 0, mask: bool = True) -> SecureMo
     crypten = import_crypten()
     rank = crypten.communicator.get().get_rank()
 
-    def encrypt(p: torch.Tensor):
+    def encrypt(p: torch.Tensor) -> MPCTensor:
         data = p.detach().float() if rank == src else torch.zeros(p.shape)
         return crypten.cryptensor(data, src=src)
 
@@ -248,7 +253,7 @@ class SecureViT:
         prepared.set_protocol(protocol)
         return cls(config, spec, share_module(prepared, src), prepared.protocol)
 
-    def __call__(self, x):
+    def __call__(self, x: MPCTensor) -> MPCTensor:
         return self.root(x)
 
     forward = __call__
@@ -257,7 +262,8 @@ class SecureViT:
         return sum(p.numel() for p in self.root.parameters())
 
 
-def share_input(image: torch.Tensor | None, shape: tuple[int, ...], src: int = 1):
+def share_input(image: torch.Tensor | None, shape: tuple[int, ...],
+                src: int = 1) -> MPCTensor:
     """Encrypt an image batch held by rank ``src`` (others pass None and the shape)."""
     crypten = import_crypten()
     rank = crypten.communicator.get().get_rank()
@@ -265,7 +271,7 @@ def share_input(image: torch.Tensor | None, shape: tuple[int, ...], src: int = 1
     return crypten.cryptensor(data, src=src)
 
 
-def reveal_float(x, dst: int | None = None) -> torch.Tensor:
+def reveal_float(x: MPCTensor, dst: int | None = None) -> torch.Tensor:
     """Reveal an MPCTensor and decode it exactly.
 
     Use this instead of ``get_plain_text``: CrypTen 0.4.1's ``FixedPointEncoder.decode``

@@ -322,7 +322,14 @@ def distillation_loss(
     return total, {"hard": hard.item(), "soft": soft.item(), "feature": feat.item()}
 
 
-def _distillation_step(student, teacher, taps, x, y, cfg):
+def _distillation_step(
+    student: Callable[[torch.Tensor], torch.Tensor],
+    teacher: nn.Module,
+    taps: tuple[FeatureTap, FeatureTap],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one distilled batch and its parts as detached tensors (no host sync)."""
     logits = student(x)
     feats = taps[0].pop()
@@ -380,7 +387,9 @@ def load_state(path: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _state(model, opt, sched, epoch: int, history: list[EpochStats], cfg: TrainConfig) -> dict:
+def _state(model: nn.Module, opt: torch.optim.Optimizer,
+           sched: torch.optim.lr_scheduler.LambdaLR, epoch: int, history: list[EpochStats],
+           cfg: TrainConfig) -> dict:
     """Everything a later sitting needs.  The random streams need no saving: epoch ``e``
     reseeds them from ``cfg.seed`` and ``e``, so they are a function of the epoch."""
     return {
@@ -393,7 +402,9 @@ def _state(model, opt, sched, epoch: int, history: list[EpochStats], cfg: TrainC
     }
 
 
-def _resume(state_path, model, opt, sched, cfg: TrainConfig) -> tuple[list[EpochStats], int]:
+def _resume(state_path: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer,
+            sched: torch.optim.lr_scheduler.LambdaLR,
+            cfg: TrainConfig) -> tuple[list[EpochStats], int]:
     """Load a state file into model/optimizer/scheduler; (history, epochs done)."""
     try:
         st = load_state(state_path)
@@ -491,7 +502,8 @@ def train(
     return TrainResult(history=history, start_epoch=start)
 
 
-def _teacher_taps(model, teacher, feature_name, teacher_feature_name):
+def _teacher_taps(model: nn.Module, teacher: nn.Module, feature_name: str | None,
+                  teacher_feature_name: str | None) -> tuple[FeatureTap, FeatureTap]:
     """Freeze the teacher; hooks that capture both models' final token features."""
     teacher.eval()
     for p in teacher.parameters():
@@ -502,7 +514,8 @@ def _teacher_taps(model, teacher, feature_name, teacher_feature_name):
     )
 
 
-def _train_epoch(run: _Run, train_x, train_y, data: DataBundle, cfg: TrainConfig, epoch: int):
+def _train_epoch(run: _Run, train_x: torch.Tensor, train_y: torch.Tensor, data: DataBundle,
+                 cfg: TrainConfig, epoch: int) -> dict[str, float | dict[str, float]]:
     """One pass over the training split; returns the EpochStats fields it measured.
 
     Sums stay on the device (no host sync per step); the loss is taken in fp32 whatever

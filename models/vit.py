@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from mpcvit.mpc.protocols.plan import ProtocolPlan
@@ -24,11 +26,14 @@ from .configs import ViTConfig
 from .plan import ModelPlan
 from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
 
+if TYPE_CHECKING:
+    from .secure import SecureModule  # the mirror a secure forward runs these methods on
+
 
 class Linear(nn.Linear):
     """nn.Linear whose forward also accepts CrypTen tensors."""
 
-    def forward(self, x):
+    def forward(self, x: ops.Tensor) -> ops.Tensor:
         return ops.linear(x, self.weight, self.bias)
 
 
@@ -37,16 +42,18 @@ class LayerNorm(nn.LayerNorm):
 
     plan_block = "norm"
 
-    def __init__(self, *args, protocol: ProtocolPlan | None = None, **kwargs) -> None:
+    def __init__(self, *args: Any, protocol: ProtocolPlan | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.protocol = protocol
 
-    def forward(self, x):
+    def forward(self, x: ops.Tensor) -> ops.Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps, protocol=self.protocol)
 
 
-def normed_linear(linear, x, norm=None, rectify: bool = False,
-                  protocol: ProtocolPlan | None = None):
+def normed_linear(linear: Linear | SecureModule, x: ops.Tensor,
+                  norm: LayerNorm | SecureModule | None = None, rectify: bool = False,
+                  protocol: ProtocolPlan | None = None) -> ops.Tensor:
     """``linear(norm(x))``, or ``linear(x)`` without a norm; relu of it with ``rectify``.
 
     Under MPC a LayerNorm without an affine part (``secure.fold_norms`` moves it into
@@ -86,13 +93,13 @@ class PatchEmbed(nn.Module):
         self.dim = dim
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
 
-    def forward(self, x):
+    def forward(self, x: ops.Tensor) -> ops.Tensor:
         w = self.proj.weight.reshape(self.dim, -1)
         return ops.linear(ops.patchify(x, self.patch), w, self.proj.bias)
 
 
-def attend(kind: AttentionKind, q, k, v, eps: float = ops.ATTN_EPS,
-           protocol: ProtocolPlan | None = None):
+def attend(kind: AttentionKind, q: ops.Tensor, k: ops.Tensor, v: ops.Tensor,
+           eps: float = ops.ATTN_EPS, protocol: ProtocolPlan | None = None) -> ops.Tensor:
     """One attention kind applied to a group of heads: q, k, v are (B, h, N, d) and q is
     already multiplied by 1/sqrt(d); ``eps`` guards ReLU-softmax/2Quad denominators."""
     kt = k.transpose(-2, -1)
@@ -150,7 +157,8 @@ class Attention(nn.Module):
             self.groups.append((kind, start, start + len(hs)))
             start += len(hs)
 
-    def forward(self, x, norm=None):
+    def forward(self, x: ops.Tensor,
+                norm: LayerNorm | SecureModule | None = None) -> ops.Tensor:
         """Attention over ``norm(x)`` (``x`` itself without a norm)."""
         b, n, c = x.shape
         qkv = normed_linear(self.qkv, x, norm, protocol=self.protocol)
@@ -202,7 +210,8 @@ class Mlp(nn.Module):
             self.order = tuple(order)
             self.inverse = tuple(order.index(t) for t in range(self.tokens))
 
-    def forward(self, x, norm=None):
+    def forward(self, x: ops.Tensor,
+                norm: LayerNorm | SecureModule | None = None) -> ops.Tensor:
         """The MLP of ``norm(x)`` (``x`` itself without a norm)."""
         if self.activation is ActivationKind.RELU_NOBIAS:
             return self.fc2(normed_linear(self.fc1, x, norm, rectify=True,
@@ -226,7 +235,8 @@ class Mlp(nn.Module):
         return y if self.inverse is None else y.index_select(1, torch.tensor(self.inverse))
 
 
-def apply_to_rows(x, k: int, fn, first: bool):
+def apply_to_rows(x: ops.Tensor, k: int, fn: Callable[[ops.Tensor], ops.Tensor],
+                  first: bool) -> ops.Tensor:
     """``fn`` applied to the rows ``[:k]`` (``first``) or ``[k:]`` of dim 1 alone, the
     other rows passed through untouched."""
     n = x.shape[1]
@@ -252,7 +262,7 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation, layer.token_mask,
                        cfg.num_tokens)
 
-    def forward(self, x):
+    def forward(self, x: ops.Tensor) -> ops.Tensor:
         x = x + self.attn(x, norm=self.norm1)
         return x + self.mlp(x, norm=self.norm2)
 
@@ -269,7 +279,7 @@ class CCTBlock(nn.Module):
         self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation, layer.token_mask,
                        cfg.num_tokens)
 
-    def forward(self, x):
+    def forward(self, x: ops.Tensor) -> ops.Tensor:
         x = x + self.attn(x, norm=self.pre_norm)
         x = self.norm1(x)
         return x + self.mlp(x)
@@ -340,7 +350,7 @@ class ViT(nn.Module):
             blk.mlp.set_token_mask(layer.token_mask)
         self.spec = spec
 
-    def class_token(self, x):
+    def class_token(self, x: ops.Tensor) -> ops.Tensor:
         """The class token after the last block, before the final LayerNorm."""
         t = self.patch_embed(x)
         cls = self.cls_token.expand(t.shape[0], -1, -1)
@@ -349,10 +359,10 @@ class ViT(nn.Module):
             x = blk(x)
         return x[:, 0]
 
-    def forward_features(self, x):
+    def forward_features(self, x: ops.Tensor) -> ops.Tensor:
         return self.norm(self.class_token(x))
 
-    def forward(self, x):
+    def forward(self, x: ops.Tensor) -> ops.Tensor:
         return normed_linear(self.head, self.class_token(x), self.norm)
 
 
