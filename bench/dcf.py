@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,7 +33,7 @@ U64 = np.uint64
 _WALL: list[float] = []  # wall-clock seconds of the last _best call
 
 
-def _best(fn, repeats: int) -> float:
+def _best(fn: Callable[[], object], repeats: int) -> float:
     """Best CPU seconds of ``repeats`` calls (the best wall-clock time goes to ``_WALL``)."""
     best, wall = float("inf"), float("inf")
     for _ in range(repeats):

@@ -60,7 +60,7 @@ def ops_party(config_dict: dict[str, Any], ops_wanted: list[str], repeats: int
     n, h = cfg.num_tokens, cfg.heads
     g = torch.Generator().manual_seed(0)
 
-    def enc(t: torch.Tensor):
+    def enc(t: torch.Tensor) -> Any:
         return crypten.cryptensor(t, src=0)
 
     hidden = enc(torch.randn(1, n, cfg.mlp_hidden, generator=g) * 1.5)

@@ -9,12 +9,19 @@ image's correlated randomness before the image arrives, and the online time excl
 from __future__ import annotations
 
 import statistics
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..mpc.launcher import run_parties
 from ..mpc.netem import EmulatedNetwork, NetworkProfile
+
+if TYPE_CHECKING:
+    from ..models.configs import ViTConfig
+    from ..models.plan import ModelPlan
+    from ..models.spec import ArchSpec
+    from ..mpc.protocols.plan import ProtocolPlan
 
 
 def network_party(config_dict: dict, spec_dict: dict, state_dict: dict | None,
@@ -53,14 +60,15 @@ def _summary(parties: list[list[dict[str, Any]]]) -> dict[str, float]:
     return out
 
 
-def _images(config, n: int) -> torch.Tensor:
+def _images(config: ViTConfig, n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randn(n, config.in_chans, config.image_size, config.image_size, generator=g)
 
 
-def bench_loopback(config, spec, *, images: int = 2, offline: bool = True,
-                   state_dict: dict | None = None, protocol=None,
-                   progress=print) -> dict[str, float]:
+def bench_loopback(config: ViTConfig, spec: ArchSpec, *, images: int = 2, offline: bool = True,
+                   state_dict: dict | None = None,
+                   protocol: ModelPlan | ProtocolPlan | None = None,
+                   progress: Callable[[str], object] = print) -> dict[str, float]:
     """The same program with no emulated link: the compute baseline (``protocol``: a
     ``ModelPlan`` or ``ProtocolPlan``, None for the default)."""
     progress("loopback run (compute baseline)...")
@@ -74,9 +82,11 @@ def bench_loopback(config, spec, *, images: int = 2, offline: bool = True,
     return loop
 
 
-def bench_network(config, spec, profile: NetworkProfile, *, images: int = 2,
-                  offline: bool = True, state_dict: dict | None = None, protocol=None,
-                  loopback: dict[str, float] | None = None, progress=print) -> dict[str, Any]:
+def bench_network(config: ViTConfig, spec: ArchSpec, profile: NetworkProfile, *,
+                  images: int = 2, offline: bool = True, state_dict: dict | None = None,
+                  protocol: ModelPlan | ProtocolPlan | None = None,
+                  loopback: dict[str, float] | None = None,
+                  progress: Callable[[str], object] = print) -> dict[str, Any]:
     """Measure over the emulated link; predict the link from the loopback run."""
     x = _images(config, images)
     plan = None if protocol is None else protocol.to_dict()

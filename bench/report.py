@@ -19,10 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..mpc.launcher import run_parties
-from ..mpc.netem import PRESETS
+from ..mpc.netem import PRESETS, NetworkProfile
+
+if TYPE_CHECKING:
+    from ..models.configs import ViTConfig
+    from ..models.costs import CostModel
+    from ..models.spec import ArchSpec
+
+Log = Callable[[str], None]
 
 SPECS_MODELS = [
     ("softmax + gelu", "softmax", 0.0, "gelu"),
@@ -46,7 +55,7 @@ SPECS_NETWORKS = [
 ]
 
 
-def build_spec(config, attention: str, mu: float, activation: str):
+def build_spec(config: ViTConfig, attention: str, mu: float, activation: str) -> ArchSpec:
     from mpcvit.models.spec import ArchSpec
 
     if attention == "grouped":
@@ -57,14 +66,14 @@ def build_spec(config, attention: str, mu: float, activation: str):
     return ArchSpec.uniform(config.depth, config.heads, attention, activation)
 
 
-def stock_baseline(config) -> dict:
+def stock_baseline(config: ViTConfig) -> dict:
     from .stock import stock_vit_party
 
     return run_parties(stock_vit_party, config.to_dict(), backend="gloo", provider="tfp",
                        timeout=3600)[0]
 
 
-def stock_over_link(config, profile) -> dict:
+def stock_over_link(config: ViTConfig, profile: NetworkProfile) -> dict:
     """Stock CrypTen's protocols across an emulated link.  Gloo's peer-to-peer sockets
     cannot be routed through the delaying relays, so the same program runs over our gRPC
     communicator (same rounds and bytes as gloo, section 1 of the benchmarks)."""
@@ -80,7 +89,7 @@ def _mb(b: float) -> str:
     return f"{b / 1e6:.1f}"
 
 
-def section_models(config, log, images: int = 2) -> list[str]:
+def section_models(config: ViTConfig, log: Log, images: int = 2) -> list[str]:
     from .network import bench_loopback
 
     stock = stock_baseline(config)
@@ -102,7 +111,7 @@ def section_models(config, log, images: int = 2) -> list[str]:
     return lines
 
 
-def section_networks(config, networks: list[str], log, images: int = 1,
+def section_networks(config: ViTConfig, networks: list[str], log: Log, images: int = 1,
                      rows: list[int] | None = None) -> list[str]:
     from .network import bench_loopback, bench_network
 
@@ -153,7 +162,7 @@ SPECS_PROTOCOLS = [
 ]
 
 
-def protocol_costs(config, costs_dir: Path | None, log):
+def protocol_costs(config: ViTConfig, costs_dir: Path | None, log: Log) -> CostModel:
     """The cost file of ``config`` with every protocol variant: read from ``costs_dir``
     (``costs_<name>.yaml``) when there, else profiled now (and written there)."""
     from mpcvit.models import profiler
@@ -171,8 +180,8 @@ def protocol_costs(config, costs_dir: Path | None, log):
     return costs
 
 
-def measure_protocols(config, costs, networks: list[str], log, images: int = 1
-                      ) -> list[dict]:
+def measure_protocols(config: ViTConfig, costs: CostModel, networks: list[str], log: Log,
+                      images: int = 1) -> list[dict]:
     """Every spec of :data:`SPECS_PROTOCOLS` on every network under the default plan and
     under the plan chosen for that network: one row each (a chosen plan equal to the
     default is measured once).  Loopback runs are shared by the networks."""
@@ -187,7 +196,8 @@ def measure_protocols(config, costs, networks: list[str], log, images: int = 1
         spec = build_spec(config, att, mu, act)
         loops: dict[str, dict] = {}
 
-        def loop(plan: ModelPlan, spec=spec, loops=loops, name=name) -> dict:
+        def loop(plan: ModelPlan, spec: ArchSpec = spec, loops: dict[str, dict] = loops,
+                 name: str = name) -> dict:
             key = json.dumps(plan.to_dict(), sort_keys=True)
             if key not in loops:
                 log(f"{config.name} {name}, plan {plan.describe() or 'default'}:")
@@ -241,7 +251,8 @@ def section_protocols(rows: list[dict], networks: list[str], command: str) -> li
     return out
 
 
-def section_ceiling(config, networks: list[str], log, target: float = 4.0) -> list[str]:
+def section_ceiling(config: ViTConfig, networks: list[str], log: Log, target: float = 4.0
+                    ) -> list[str]:
     """Speed-up of scale + ReLU (and grouped MPCViT+) over softmax + GeLU as the cost
     model predicts it from a fresh profile, then with the LayerNorms, then also the
     linear layers, made free, and how much cheaper those shared parts would have to be
@@ -333,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _protocols(args: argparse.Namespace, log) -> int:
+def _protocols(args: argparse.Namespace, log: Log) -> int:
     from mpcvit.models.configs import CONFIGS
 
     models = (args.model or "vit_7_4_32,demo").split(",")

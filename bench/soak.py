@@ -34,12 +34,17 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import grpc
+    from mpcvit.party.client import ClientTls, PrivateInferenceClient
+    from mpcvit.proto.generated import inference_pb2, inference_pb2_grpc, peer_pb2
 
 PARTY_PHASES = ("idle", "pairing", "fetch", "online", "return")
 DEALER_PHASES = ("idle", "fetch", "online")
@@ -121,19 +126,19 @@ class SoakCluster:
                                     dealer_overrides={"tls": tls("dealer")})
 
     @property
-    def client_tls(self):
+    def client_tls(self) -> ClientTls:
         from mpcvit.party.client import ClientTls
 
         cfg = self.pki["client"]
         return ClientTls(ca=cfg.ca, cert=cfg.cert, key=cfg.key)
 
-    def client(self, timeout: float = 60.0):
+    def client(self, timeout: float = 60.0) -> PrivateInferenceClient:
         from mpcvit.party.client import PrivateInferenceClient
 
         return PrivateInferenceClient(self.cluster.party_addresses, tls=self.client_tls,
                                       timeout=timeout)
 
-    def channel(self, who: Any, node: str = "client"):
+    def channel(self, who: Any, node: str = "client") -> grpc.Channel:
         """A gRPC channel to ``who`` (a rank or "dealer") with ``node``'s certificate,
         checking that ``who``'s role answers."""
         import grpc
@@ -144,7 +149,8 @@ class SoakCluster:
         return grpc.secure_channel(self.cluster.address(who), cfg.channel_credentials(),
                                    cfg.channel_options(role))
 
-    def stub(self, who: int, node: str = "client"):
+    def stub(self, who: int, node: str = "client"
+             ) -> inference_pb2_grpc.InferenceServiceStub:
         """A raw InferenceService stub to party ``who``."""
         from mpcvit.proto.generated import inference_pb2_grpc
 
@@ -405,7 +411,8 @@ def _fmt(seconds: float | None) -> str:
 
 
 # ----------------------------------------------------------------------------- hostile
-def _raw_request(rid: str, nbytes: int = 28 * 28 * 8, inputs: int = 1, shape=(1, 28, 28)):
+def _raw_request(rid: str, nbytes: int = 28 * 28 * 8, inputs: int = 1,
+                 shape: Sequence[int] = (1, 28, 28)) -> inference_pb2.InferRequest:
     from mpcvit.proto.generated import inference_pb2
 
     return inference_pb2.InferRequest(inputs=[
@@ -548,7 +555,7 @@ def _peer_stream_accepted(sc: SoakCluster, node: str, claim: int) -> bool:
     hello = peer_pb2.PeerFrame(kind=peer_pb2.PeerFrame.Kind.HELLO, src=claim,
                                cluster="mpcvit", incarnation=uuid.uuid4().hex)
 
-    def frames():
+    def frames() -> Iterator[peer_pb2.PeerFrame]:
         yield hello
         time.sleep(0.5)
 

@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpcvit.models.configs import ViTConfig
+    from mpcvit.models.plan import ModelPlan
+    from mpcvit.models.spec import ArchSpec
+    from mpcvit.models.vit import ViT
 
 HELP = ("run benchmarks: transport (gRPC vs gloo), throughput (batching), network (LAN/WAN), "
         "soak (reliability)")
@@ -119,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.bench)
 
 
-def network_plan(text: str | None, model, config, spec, network: str, costs: str | None,
-                 compute: str = "cpu"):
+def network_plan(text: str | None, model: ViT | None, config: ViTConfig, spec: ArchSpec,
+                 network: str, costs: str | None, compute: str = "cpu") -> ModelPlan:
     """The plan ``mpcvit bench network`` runs: ``auto`` is the cheapest for ``spec`` on
     ``network`` (from ``costs`` or a fresh profile); None the checkpoint's own plan (the
     default for a config name)."""

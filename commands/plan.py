@@ -13,6 +13,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpcvit.models.configs import ViTConfig
+    from mpcvit.models.spec import ArchSpec
+    from mpcvit.models.vit import ViT
 
 HELP = "the cheapest protocol plan of an architecture on a network (from a cost file)"
 
@@ -42,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> tuple[ViTConfig, ArchSpec, ViT | None]:
     """(config, spec, model or None) from --model and --arch."""
     from mpcvit.models.checkpoint import load_checkpoint
     from mpcvit.models.configs import get_config

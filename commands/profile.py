@@ -14,6 +14,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpcvit.models.costs import NetworkModel
 
 HELP = "profile per-block MPC costs (rounds, bytes, seconds) and write a cost file"
 
@@ -47,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
 
 
-def report_networks(network) -> list:
+def report_networks(network: NetworkModel) -> list[NetworkModel]:
     """loopback, lan and wan, plus ``network`` when it is none of them."""
     from mpcvit.models.costs import NETWORKS
 

@@ -96,13 +96,13 @@ class _StandInFinder(importlib.abc.MetaPathFinder):
 _CONVERTER = "crypten.nn.onnx_converter"
 
 
-def _unsupported_importer(*_args, **_kwargs):
+def _unsupported_importer(*_args: Any, **_kwargs: Any) -> NoReturn:
     raise RuntimeError("CrypTen's ONNX/TensorFlow model importers are not available in "
                        "mpcvit: models are built on CrypTen's tensor API instead")
 
 
 class _ConverterLoader(importlib.abc.Loader):
-    def create_module(self, spec):
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
         return None
 
     def exec_module(self, module: types.ModuleType) -> None:
@@ -117,7 +117,8 @@ class _ConverterFinder(importlib.abc.MetaPathFinder):
     onnx and torch.onnx (about a third of a party's start-up time) for an importer that
     cannot work on this torch anyway."""
 
-    def find_spec(self, fullname, path, target=None):
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != _CONVERTER:
             return None
         return importlib.machinery.ModuleSpec(fullname, _ConverterLoader())

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import grpc
 
 PROVIDERS = ("dealer", "tfp")
 
@@ -60,7 +63,7 @@ class TlsConfig:
     def read_client_ca(self) -> bytes | None:
         return None if self.client_ca is None else _read_pem(self.client_ca, "tls.client_ca")
 
-    def server_credentials(self):
+    def server_credentials(self) -> grpc.ServerCredentials:
         """Require a client certificate signed by ``ca`` (or ``client_ca``, if set)."""
         import grpc
 
@@ -71,7 +74,7 @@ class TlsConfig:
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                            require_client_auth=True)
 
-    def channel_credentials(self):
+    def channel_credentials(self) -> grpc.ChannelCredentials:
         import grpc
 
         ca, cert, key = self.read()

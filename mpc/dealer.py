@@ -28,9 +28,10 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -47,6 +48,9 @@ from .protocols import compare, fss, masked  # noqa: F401  (register their tuple
 from .protocols.masked import MaskStore
 from .protocols.tuples import KINDS, TupleRequest, kind_of
 from .roles import Allowed, Role, RoleChecker
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 log = logging.getLogger("mpcvit.dealer")
 
@@ -305,7 +309,7 @@ class DealerProvider(TupleProvider):
         return self._stats(self.state)
 
     # -- talking to the dealer ------------------------------------------------------------
-    def _rpc(self, s: _PartyState, method: str, request):
+    def _rpc(self, s: _PartyState, method: str, request: Message) -> Any:
         tic = time.perf_counter()
         try:
             reply = getattr(s.stub, method)(request, timeout=s.spec.timeout)
@@ -318,7 +322,8 @@ class DealerProvider(TupleProvider):
         s.seconds += time.perf_counter() - tic
         return reply
 
-    def _fetch_batch(self, s: _PartyState, batch) -> list[torch.Tensor]:
+    def _fetch_batch(self, s: _PartyState, batch: list[dealer_pb2.CorrectionRequest]
+                     ) -> list[torch.Tensor]:
         reply = self._rpc(s, "CorrectionBatch",
                           dealer_pb2.PrepareRequest(session=s.session, requests=batch))
         if len(reply.replies) != len(batch):
@@ -352,7 +357,9 @@ class DealerProvider(TupleProvider):
         return kind_of(req).draw(s.generator, req, fetch)
 
     # -- CrypTen's TupleProvider interface -------------------------------------------------
-    def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
+    def generate_additive_triple(self, size0: Sequence[int], size1: Sequence[int], op: str,
+                                 device: torch.device | str | None = None, *args: Any,
+                                 **kwargs: Any) -> tuple[ArithmeticSharedTensor, ...]:
         if args:
             raise DealerError("positional op arguments are not supported; use keywords")
         req = TupleRequest("additive", tuple(size0), tuple(size1), op,
@@ -360,21 +367,27 @@ class DealerProvider(TupleProvider):
         return tuple(ArithmeticSharedTensor.from_shares(t, precision=0)
                      for t in self.draw_tuple(req))
 
-    def square(self, size, device=None):
+    def square(self, size: Sequence[int], device: torch.device | str | None = None
+               ) -> tuple[ArithmeticSharedTensor, ArithmeticSharedTensor]:
         r, r2 = self.draw_tuple(TupleRequest("square", tuple(size)))
         return (ArithmeticSharedTensor.from_shares(r, precision=0),
                 ArithmeticSharedTensor.from_shares(r2, precision=0))
 
-    def generate_binary_triple(self, size0, size1, device=None):
+    def generate_binary_triple(self, size0: Sequence[int], size1: Sequence[int],
+                               device: torch.device | str | None = None
+                               ) -> tuple[BinarySharedTensor, ...]:
         req = TupleRequest("binary", tuple(size0), tuple(size1))
         return tuple(BinarySharedTensor.from_shares(t) for t in self.draw_tuple(req))
 
-    def wrap_rng(self, size, device=None):
+    def wrap_rng(self, size: Sequence[int], device: torch.device | str | None = None
+                 ) -> tuple[ArithmeticSharedTensor, ArithmeticSharedTensor]:
         r, theta = self.draw_tuple(TupleRequest("wraps", tuple(size)))
         return (ArithmeticSharedTensor.from_shares(r, precision=0),
                 ArithmeticSharedTensor.from_shares(theta, precision=0))
 
-    def B2A_rng(self, size, device=None):  # noqa: N802 (CrypTen's name)
+    def B2A_rng(self, size: Sequence[int],  # noqa: N802 (CrypTen's name)
+                device: torch.device | str | None = None
+                ) -> tuple[ArithmeticSharedTensor, BinarySharedTensor]:
         r_bin, r_arith = self.draw_tuple(TupleRequest("b2a", tuple(size)))
         return (ArithmeticSharedTensor.from_shares(r_arith, precision=0),
                 BinarySharedTensor.from_shares(r_bin))
@@ -422,7 +435,8 @@ class DealerState:
 
     def __init__(self, *, max_sessions: int = 1024, sessions_per_caller: int = 32,
                  idle_ttl: float = 60.0, masks: MaskStore | None = None,
-                 keys: fss.KeyCache | None = None, clock=time.monotonic) -> None:
+                 keys: fss.KeyCache | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_sessions = max_sessions
         self.sessions_per_caller = sessions_per_caller
         self.idle_ttl = idle_ttl
@@ -558,7 +572,7 @@ class DealerState:
         return kind.keyed_share(self, msg.session, s.secret, msg.seq, rank, req)
 
 
-def _peer_host(context) -> str:
+def _peer_host(context: grpc.ServicerContext) -> str:
     """The caller's address without its port (``ipv4:10.0.0.5:4711`` -> ``10.0.0.5``)."""
     peer = context.peer() or "unknown"
     kind, _, rest = peer.partition(":")
@@ -575,7 +589,7 @@ class DealerService(dealer_pb2_grpc.DealerServiceServicer):
         self.state = state or DealerState()
         self.roles = roles or RoleChecker(None)
 
-    def _caller(self, context, rank: int, allowed: Allowed) -> str:
+    def _caller(self, context: grpc.ServicerContext, rank: int, allowed: Allowed) -> str:
         """Who is asking as ``rank``: its role (checked) at its address."""
         role = self.roles.check(context, allowed)
         if role is not None and role.rank != rank:
@@ -585,7 +599,8 @@ class DealerService(dealer_pb2_grpc.DealerServiceServicer):
         who = str(role) if role is not None else f"rank {rank} (unauthenticated)"
         return f"{who}@{_peer_host(context)}"
 
-    def OpenSession(self, request, context):  # noqa: N802
+    def OpenSession(self, request: dealer_pb2.OpenSessionRequest,  # noqa: N802
+                    context: grpc.ServicerContext) -> dealer_pb2.OpenSessionReply:
         caller = self._caller(context, request.rank, Allowed.parties())
         try:
             seed = self.state.open(request.session, request.rank, request.world_size, caller)
@@ -600,7 +615,8 @@ class DealerService(dealer_pb2_grpc.DealerServiceServicer):
         log.info("session %s: seed handed to rank %d", request.session[:12], request.rank)
         return dealer_pb2.OpenSessionReply(seed=seed)
 
-    def _one(self, request, context, caller: str) -> dealer_pb2.CorrectionReply:
+    def _one(self, request: dealer_pb2.CorrectionRequest, context: grpc.ServicerContext,
+             caller: str) -> dealer_pb2.CorrectionReply:
         try:
             share = self.state.correction(request, caller)
         except KeyError as exc:
@@ -611,11 +627,13 @@ class DealerService(dealer_pb2_grpc.DealerServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return dealer_pb2.CorrectionReply(share=_tensor_msg(share))
 
-    def Correction(self, request, context):  # noqa: N802
+    def Correction(self, request: dealer_pb2.CorrectionRequest,  # noqa: N802
+                   context: grpc.ServicerContext) -> dealer_pb2.CorrectionReply:
         caller = self._caller(context, request.rank, Allowed.parties())
         return self._one(request, context, caller)
 
-    def CorrectionBatch(self, request, context):  # noqa: N802
+    def CorrectionBatch(self, request: dealer_pb2.PrepareRequest,  # noqa: N802
+                        context: grpc.ServicerContext) -> dealer_pb2.PrepareReply:
         ranks = {r.rank for r in request.requests}
         if len(ranks) > 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -624,7 +642,8 @@ class DealerService(dealer_pb2_grpc.DealerServiceServicer):
         return dealer_pb2.PrepareReply(
             replies=[self._one(r, context, caller) for r in request.requests])
 
-    def CloseSession(self, request, context):  # noqa: N802
+    def CloseSession(self, request: dealer_pb2.CloseSessionRequest,  # noqa: N802
+                     context: grpc.ServicerContext) -> dealer_pb2.CloseSessionReply:
         caller = self._caller(context, request.rank, Allowed.parties())
         self.state.close(request.session, request.rank, caller)
         return dealer_pb2.CloseSessionReply()

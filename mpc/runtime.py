@@ -18,6 +18,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import crypten
 import crypten.communicator as _cc
@@ -30,6 +31,9 @@ from .config import ProviderSpec
 from .dealer import DealerProvider
 from .errors import DealerError, MpcRuntimeError, PeerAborted
 from .transport import PeerTransport
+
+if TYPE_CHECKING:
+    from crypten.communicator.communicator import Communicator
 
 log = logging.getLogger("mpcvit.runtime")
 compat.patch_crypten(crypten)
@@ -50,7 +54,7 @@ def active_communicator() -> GrpcCommunicator:
     return _active
 
 
-def _get():
+def _get() -> Communicator:
     return _active if _active is not None else _originals["get"]()
 
 
@@ -62,7 +66,8 @@ def _is_initialized() -> bool:
     return _originals["is_initialized"]()
 
 
-def _init(use_threads=False, rank=0, world_size=1, init_ttp=False):
+def _init(use_threads: bool = False, rank: int = 0, world_size: int = 1,
+          init_ttp: bool = False) -> None:
     global _active
     if _pending is None:
         return _originals["_init"](use_threads, rank=rank, world_size=world_size,
@@ -72,7 +77,7 @@ def _init(use_threads=False, rank=0, world_size=1, init_ttp=False):
     _active = _pending
 
 
-def _uninit():
+def _uninit() -> None:
     global _active
     if _active is None:
         return _originals["uninit"]()

@@ -27,6 +27,7 @@ import logging
 import queue
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,7 +220,8 @@ class _PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     def __init__(self, transport: PeerTransport) -> None:
         self._t = transport
 
-    def Stream(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+    def Stream(self, request_iterator: Iterator[peer_pb2.PeerFrame],  # noqa: N802 (gRPC name)
+               context: grpc.ServicerContext) -> peer_pb2.PeerStreamSummary:
         t = self._t
         # Only another party may stream to us, and only as the rank its certificate states.
         role = t.roles.check(context, Allowed.parties(*(r for r in range(t.world_size)
@@ -302,7 +304,7 @@ class _OutboundLink:
         self._control_seq += 1
         return seq
 
-    def _frames(self, q: queue.SimpleQueue):
+    def _frames(self, q: queue.SimpleQueue) -> Iterator[peer_pb2.PeerFrame]:
         yield self._hello
         while True:
             item = q.get()

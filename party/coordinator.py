@@ -41,7 +41,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import numpy as np
@@ -184,7 +184,7 @@ def _halves(items: list[PendingRequest]) -> list[peer_pb2.Half]:
             for it in items]
 
 
-def _announcements(halves) -> list[Announcement]:
+def _announcements(halves: Iterable[peer_pb2.Half]) -> list[Announcement]:
     return [Announcement(h.request_id, h.model, tuple(int(d) for d in h.shape))
             for h in halves]
 

@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 from concurrent import futures
+from types import FrameType
 from typing import Any
 
 import grpc
@@ -251,7 +252,7 @@ class PartyServer:
         """Run until SIGTERM/SIGINT, then shut down gracefully."""
         done = threading.Event()
 
-        def on_signal(signum, _frame):
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("event=signal signal=%s", signal.Signals(signum).name)
             done.set()
 

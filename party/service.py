@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import grpc
 import numpy as np
@@ -28,6 +28,9 @@ from .pairing import (
     ServiceError,
     check_request_id,
 )
+
+if TYPE_CHECKING:
+    from .backend import ModelFacts
 
 log = logging.getLogger("mpcvit.party")
 
@@ -49,7 +52,7 @@ class PartyService:
     """
 
     def __init__(self, rank: int, requests: RequestSink, limits: ServiceLimits,
-                 facts: Callable[[], object | None], ready: Callable[[], bool], *,
+                 facts: Callable[[], ModelFacts | None], ready: Callable[[], bool], *,
                  reason: Callable[[], str] | None = None,
                  precision_bits: int = shares.DEFAULT_PRECISION_BITS,
                  request_timeout: float = 300.0) -> None:
@@ -62,7 +65,7 @@ class PartyService:
         self.precision_bits = precision_bits
         self.request_timeout = request_timeout
 
-    def _model(self, name: str):
+    def _model(self, name: str) -> ModelFacts:
         facts = self._facts()
         if facts is None:
             raise ServiceError("UNAVAILABLE", "party has not received the model from party 0 "
@@ -155,7 +158,7 @@ class PartyService:
         ])
 
 
-def _abort(context: grpc.ServicerContext, err: ServiceError) -> None:
+def _abort(context: grpc.ServicerContext, err: ServiceError) -> NoReturn:
     code = getattr(grpc.StatusCode, err.status, grpc.StatusCode.UNKNOWN)
     context.abort(code, err.message)
 
@@ -173,7 +176,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.roles = roles or RoleChecker(None)
         self.allowed = allowed or Allowed.clients()
 
-    def Infer(self, request, context):  # noqa: N802 (gRPC method name)
+    def Infer(self, request: inference_pb2.InferRequest,  # noqa: N802 (gRPC method name)
+              context: grpc.ServicerContext) -> inference_pb2.InferResponse:
         self.roles.check(context, self.allowed)
         started = time.monotonic()
         n = len(request.inputs)
@@ -188,7 +192,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                  time.monotonic() - started)
         return response
 
-    def GetModelInfo(self, request, context):  # noqa: N802
+    def GetModelInfo(self, request: inference_pb2.ModelInfoRequest,  # noqa: N802
+                     context: grpc.ServicerContext) -> inference_pb2.ModelInfo:
         self.roles.check(context, self.allowed)
         try:
             return self.service.model_info(request)

@@ -64,11 +64,16 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import comb
+from typing import TYPE_CHECKING
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, DTypeLike
 
 U64 = np.uint64
 DEFAULT_LABEL = b"mpcvit/fss/aes-mmo/v1"
@@ -94,11 +99,11 @@ class AesPrg:
         self._seed = self._encryptor(b"seed")
         self._values: list = []
 
-    def _encryptor(self, role: bytes):
+    def _encryptor(self, role: bytes) -> CipherContext:
         key = hashlib.sha256(self.label + b"/" + role).digest()[:16]
         return Cipher(algorithms.AES(key), modes.ECB()).encryptor()
 
-    def _value_encryptor(self, j: int):
+    def _value_encryptor(self, j: int) -> CipherContext:
         while len(self._values) <= j:
             self._values.append(self._encryptor(b"value/%d" % len(self._values)))
         return self._values[j]
@@ -119,7 +124,7 @@ class AesPrg:
         return out.words(nblocks).reshape(x.shape)
 
     @staticmethod
-    def _mmo(enc, x: np.ndarray, out: _Blocks) -> np.ndarray:
+    def _mmo(enc: CipherContext, x: np.ndarray, out: _Blocks) -> np.ndarray:
         nblocks = x.size // 2
         enc.update_into(x.reshape(-1).view(np.uint8), out.raw[: 16 * nblocks + 15])
         words = out.words(nblocks).reshape(x.shape)
@@ -264,7 +269,7 @@ def dcf_keygen(
     return keys
 
 
-def _touched(shape: tuple[int, ...], dtype) -> np.ndarray:
+def _touched(shape: tuple[int, ...], dtype: DTypeLike) -> np.ndarray:
     """A zeroed array whose pages are already mapped: first-touch page faults in the
     level-major write pattern of key generation cost several times a sequential fill."""
     arr = np.empty(shape, dtype)
@@ -279,7 +284,8 @@ class _GenScratch:
         self.x = np.empty(8 * lanes, U64)
 
 
-def _keygen_chunk(key: DcfKey, alpha, beta, seeds, c0, prg, scratch) -> None:
+def _keygen_chunk(key: DcfKey, alpha: np.ndarray, beta: np.ndarray, seeds: np.ndarray, c0: int,
+                  prg: AesPrg, scratch: _GenScratch) -> None:
     """Key generation for elements c0 .. c0 + len(alpha) (both parties at once).
 
     Control bits are kept as masks (0 or all ones): on the path the parties' bits differ,
@@ -426,7 +432,7 @@ class _Block:
         return stage
 
     @staticmethod
-    def aes(enc, x: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    def aes(enc: CipherContext, x: np.ndarray, raw: np.ndarray) -> np.ndarray:
         """AES-ECB of the contiguous blocks x (rows, c, 2) into ``raw``: same shape."""
         size = 8 * x.size
         enc.update_into(x.reshape(-1).view(np.uint8), raw[: size + 15])
@@ -478,8 +484,10 @@ def _level(block: _Block, c: int, prg: AesPrg, scw: np.ndarray, vcw: np.ndarray,
 
 
 def _walk(block: _Block, part: _KeyPart, z: np.ndarray, depth: np.ndarray, prg: AesPrg,
-          out: np.ndarray, start=None, base: np.ndarray | None = None,
-          snapshot=None) -> None:
+          out: np.ndarray,
+          start: Callable[[int, int], tuple[np.ndarray, np.ndarray]] | None = None,
+          base: np.ndarray | None = None,
+          snapshot: Callable[[int], None] | None = None) -> None:
     """Walk the points z (rows, c) of the part's elements through every level and the
     leaf; writes out (k, rows, c) (party 1 negated).
 
@@ -513,7 +521,8 @@ def _walk(block: _Block, part: _KeyPart, z: np.ndarray, depth: np.ndarray, prg: 
         np.negative(out, out=out)
 
 
-def _join(block: _Block, lo: int, hi: int, seed: np.ndarray, t, position: int) -> None:
+def _join(block: _Block, lo: int, hi: int, seed: np.ndarray, t: int | np.ndarray,
+          position: int) -> None:
     """Columns lo..hi-1 start walking: seeds (hi-lo, 2) (lowest bit zero) with each row's
     child bit (bit ``position`` of its point), control bits t, zero payload."""
     s = block.s[:, lo:hi]
@@ -768,7 +777,7 @@ def deserialize_gate_key(buf: bytes | bytearray | memoryview | np.ndarray, party
     return GateKey(party, degree, bits, shift, dcf, extra.astype(U64, copy=False))
 
 
-def _as_words(values) -> np.ndarray:
+def _as_words(values: ArrayLike) -> np.ndarray:
     """Small tables of Python/numpy integers (possibly negative) as words mod 2^64."""
     arr = np.asarray(values, dtype=object)
     flat = [int(v) % (1 << 64) for v in arr.reshape(-1)]
@@ -816,7 +825,7 @@ def _compare(key: GateKey, y: np.ndarray, thresholds: np.ndarray, r_pow: np.ndar
     return words
 
 
-def threshold_eval(party: int, key: GateKey, y: np.ndarray, thresholds,
+def threshold_eval(party: int, key: GateKey, y: np.ndarray, thresholds: ArrayLike,
                    prg: AesPrg | None = None) -> np.ndarray:
     """Party side: shares (d+1, P, N) uint64 of ``r^j [x - t_k >= 0]`` for j = 0..d and the P
     public thresholds (ring integers, signed), from the opened ``y = x + r``.
@@ -889,7 +898,8 @@ def _shifted_coeffs(coeffs: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def spline_eval(
-    party: int, key: GateKey, y: np.ndarray, thresholds, coeffs, prg: AesPrg | None = None,
+    party: int, key: GateKey, y: np.ndarray, thresholds: ArrayLike, coeffs: ArrayLike,
+    prg: AesPrg | None = None,
 ) -> np.ndarray:
     """Party side: share (N,) of ``p_j(x)`` for ``x`` in the j-th interval.
 
@@ -919,7 +929,8 @@ def spline_eval(
     return share
 
 
-def fixed_point_coeffs(poly, frac_bits: int = 16, out_bits: int | None = None) -> list[int]:
+def fixed_point_coeffs(poly: Sequence[float], frac_bits: int = 16,
+                       out_bits: int | None = None) -> list[int]:
     """Integer coefficients of a real polynomial for :func:`spline_eval`.
 
     ``poly``: real coefficients a_0..a_d of p(x_real); inputs have scale ``2^frac_bits``.

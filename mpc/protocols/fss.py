@@ -51,7 +51,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ import torch
 from ..compat import import_crypten
 from . import dcf, fused
 from .tuples import Correction, TupleKind, TupleRequest, register
+
+if TYPE_CHECKING:
+    from crypten.encoder import FixedPointEncoder
 
 Tensor = Any  # crypten MPCTensor
 
@@ -320,7 +323,7 @@ def _torch(words: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(words).view(np.int64))
 
 
-def _mpc(share: torch.Tensor, encoder=None) -> Tensor:
+def _mpc(share: torch.Tensor, encoder: FixedPointEncoder | None = None) -> Tensor:
     """An MPCTensor from raw shares, at integer scale or with ``encoder``."""
     from crypten.mpc import MPCTensor
 

@@ -20,9 +20,9 @@ quadratic per piece by comparisons against every breakpoint (``splines``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ import torch
 from ..compat import import_crypten
 from . import compare, fss, fused, splines
 from .plan import ProtocolPlan, resolve
+
+if TYPE_CHECKING:
+    from crypten.mpc.primitives import BinarySharedTensor
 
 Tensor = Any  # crypten MPCTensor
 
@@ -70,7 +73,7 @@ def _ceil_log2(n: int) -> int:
 # gets it in 4 rounds (one AND, three radix-4 levels) sending ~3.6 words per element.
 
 
-def _sign_binary(x: Tensor):
+def _sign_binary(x: Tensor) -> BinarySharedTensor:
     """[x < 0] as bit 0 of a flat XOR-shared ``BinarySharedTensor`` (padded; the first
     ``x.numel()`` words are x's elements): 4 rounds for two parties."""
     crypten = import_crypten()
@@ -104,7 +107,8 @@ def ltz(x: Tensor, protocol: ProtocolPlan | None = None) -> Tensor:
 
 
 def ltz_products(x: Tensor, values: Sequence[Tensor],
-                 extra: Sequence[tuple[Tensor, Tensor | None, str]] = ()):
+                 extra: Sequence[tuple[Tensor, Tensor | None, str]] = ()
+                 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """``(b, [b·v for v in values], extra products)`` with b = [x < 0], each v of x's
     shape: the products ride in the comparison's last round (``fused.bit_products``)."""
     return fused.bit_products(_sign_binary(x), x.shape, values, extra)
@@ -223,7 +227,7 @@ def _unit_poly(power: float, degree: int) -> tuple[float, ...]:
     return tuple(float(c) for c in np.linalg.lstsq(a, np.ones_like(u), rcond=None)[0])
 
 
-def _select(bits: Tensor, exps: range, value) -> Tensor:
+def _select(bits: Tensor, exps: range, value: Callable[[int], float]) -> Tensor:
     """sum over intervals of [x in interval k] * value(k) as a fixed-point tensor, linear
     in the bits (no multiplication round).  Each value(k) is rounded once to the
     fixed-point grid and the steps between the encoded values are integers, so the
