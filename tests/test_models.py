@@ -16,7 +16,7 @@ from mpcvit.models.checkpoint import (
 )
 from mpcvit.models.configs import CONFIGS, ViTConfig, get_config
 from mpcvit.models.reference import ReferenceImportError, import_reference
-from mpcvit.models.spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
+from mpcvit.models.spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec, NormKind
 from mpcvit.models.vit import Attention, ViT, build_model
 from mpcvit.mpc.protocols.functions import gelu_poly_plain
 
@@ -85,6 +85,33 @@ def test_spec_yaml_round_trip_and_helpers():
     assert ArchSpec.from_yaml(mixed.to_yaml()) == mixed
     u = ArchSpec.uniform(2, 3, "scale", "gelu")
     assert all(layer.attention == (AttentionKind.SCALE,) * 3 for layer in u.layers)
+
+
+def test_spec_norm_kinds_round_trip_and_stay_backward_compatible():
+    bn = ArchSpec.parse("scale+relu+batchnorm", 3, 4)
+    assert all(layer.norm is NormKind.BATCHNORM for layer in bn.layers)
+    assert bn.final_norm is NormKind.BATCHNORM
+    assert bn.layers[0].activation is ActivationKind.RELU
+    assert ArchSpec.from_yaml(bn.to_yaml()) == bn
+    assert bn.summary() == {"scale": 12, "relu": 3, "batchnorm_layers": 3, "final_batchnorm": 1}
+    assert ArchSpec.parse("scale+batchnorm", 3, 4) == ArchSpec.uniform(3, 4, "scale", "gelu",
+                                                                        "batchnorm")
+    assert ArchSpec.parse("scale+relu_nobias", 3, 4).norms() == (NormKind.LAYERNORM,) * 4
+    # per layer, and the final norm on its own
+    mixed = ArchSpec((LayerSpec(("scale",) * 4, "gelu", norm="batchnorm"),
+                      LayerSpec(("scale",) * 4, "relu")))
+    assert mixed.final_norm is NormKind.LAYERNORM
+    assert ArchSpec.from_dict(mixed.to_dict()) == mixed
+    assert mixed.summary()["batchnorm_layers"] == 1 and "final_batchnorm" not in mixed.summary()
+    # layernorm everywhere writes what older readers read: no norm fields at all
+    plain = ArchSpec.uniform(2, 4, "scale", "relu")
+    assert "norm" not in plain.to_yaml()
+    old = {"version": 1, "layers": [{"attention": ["scale"] * 4, "activation": "relu"}] * 2}
+    assert ArchSpec.from_dict(old) == plain
+    with pytest.raises(ValueError, match="unknown NormKind 'groupnorm'"):
+        ArchSpec.from_dict({**old, "final_norm": "groupnorm"})
+    with pytest.raises(ValueError, match=r"ATTENTION\[\+ACTIVATION\]\[\+NORM\]"):
+        ArchSpec.parse("scale+relu+gelu", 2, 4)
 
 
 @pytest.mark.parametrize(
