@@ -37,6 +37,8 @@ class ActivationKind(str, Enum):
     IDENTITY = "identity"
     # ReLU of a bias-free fc1 fed by a LayerNorm without shift (β): relu(W·x̂), which
     # commutes with the norm's positive 1/σ, so under MPC its sign test joins the norm's.
+    # After a BatchNorm (folded into fc1, which then has a bias) there is no norm
+    # comparison to join: the ReLU takes its own, and costs what ``relu`` costs.
     RELU_NOBIAS = "relu_nobias"
 
     @property
