@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="checkpoint (its config and spec) or config name (e.g. vit_7_4_32)")
     parser.add_argument("--arch", default=None,
-                        help="arch spec YAML or ATTENTION[+ACTIVATION] (default: the "
+                        help="arch spec YAML or ATTENTION[+ACTIVATION][+NORM] (default: the "
                              "checkpoint's spec; all softmax + GeLU for a config name)")
     parser.add_argument("--network", default="lan,wan",
                         help="comma-separated networks: lan, wan, loopback or BW,RTT "

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config name (e.g. demo, vit_7_4_32), or a checkpoint: its "
                              "config, and its spec unless --arch is given")
     parser.add_argument("--arch", default=None,
-                        help="arch spec YAML or ATTENTION[+ACTIVATION]: also print its "
+                        help="arch spec YAML or ATTENTION[+ACTIVATION][+NORM]: also print its "
                         "predicted whole-model cost")
     parser.add_argument("--network", default="lan",
                         help="lan (3 Gbps, 0.8 ms RTT), wan (100 Mbps, 40 ms RTT), loopback "

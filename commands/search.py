@@ -1,8 +1,8 @@
 """``mpcvit search``: latency-aware search of per-head attention kinds (and, with
-``--activations``, per-layer MLP activations), then binarisation by μ or by a latency
-budget.  Writes the arch spec YAML, with the protocol plan that is cheapest for it on
-``--network`` next to its layers, and a Pareto CSV (μ sweep: predicted latency vs held
-out accuracy of the supernet's weights)."""
+``--activations``, per-layer MLP activations; with ``--norms``, per-layer norm kinds),
+then binarisation by μ or by a latency budget.  Writes the arch spec YAML, with the
+protocol plan that is cheapest for it on ``--network`` next to its layers, and a Pareto
+CSV (μ sweep: predicted latency vs held out accuracy of the supernet's weights)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "gelu,relu,relu_nobias,quad,identity); default: keep --activation "
                         "everywhere")
     parser.add_argument("--activation", default="gelu", help="fixed activation (no search)")
+    parser.add_argument("--norms", default=None, metavar="KINDS",
+                        help="search each layer's norm kind (and the final norm's) among "
+                        "these (layernorm,batchnorm: a BatchNorm folds away under MPC); "
+                        "default: keep --norm everywhere")
+    parser.add_argument("--norm", default="layernorm",
+                        help="fixed norm kind (no search): layernorm or batchnorm")
     parser.add_argument("--lam", type=float, default=0.5,
                         help="weight of expected latency / most expensive candidate's latency")
     parser.add_argument("--epochs", type=int, default=3)
@@ -85,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         net = SuperNet(config, _kinds(args.attention_kinds),
                        _kinds(args.activations) if args.activations else None,
-                       args.activation)
+                       args.activation, _kinds(args.norms) if args.norms else None,
+                       args.norm)
         if args.mu is not None and not 0.0 <= args.mu <= 1.0:
             raise ValueError(f"--mu must be in [0, 1], got {args.mu}")
     except (DatasetError, KeyError, ValueError) as exc:
@@ -103,24 +110,26 @@ def run(args: argparse.Namespace) -> int:
     costs = costs.priced_by(args.compute)
     print(f"search {config.name} on {data.name} ({len(data.train)} images), attention "
           f"{args.attention_kinds}, activations {args.activations or args.activation}, "
-          f"lambda {args.lam}, network {network.describe()}", flush=True)
+          f"norms {args.norms or args.norm}, lambda {args.lam}, "
+          f"network {network.describe()}", flush=True)
     try:
         result = search(net, data, costs, network, cfg, progress=lambda s: print(s.line(),
                                                                                  flush=True))
-    except ValueError as exc:
+    except (KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    att, act = result.attention_probs, result.activation_probs
+    att, act, nrm = result.attention_probs, result.activation_probs, result.norm_probs
     try:
         if args.mu is not None:
             cheap = cheapest(net.attention_kinds, costs, network)
             spec = binarize_mu(att, net.attention_kinds, args.mu, cheap, act,
-                               net.activation_kinds, net.activation)
+                               net.activation_kinds, net.activation, nrm, net.norm_kinds,
+                               net.norm)
         else:
             spec = binarize_budget(att, net.attention_kinds, costs, network,
                                    args.latency_budget, act, net.activation_kinds,
-                                   net.activation)
-    except ValueError as exc:
+                                   net.activation, nrm, net.norm_kinds, net.norm)
+    except (KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report = plan_report(costs, spec, network)

@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch",
         default="softmax",
-        help="arch spec YAML file, or ATTENTION[+ACTIVATION] applied to every head/layer "
-        "(e.g. relu_softmax+relu); default softmax+gelu",
+        help="arch spec YAML file, or ATTENTION[+ACTIVATION][+NORM] applied to every "
+        "head/layer (e.g. relu_softmax+relu, scale+relu+batchnorm); default softmax+gelu",
     )
     parser.add_argument(
         "--data",

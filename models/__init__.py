@@ -19,6 +19,7 @@ _EXPORTS = {
     "load_reference_checkpoint": "reference",
     "SecureViT": "secure", "reveal_float": "secure", "share_module": "secure",
     "ActivationKind": "spec", "ArchSpec": "spec", "AttentionKind": "spec", "LayerSpec": "spec",
+    "NormKind": "spec",
     "ViT": "vit", "build_model": "vit",
 }
 

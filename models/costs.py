@@ -55,7 +55,7 @@ from mpcvit.mpc.netem import parse_network as parse_link
 
 from .configs import ViTConfig
 from .plan import ModelPlan, entry_block, label
-from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
+from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec, NormKind
 
 COST_FILE_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no protocol variants (the default plan only)
@@ -67,8 +67,14 @@ BLOCK_NAMES = (
     *(f"attention.{k}" for k in ATTENTION_KINDS),
     *(f"activation.{k}" for k in ACTIVATION_KINDS),
     "layernorm",
+    "batchnorm",
     "linear",
 )
+# The cost file's batchnorm entries (``CostModel.batchnorm`` keys): one folded BatchNorm
+# (``per_layer``), an identity MLP's merge without a norm to fuse with, the final one
+# (``once``).  Files profiled before batchnorm existed lack them and price no batchnorm.
+BATCHNORM_ENTRIES = {"layer": "batchnorm", "identity": "batchnorm.identity",
+                     "final": "batchnorm.final"}
 
 
 # ----------------------------------------------------------------------------- costs
@@ -208,6 +214,13 @@ class CostModel:
     ``layernorm_final`` the final LayerNorm on the class token; ``linear`` the four linear
     layers of one block; ``stem`` the patch embedding plus the head.
 
+    ``batchnorm`` prices the BatchNorm kind (:data:`BATCHNORM_ENTRIES`): ``layer`` one
+    BatchNorm folded into the linear layer it feeds (what the pair costs beyond the layer:
+    about nothing), ``identity`` an identity MLP's merged layer against fc1 and fc2 when
+    no LayerNorm fuses with it, ``final`` the final BatchNorm folded into the head.  A
+    bias-free ReLU after a BatchNorm has no norm comparison to ride in: it is priced as
+    ``activation.relu``, the same op on the same shape under the MLP's plan.
+
     ``token_mask`` prices MPCViT+ token masks: ``<kind>.one_token`` is the activation on
     one token's hidden row, ``relu_after.one_token``/``.all_tokens`` the ReLU after fc2
     on one and on all tokens' rows; k tokens cost the affine interpolation, as heads do.
@@ -229,6 +242,7 @@ class CostModel:
     meta: dict[str, Any] = field(default_factory=dict)
     token_mask: dict[str, Cost] = field(default_factory=dict)
     variants: dict[str, dict[str, Cost]] = field(default_factory=dict)
+    batchnorm: dict[str, Cost] = field(default_factory=dict)
 
     # -- variants ------------------------------------------------------------------------
     @property
@@ -272,17 +286,41 @@ class CostModel:
         full = self.price(f"attention.{kind}.all_heads", full, plan)
         return _interpolate(one, full, heads, self.config.heads)
 
-    def activation_cost(self, kind: ActivationKind | str, plan: ModelPlan | None = None) -> Cost:
+    def activation_cost(self, kind: ActivationKind | str, plan: ModelPlan | None = None,
+                        norm: NormKind | str = NormKind.LAYERNORM) -> Cost:
+        """One layer's activation after a norm of kind ``norm``: after a BatchNorm a
+        bias-free ReLU costs a ReLU, and an identity MLP merges without a norm to fuse."""
         kind = ActivationKind(kind).value
+        if NormKind(norm) is NormKind.BATCHNORM:
+            if kind == ActivationKind.RELU_NOBIAS.value:
+                return self.activation_cost(ActivationKind.RELU, plan)
+            if kind == ActivationKind.IDENTITY.value:
+                return self._batchnorm("identity")
         if kind not in self.activation:
             raise KeyError(f"cost file has no activation kind {kind!r}")
         return self.price(f"activation.{kind}", self.activation[kind], plan)
+
+    def _batchnorm(self, key: str) -> Cost:
+        if key not in self.batchnorm:
+            raise KeyError(f"cost file has no price of {BATCHNORM_ENTRIES[key]}; re-run "
+                           "mpcvit profile (it prices the batchnorm kind)")
+        return self.batchnorm[key]
+
+    def activation_block(self, kind: ActivationKind | str,
+                         norm: NormKind | str = NormKind.LAYERNORM) -> str:
+        """The block type whose plan runs a layer's activation ``kind`` after a norm of
+        kind ``norm`` (a bias-free ReLU riding in its LayerNorm: ``norm``)."""
+        if NormKind(norm) is NormKind.BATCHNORM:
+            return "activation"
+        return entry_block(f"activation.{ActivationKind(kind).value}",
+                           self.rectify_in_norm)[0] or "activation"
 
     def _token_mask(self, name: str, plan: ModelPlan | None) -> Cost:
         return self.price(f"token_mask.{name}", self.token_mask[name], plan)
 
     def masked_activation_cost(self, kind: ActivationKind | str, tokens: int,
-                               plan: ModelPlan | None = None) -> Cost:
+                               plan: ModelPlan | None = None,
+                               norm: NormKind | str = NormKind.LAYERNORM) -> Cost:
         """One layer's MLP with a token mask selecting ``tokens`` of the layer's tokens:
         the activation on those rows, the ReLU after fc2 on the others.  A mask selecting
         no token makes the MLP linear before its ReLU: fc1 and fc2 merge, as for
@@ -296,7 +334,7 @@ class CostModel:
         if missing:
             raise KeyError(f"cost file has no token-mask prices {missing}; re-run mpcvit profile")
         if tokens == 0:
-            act = self.activation_cost(ActivationKind.IDENTITY, plan)
+            act = self.activation_cost(ActivationKind.IDENTITY, plan, norm)
         else:
             act = _interpolate(self._token_mask(f"{kind}.one_token", plan),
                                self.activation_cost(kind, plan), tokens, n)
@@ -307,45 +345,66 @@ class CostModel:
     def layer_activation_cost(self, layer: LayerSpec, plan: ModelPlan | None = None) -> Cost:
         """One layer's MLP activation, token mask included."""
         if layer.token_mask is None:
-            return self.activation_cost(layer.activation, plan)
-        return self.masked_activation_cost(layer.activation, len(layer.token_mask), plan)
+            return self.activation_cost(layer.activation, plan, layer.norm)
+        return self.masked_activation_cost(layer.activation, len(layer.token_mask), plan,
+                                           layer.norm)
 
     def layernorm_cost(self, plan: ModelPlan | None = None) -> Cost:
         """One LayerNorm over all tokens (a block has two)."""
         return self.price("layernorm", self.layernorm, plan)
 
+    def norm_cost(self, kind: NormKind | str = NormKind.LAYERNORM,
+                  plan: ModelPlan | None = None) -> Cost:
+        """One norm of ``kind`` over all tokens (a block has two).  Only a LayerNorm
+        depends on the plan; a BatchNorm is folded and runs nothing."""
+        if NormKind(kind) is NormKind.BATCHNORM:
+            return self._batchnorm("layer")
+        return self.layernorm_cost(plan)
+
+    def final_norm_cost(self, kind: NormKind | str = NormKind.LAYERNORM,
+                        plan: ModelPlan | None = None) -> Cost:
+        """The final norm of ``kind`` (on the class token)."""
+        if NormKind(kind) is NormKind.BATCHNORM:
+            return self._batchnorm("final")
+        return self.price("layernorm.final", self.layernorm_final, plan)
+
     def layer_cost(self, layer: LayerSpec, plan: ModelPlan | None = None) -> Cost:
         """One block: its attention groups (run one after another), activation, two
-        LayerNorms and four linear layers."""
+        norms and four linear layers."""
         att = total(self.attention_cost(k, len(hs), plan) for k, hs in layer.groups())
         return (att + self.layer_activation_cost(layer, plan)
-                + self.layernorm_cost(plan).scale(2) + self.linear)
+                + self.norm_cost(layer.norm, plan).scale(2) + self.linear)
 
-    def fixed_cost(self, plan: ModelPlan | None = None) -> Cost:
-        """What every spec pays: LayerNorms, linear layers, stem, head, final norm."""
+    def linear_cost(self) -> Cost:
+        """Every spec's linear layers, stem and head."""
+        return self.linear.scale(self.config.depth) + self.stem
+
+    def fixed_cost(self, plan: ModelPlan | None = None,
+                   norm: NormKind | str = NormKind.LAYERNORM) -> Cost:
+        """What every spec with norms of kind ``norm`` pays: norms, linear layers, stem,
+        head, final norm."""
         d = self.config.depth
-        return (self.layernorm_cost(plan).scale(2 * d)
-                + self.price("layernorm.final", self.layernorm_final, plan)
-                + self.linear.scale(d) + self.stem)
+        return (self.norm_cost(norm, plan).scale(2 * d) + self.final_norm_cost(norm, plan)
+                + self.linear_cost())
 
     def breakdown(self, spec: ArchSpec, plan: ModelPlan | None = None) -> dict[str, Cost]:
         """Whole-model cost of ``spec`` split by the block type whose plan runs it
         (:data:`PLAN_BLOCKS`; ``linear``: the linear layers, which have no variants).  A
-        bias-free ReLU that rides in its LayerNorm counts with ``norm``."""
+        bias-free ReLU that rides in its LayerNorm counts with ``norm``; folded
+        BatchNorms count with ``norm`` too (about nothing)."""
         spec.validate(self.config.depth, self.config.heads)
-        d = self.config.depth
         out = {b: Cost() for b in PLAN_BLOCKS}
         out["attention"] = total(self.attention_cost(k, len(hs), plan) for layer in spec.layers
                                  for k, hs in layer.groups())
         for layer in spec.layers:
             block = "activation"
             if layer.token_mask is None:
-                block = entry_block(f"activation.{layer.activation.value}",
-                                    self.rectify_in_norm)[0] or "activation"
+                block = self.activation_block(layer.activation, layer.norm)
             out[block] = out[block] + self.layer_activation_cost(layer, plan)
-        out["norm"] = (out["norm"] + self.layernorm_cost(plan).scale(2 * d)
-                       + self.price("layernorm.final", self.layernorm_final, plan))
-        out["linear"] = self.linear.scale(d) + self.stem
+        out["norm"] = (out["norm"]
+                       + total(self.norm_cost(layer.norm, plan) for layer in spec.layers).scale(2)
+                       + self.final_norm_cost(spec.final_norm, plan))
+        out["linear"] = self.linear_cost()
         return out
 
     def predict(self, spec: ArchSpec, plan: ModelPlan | None = None) -> Cost:
@@ -358,9 +417,10 @@ class CostModel:
 
     def block_names(self) -> list[str]:
         """The names :meth:`blocks` reports (``attention.<kind>``, ``activation.<kind>``,
-        ``layernorm``, ``linear``)."""
+        ``layernorm``, ``batchnorm`` when priced, ``linear``)."""
+        bn = ["batchnorm"] if {"layer", "final"} <= set(self.batchnorm) else []
         return [*(f"attention.{k}" for k in self.attention),
-                *(f"activation.{k}" for k in self.activation), "layernorm", "linear"]
+                *(f"activation.{k}" for k in self.activation), "layernorm", *bn, "linear"]
 
     def block(self, name: str, plan: ModelPlan | None = None) -> Cost:
         """Whole-model cost of one block name (all layers, all heads of that kind)."""
@@ -370,11 +430,10 @@ class CostModel:
             return self.attention_cost(kind, h, plan).scale(d)
         if group == "activation":
             return self.activation_cost(kind, plan).scale(d)
-        if name == "layernorm":
-            return (self.layernorm_cost(plan).scale(2 * d)
-                    + self.price("layernorm.final", self.layernorm_final, plan))
+        if name in ("layernorm", "batchnorm"):
+            return self.norm_cost(name, plan).scale(2 * d) + self.final_norm_cost(name, plan)
         if name == "linear":
-            return self.linear.scale(d) + self.stem
+            return self.linear_cost()
         raise KeyError(f"unknown block {name!r}")
 
     def blocks(self, plan: ModelPlan | None = None) -> dict[str, Cost]:
@@ -414,6 +473,8 @@ class CostModel:
                      "linear.stem_head": self.stem.to_dict()},
         }
         d["per_layer"] |= {f"token_mask.{k}": c.to_dict() for k, c in self.token_mask.items()}
+        for key, c in self.batchnorm.items():
+            d["once" if key == "final" else "per_layer"][BATCHNORM_ENTRIES[key]] = c.to_dict()
         if self.variants:
             d["variants"] = {entry: {name: c.to_dict() for name, c in by_label.items()}
                              for entry, by_label in self.variants.items()}
@@ -451,6 +512,7 @@ class CostModel:
                 meta=dict(d.get("meta") or {}),
                 token_mask=_token_mask_costs(per),
                 variants=_variant_costs(d.get("variants") or {}),
+                batchnorm=_batchnorm_costs({**per, **once}),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"cost file lacks a field: {e}") from e
@@ -472,7 +534,8 @@ class CostModel:
             linear=c(self.linear), stem=c(self.stem),
             meta={**self.meta, "priced_compute": "cpu"},
             token_mask={k: c(v) for k, v in self.token_mask.items()},
-            variants={e: {k: c(v) for k, v in by.items()} for e, by in self.variants.items()})
+            variants={e: {k: c(v) for k, v in by.items()} for e, by in self.variants.items()},
+            batchnorm={k: c(v) for k, v in self.batchnorm.items()})
 
     def save(self, path: str | Path, network: NetworkModel | None = None) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(network), sort_keys=False))
@@ -515,7 +578,7 @@ def cost_model_from_measurements(
         layernorm_final=Cost.from_dict(m["layernorm.final"]),
         linear=Cost.from_dict(m["linear"]), stem=Cost.from_dict(m["linear.stem_head"]),
         meta=dict(meta or {}), token_mask=_token_mask_costs(m),
-        variants=_variant_costs(variants),
+        variants=_variant_costs(variants), batchnorm=_batchnorm_costs(m),
     )
 
 
@@ -524,6 +587,13 @@ def _token_mask_costs(m: Mapping[str, Any]) -> dict[str, Cost]:
     from files profiled before token masks were priced)."""
     prefix = "token_mask."
     return {k[len(prefix):]: Cost.from_dict(v) for k, v in m.items() if k.startswith(prefix)}
+
+
+def _batchnorm_costs(m: Mapping[str, Any]) -> dict[str, Cost]:
+    """The batchnorm entries present in a cost file's sections or the profiler's output
+    (:data:`BATCHNORM_ENTRIES`; none in files profiled before batchnorm existed)."""
+    return {key: Cost.from_dict(m[name]) for key, name in BATCHNORM_ENTRIES.items()
+            if name in m}
 
 
 def _variant_costs(d: Mapping[str, Any]) -> dict[str, dict[str, Cost]]:

@@ -27,7 +27,7 @@ from mpcvit.mpc.protocols.plan import DEFAULT, ProtocolPlan
 
 from .costs import PLAN_BLOCKS, Cost, CostModel, NetworkModel, cost_row, total
 from .plan import BLOCKS, ModelPlan, block_candidates, entry_block
-from .spec import ActivationKind, ArchSpec, AttentionKind
+from .spec import ActivationKind, ArchSpec, AttentionKind, NormKind
 
 MIN_GAIN = 0.1  # of the block's compute seconds (see the module doc)
 
@@ -83,19 +83,39 @@ def head_seconds(costs: CostModel, kind: AttentionKind | str, network: NetworkMo
 
 
 def activation_seconds(costs: CostModel, kind: ActivationKind | str, network: NetworkModel,
-                       min_gain: float = MIN_GAIN) -> float:
-    """One layer's activation under its cheapest variant (a bias-free ReLU riding in its
-    LayerNorm: under the norm's)."""
-    block = entry_block(f"activation.{ActivationKind(kind).value}",
-                        costs.rectify_in_norm)[0] or "activation"
+                       min_gain: float = MIN_GAIN,
+                       norm: NormKind | str = NormKind.LAYERNORM) -> float:
+    """One layer's activation after a norm of kind ``norm``, under its cheapest variant
+    (a bias-free ReLU riding in its LayerNorm: under the norm's)."""
+    block = costs.activation_block(kind, norm)
     _, cost = pick(block, lambda p: costs.activation_cost(
-        kind, ModelPlan().with_block(block, p)), network, min_gain)
+        kind, ModelPlan().with_block(block, p), norm), network, min_gain)
     return network.seconds(cost)
 
 
-def fixed_seconds(costs: CostModel, network: NetworkModel, min_gain: float = MIN_GAIN) -> float:
-    """LayerNorms, linear layers, stem and head, under the norm's cheapest variant."""
-    _, cost = pick("norm", lambda p: costs.fixed_cost(ModelPlan(norm=p)), network, min_gain)
+def fixed_seconds(costs: CostModel, network: NetworkModel, min_gain: float = MIN_GAIN,
+                  norm: NormKind | str | None = NormKind.LAYERNORM) -> float:
+    """Norms of kind ``norm``, linear layers, stem and head, under the norm's cheapest
+    variant (which only a LayerNorm has); ``norm=None``: the linear part alone (the
+    norms are searched: :func:`norm_seconds`)."""
+    if norm is None:
+        return network.seconds(costs.linear_cost())
+    _, cost = pick("norm", lambda p: costs.fixed_cost(ModelPlan(norm=p), norm), network,
+                   min_gain)
+    return network.seconds(cost)
+
+
+def norm_seconds(costs: CostModel, kind: NormKind | str, network: NetworkModel,
+                 final: bool = False, min_gain: float = MIN_GAIN) -> float:
+    """A layer's two norms of ``kind`` (``final``: the final norm) under the cheapest
+    norm variant."""
+    def price(p: ProtocolPlan) -> Cost:
+        plan = ModelPlan(norm=p)
+        if final:
+            return costs.final_norm_cost(kind, plan)
+        return costs.norm_cost(kind, plan).scale(2)
+
+    _, cost = pick("norm", price, network, min_gain)
     return network.seconds(cost)
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from mpcvit.mpc.compat import import_crypten
 from mpcvit.mpc.protocols.plan import ProtocolPlan
+from torch import nn
 
 from .configs import ViTConfig
 from .costs import (
@@ -242,6 +243,7 @@ def profile_blocks_party(
                            head_alone)
 
     entries.add("layernorm.final", final)
+    _batchnorm_blocks(model, entries, x, xh, xc, layers, head_alone, alone, repeats)
     embed, head = share_module(model.patch_embed), share_module(model.head)
     img = enc(1, cfg.in_chans, cfg.image_size, cfg.image_size)
 
@@ -251,6 +253,56 @@ def profile_blocks_party(
 
     entries.out["linear.stem_head"] = measure(stem, repeats).to_dict()
     return entries.out
+
+
+def _batchnorm_folded(linear: nn.Linear, seed: int) -> nn.Linear:
+    """A copy of ``linear`` with a BatchNorm of trained-like statistics folded into it,
+    as ``secure.fold_norms`` folds one (a plain module)."""
+    import copy
+
+    from .secure import fold_batchnorm
+    from .vit import BatchNorm
+
+    g = torch.Generator().manual_seed(seed)
+    dim = linear.weight.shape[1]
+    holder = nn.Module()
+    holder.norm = BatchNorm(dim)
+    with torch.no_grad():
+        holder.norm.running_mean.normal_(0.0, 1.0, generator=g)
+        holder.norm.running_var.uniform_(0.5, 4.0, generator=g)
+    folded = copy.deepcopy(linear)
+    fold_batchnorm(holder, "norm", folded)
+    return folded
+
+
+def _batchnorm_blocks(model: ViT, entries: _Entries, x: MPCTensor, xh: MPCTensor,
+                      xc: MPCTensor, layers: dict[str, SecureModule],
+                      head_alone: Cost, alone: Cost, repeats: int) -> None:
+    """The batchnorm kind (``costs.BATCHNORM_ENTRIES``), measured as what it runs: a
+    block's two BatchNorms folded into qkv and fc1 beyond the two layers alone (halved),
+    the final one folded into the head beyond the head alone, and an identity MLP merged
+    without a norm to fuse with, against fc1 and fc2.  Pre-norm blocks only: a CCT block
+    keeps LayerNorms (``vit.CCTBlock``), but its final norm may be a BatchNorm."""
+    from .secure import merged_linear, share_module
+    from .vit import Block, normed_linear
+
+    blk = model.blocks[0]
+    head = share_module(_batchnorm_folded(model.head, 3))
+    entries.add("batchnorm.final", lambda p: _difference(
+        measure(lambda: normed_linear(head, xc, None), repeats), head_alone))
+    if not isinstance(blk, Block):
+        return
+    qkv = share_module(_batchnorm_folded(blk.attn.qkv, 1))
+    fc1_plain = _batchnorm_folded(blk.mlp.fc1, 2)
+    fc1 = share_module(fc1_plain)
+    entries.add("batchnorm", lambda p: _difference(measure(
+        lambda: (normed_linear(qkv, x, None), normed_linear(fc1, x, None)), repeats),
+        alone).scale(0.5))
+    merged = share_module(merged_linear(fc1_plain, blk.mlp.fc2))
+    fc1_alone, fc2 = layers["fc1"], layers["fc2"]
+    entries.add("batchnorm.identity", lambda p: _difference(
+        measure(lambda: merged(x), repeats),
+        measure(lambda: (fc1_alone(x), fc2(xh)), repeats), floor=False))
 
 
 def _norm_pair(blk: Block | CCTBlock, plan: ProtocolPlan, x: MPCTensor, qkv: SecureModule,

@@ -5,14 +5,19 @@ modules that evaluate every candidate kind (with ``models.vit.attend`` and
 ``models.ops``, the very functions the plain and secure models use) and blend them:
 
 - per head, softmax(α[layer, head]) over the candidate attention kinds;
-- per layer, softmax(β[layer]) over the candidate MLP activations (MPCViT+).
+- per layer, softmax(β[layer]) over the candidate MLP activations (MPCViT+);
+- per layer (both of its norms) and for the final norm, softmax(δ) over the candidate
+  norm kinds (LayerNorm, or a BatchNorm folded away under MPC).
 
 The loss is the task loss plus λ times the *expected* latency under the cost file:
 Σ over heads of softmax(α)·(per-head cost of each kind) + Σ over layers of
-softmax(β)·(activation cost) + the fixed part, divided by the latency of the most
-expensive candidate model so that λ is unitless.  The per-head cost of a kind is its
-whole-layer cost (all heads) divided by the head count: exact when a layer's heads
-share a kind.
+softmax(β)·(activation cost) + Σ over norms of softmax(δ)·(norm cost) + the fixed part,
+divided by the latency of the most expensive candidate model so that λ is unitless.
+An activation's cost may depend on the norm before it (a bias-free ReLU rides in a
+LayerNorm's comparison, not in a folded BatchNorm): with both searched, a layer's
+expected activation cost is Σ softmax(δ)ₙ·softmax(β)ₐ·cost(a after n).  The per-head
+cost of a kind is its whole-layer cost (all heads) divided by the head count: exact
+when a layer's heads share a kind.
 
 Afterwards the mixture is binarised either MPCViT-style, a global top-k keeping the
 fraction μ of heads with the highest weight on a non-cheapest kind, or greedily into
@@ -41,9 +46,9 @@ from .configs import ViTConfig
 from .costs import CostModel, NetworkModel
 from .data import DataBundle, Split
 from .plan import ModelPlan
-from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
+from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec, NormKind
 from .train import augment_batch, evaluate, iterate_batches, warmup_cosine
-from .vit import Attention, Mlp, ViT, attend, normed_linear
+from .vit import Attention, Mlp, ViT, attend, make_norm, normed_linear
 
 # ----------------------------------------------------------------------------- mixing
 
@@ -89,26 +94,58 @@ class MixedMlp(nn.Module):
         return self.beta.softmax(-1)
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-        h = normed_linear(self.fc1, x, norm)
+        n = x if norm is None else norm(x)  # once: a BatchNorm updates its statistics
+        h = self.fc1(n)
         w = self.weights()
-        y = sum(w[i] * self._activation(k, h, x, norm) for i, k in enumerate(self.kinds))
+        y = sum(w[i] * self._activation(k, h, n, norm) for i, k in enumerate(self.kinds))
         return self.fc2(y)
 
-    def _activation(self, kind: ActivationKind, h: torch.Tensor, x: torch.Tensor,
+    def _activation(self, kind: ActivationKind, h: torch.Tensor, n: torch.Tensor,
                     norm: nn.Module | None) -> torch.Tensor:
         if not kind.bias_free:
             return ops.ACTIVATION_FNS[kind.value](h)
-        # As the derived layer computes it: no fc1 bias, no shift in the LayerNorm.
-        if norm is not None:
-            x = F.layer_norm(x, x.shape[-1:], norm.weight, None, norm.eps)
-        return F.relu(F.linear(x, self.fc1.weight))
+        # As the derived layer computes it: no fc1 bias, no shift in the norm.
+        return F.relu(F.linear(n - norm_shift(norm), self.fc1.weight))
+
+
+def norm_shift(norm: nn.Module | None) -> torch.Tensor | float:
+    """The shift β a norm adds after normalising and scaling (0 without one); a mixed
+    norm's is the weighted shift of its candidates."""
+    if norm is None:
+        return 0.0
+    if isinstance(norm, MixedNorm):
+        w = norm.weights()
+        return sum(w[i] * norm_shift(norm.norms[k.value]) for i, k in enumerate(norm.kinds))
+    return 0.0 if norm.bias is None else norm.bias
+
+
+class MixedNorm(nn.Module):
+    """A norm that is a softmax(δ)-weighted mix of candidate norm kinds, each with its own
+    parameters (``norms.<kind>.*``; :meth:`SuperNet.derive` keeps the chosen kind's).
+    ``delta`` may be shared: a block's two norms have one kind."""
+
+    def __init__(self, dim: int, eps: float, kinds: Sequence[NormKind], delta: nn.Parameter,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.kinds = tuple(NormKind(k) for k in kinds)
+        self.norms = nn.ModuleDict({k.value: make_norm(k, dim, eps, bias) for k in self.kinds})
+        self.delta = delta
+
+    def weights(self) -> torch.Tensor:
+        return self.delta.softmax(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights()
+        return sum(w[i] * self.norms[k.value](x) for i, k in enumerate(self.kinds))
 
 
 class SuperNet(nn.Module):
     """A ViT whose blocks mix attention kinds per head (and activations per layer).
 
-    The ViT's own block classes run unchanged; only their ``attn``/``mlp`` children are
-    swapped.  ``activation_kinds=None`` keeps every layer's activation fixed (``activation``).
+    The ViT's own block classes run unchanged; only their ``attn``/``mlp`` children (and,
+    with ``norm_kinds``, their norms and the final norm) are swapped.
+    ``activation_kinds=None`` keeps every layer's activation fixed (``activation``);
+    ``norm_kinds=None`` every norm (``norm``).
     """
 
     def __init__(
@@ -117,21 +154,45 @@ class SuperNet(nn.Module):
         attention_kinds: Sequence[AttentionKind | str],
         activation_kinds: Sequence[ActivationKind | str] | None = None,
         activation: ActivationKind | str = ActivationKind.GELU,
+        norm_kinds: Sequence[NormKind | str] | None = None,
+        norm: NormKind | str = NormKind.LAYERNORM,
     ) -> None:
         super().__init__()
         if not attention_kinds:
             raise ValueError("need at least one candidate attention kind")
+        if norm_kinds is not None and not norm_kinds:
+            raise ValueError("need at least one candidate norm kind")
         self.attention_kinds = tuple(AttentionKind(k) for k in attention_kinds)
         self.activation_kinds = (None if activation_kinds is None
                                  else tuple(ActivationKind(k) for k in activation_kinds))
         self.activation = ActivationKind(activation)
+        self.norm_kinds = None if norm_kinds is None else tuple(NormKind(k) for k in norm_kinds)
+        self.norm = NormKind(norm)
         spec = ArchSpec.uniform(config.depth, config.heads, self.attention_kinds[0],
-                                self.activation)
+                                self.activation, self.norm)
         self.vit = ViT(config, spec)
         for blk in self.vit.blocks:
             blk.attn = MixedAttention(blk.attn, self.attention_kinds)
             if self.activation_kinds is not None:
                 blk.mlp = MixedMlp(blk.mlp, self.activation_kinds)
+        if self.norm_kinds is not None:
+            self._mix_norms(config)
+
+    def _mix_norms(self, config: ViTConfig) -> None:
+        """Every norm a :class:`MixedNorm`; one δ per block (both its norms) and one for
+        the final norm."""
+        if config.block != "prenorm":
+            raise ValueError("searching norm kinds needs pre-norm blocks (a CCT block "
+                             "keeps LayerNorms)")
+        kinds = self.norm_kinds
+
+        def mixed(old: nn.Module, delta: nn.Parameter) -> MixedNorm:
+            return MixedNorm(config.dim, config.ln_eps, kinds, delta, old.bias is not None)
+
+        for blk in self.vit.blocks:
+            delta = nn.Parameter(torch.zeros(len(kinds)))
+            blk.norm1, blk.norm2 = mixed(blk.norm1, delta), mixed(blk.norm2, delta)
+        self.vit.norm = mixed(self.vit.norm, nn.Parameter(torch.zeros(len(kinds))))
 
     @property
     def config(self) -> ViTConfig:
@@ -141,11 +202,10 @@ class SuperNet(nn.Module):
         return self.vit(x)
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if n.endswith((".alpha", ".beta"))]
+        return [p for n, p in self.named_parameters() if n.endswith(_ARCH_NAMES)]
 
     def weight_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters()
-                if not n.endswith((".alpha", ".beta"))]
+        return [(n, p) for n, p in self.named_parameters() if not n.endswith(_ARCH_NAMES)]
 
     def attention_probs(self) -> torch.Tensor:
         """(depth, heads, kinds)."""
@@ -157,15 +217,44 @@ class SuperNet(nn.Module):
             return None
         return torch.stack([blk.mlp.weights() for blk in self.vit.blocks])
 
+    def norm_probs(self) -> torch.Tensor | None:
+        """(depth + 1, kinds): each block's, then the final norm's; None when norms are
+        not searched."""
+        if self.norm_kinds is None:
+            return None
+        return torch.stack([*(blk.norm1.weights() for blk in self.vit.blocks),
+                            self.vit.norm.weights()])
+
     def derive(self, spec: ArchSpec) -> ViT:
-        """A plain ViT with ``spec`` carrying the supernet's shared weights."""
+        """A plain ViT with ``spec`` carrying the supernet's shared weights (of each
+        mixed norm, the chosen kind's)."""
         model = ViT(self.config, spec)
         # bias-free layers (``relu_nobias``) leave out their fc1 and norm2 biases
         wanted = model.state_dict().keys()
-        state = {k.removeprefix("vit."): v for k, v in self.state_dict().items()
-                 if k.removeprefix("vit.") in wanted}
+        state = {}
+        for key, value in self.state_dict().items():
+            key = key.removeprefix("vit.")
+            owner, mixed, rest = key.partition(".norms.")
+            if mixed:
+                kind, _, leaf = rest.partition(".")
+                if kind != _chosen_norm(spec, owner).value:
+                    continue
+                key = f"{owner}.{leaf}"
+            if key in wanted:
+                state[key] = value
         model.load_state_dict(state)
         return model
+
+
+_ARCH_NAMES = (".alpha", ".beta", ".delta")  # mixing weights: attention, MLP, norm
+
+
+def _chosen_norm(spec: ArchSpec, owner: str) -> NormKind:
+    """The norm kind ``spec`` gives the norm at module path ``owner`` (``norm``, or
+    ``blocks.<i>.norm1``/``norm2``)."""
+    if owner == "norm":
+        return spec.final_norm
+    return spec.layers[int(owner.split(".")[1])].norm
 
 
 # ----------------------------------------------------------------------------- latency
@@ -174,12 +263,15 @@ class SuperNet(nn.Module):
 @dataclass(frozen=True)
 class LatencyPrices:
     """Seconds per head of each candidate attention kind, per layer of each candidate
-    activation, and the fixed part, all under one network."""
+    activation and norm kind, and the fixed part, all under one network."""
 
     head: torch.Tensor  # (attention kinds,)
-    activation: torch.Tensor | None  # (activation kinds,) when searched
-    fixed: float  # LN, linears, stem, head; plus the fixed activation when not searched
+    # (activation kinds,) when searched; (norm kinds, activation kinds) when norms are too
+    activation: torch.Tensor | None
+    fixed: float  # linears, stem, head; the norms and activation when not searched
     reference: float  # the most expensive candidate model (normalises the penalty)
+    norm: torch.Tensor | None = None  # (norm kinds,): a layer's two, when searched
+    final_norm: torch.Tensor | None = None  # (norm kinds,): the final norm
 
     @classmethod
     def from_costs(cls, costs: CostModel, network: NetworkModel, net: SuperNet) -> LatencyPrices:
@@ -188,23 +280,47 @@ class LatencyPrices:
             raise ValueError(f"cost file is for {costs.config}, the model is {cfg}")
         head = torch.tensor([planner.head_seconds(costs, k, network)
                              for k in net.attention_kinds])
-        fixed = planner.fixed_seconds(costs, network)
+        norms = net.norm_kinds
+        fixed = planner.fixed_seconds(costs, network, norm=None if norms else net.norm)
+        norm = final = None
+
+        def act_price(kind: ActivationKind, after: NormKind) -> float:
+            return planner.activation_seconds(costs, kind, network, norm=after)
+
+        if norms is not None:
+            norm = torch.tensor([planner.norm_seconds(costs, k, network) for k in norms])
+            final = torch.tensor([planner.norm_seconds(costs, k, network, final=True)
+                                  for k in norms])
         if net.activation_kinds is None:
             act = None
-            fixed += cfg.depth * planner.activation_seconds(costs, net.activation, network)
-            act_max = 0.0
+            if norms is None:
+                fixed += cfg.depth * act_price(net.activation, net.norm)
+            else:  # the fixed activation's price depends on the norm before it
+                norm = norm + torch.tensor([act_price(net.activation, k) for k in norms])
+        elif norms is None:
+            act = torch.tensor([act_price(k, net.norm) for k in net.activation_kinds])
         else:
-            act = torch.tensor([planner.activation_seconds(costs, k, network)
-                                for k in net.activation_kinds])
-            act_max = cfg.depth * float(act.max())
-        ref = fixed + cfg.depth * cfg.heads * float(head.max()) + act_max
-        return cls(head, act, fixed, ref)
+            act = torch.tensor([[act_price(k, n) for k in net.activation_kinds]
+                                for n in norms])
+        ref = fixed + cfg.depth * cfg.heads * float(head.max())
+        if act is not None:
+            ref += cfg.depth * float(act.max())
+        if norm is not None and final is not None:
+            ref += cfg.depth * float(norm.max()) + float(final.max())
+        return cls(head, act, fixed, ref, norm, final)
 
-    def expected(self, att_probs: torch.Tensor, act_probs: torch.Tensor | None) -> torch.Tensor:
-        """Differentiable expected seconds of the mixture."""
+    def expected(self, att_probs: torch.Tensor, act_probs: torch.Tensor | None,
+                 norm_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Differentiable expected seconds of the mixture (``norm_probs``: (depth + 1,
+        norm kinds), the final norm last)."""
         e = (att_probs * self.head).sum() + self.fixed
         if act_probs is not None and self.activation is not None:
-            e = e + (act_probs * self.activation).sum()
+            if self.activation.dim() == 2:
+                e = e + torch.einsum("ln,la,na->", norm_probs[:-1], act_probs, self.activation)
+            else:
+                e = e + (act_probs * self.activation).sum()
+        if norm_probs is not None and self.norm is not None and self.final_norm is not None:
+            e = e + (norm_probs[:-1] * self.norm).sum() + (norm_probs[-1] * self.final_norm).sum()
         return e
 
 
@@ -231,6 +347,22 @@ def _activations(act_probs: torch.Tensor | None,
     return [ActivationKind(act_kinds[int(i)]) for i in act_probs.argmax(-1)]
 
 
+def _norms(norm_probs: torch.Tensor | None, norm_kinds: Sequence[NormKind | str] | None,
+           default: NormKind | str, depth: int) -> list[NormKind]:
+    """depth + 1 norm kinds (each layer's, then the final norm's): argmax, or ``default``
+    when norms are not searched."""
+    if norm_probs is None:
+        return [NormKind(default)] * (depth + 1)
+    return [NormKind(norm_kinds[int(i)]) for i in norm_probs.argmax(-1)]
+
+
+def _spec(rows: Sequence[Sequence[AttentionKind]], acts: Sequence[ActivationKind],
+          norms: list[NormKind]) -> ArchSpec:
+    return ArchSpec(tuple(LayerSpec(tuple(r), a, norm=n)
+                          for r, a, n in zip(rows, acts, norms[:-1], strict=True)),
+                    final_norm=norms[-1])
+
+
 def binarize_mu(
     att_probs: torch.Tensor,
     attention_kinds: Sequence[AttentionKind],
@@ -239,10 +371,14 @@ def binarize_mu(
     act_probs: torch.Tensor | None = None,
     activation_kinds: Sequence[ActivationKind] | None = None,
     activation: ActivationKind | str = ActivationKind.GELU,
+    norm_probs: torch.Tensor | None = None,
+    norm_kinds: Sequence[NormKind] | None = None,
+    norm: NormKind | str = NormKind.LAYERNORM,
 ) -> ArchSpec:
     """MPCViT's global top-k: the round(μ·heads) heads with the most weight off the
     cheapest kind keep their best non-cheapest kind; every other head becomes the cheapest
-    kind.  Activations take their argmax (or ``activation`` when not searched)."""
+    kind.  Activations and norms take their argmax (or ``activation``/``norm`` when not
+    searched)."""
     if not 0.0 <= mu <= 1.0:
         raise ValueError(f"mu must be in [0, 1], got {mu}")
     depth, heads, nk = att_probs.shape
@@ -259,13 +395,13 @@ def binarize_mu(
             layer, h = divmod(i, heads)
             rows[layer][h] = kinds[int(best[layer, h])]
     acts = _activations(act_probs, activation_kinds, activation, depth)
-    return ArchSpec(tuple(LayerSpec(tuple(r), a) for r, a in zip(rows, acts, strict=True)))
+    return _spec(rows, acts, _norms(norm_probs, norm_kinds, norm, depth))
 
 
 @dataclass(frozen=True)
 class _Move:
-    """One head's or one layer's kind changed: the new index lists, and the old and new
-    kinds' search weights and per-unit prices."""
+    """One head's, one layer's activation or one norm's kind changed: the new index
+    lists, and the old and new kinds' search weights and per-unit prices."""
 
     att: list[list[int]]
     act: list[int]
@@ -274,34 +410,54 @@ class _Move:
     price_from: float
     price_to: float
     from_cheapest: bool = False  # the slot's current kind is its cheapest candidate
+    norm: list[int] = field(default_factory=list)
 
 
 class _SpecSpace:
-    """Index-encoded specs over the candidate kinds, their single-change moves and costs."""
+    """Index-encoded specs over the candidate kinds, their single-change moves and costs.
+    Norms: depth + 1 indices (each layer's, then the final norm's), [] when not
+    searched."""
 
     def __init__(self, att_probs: torch.Tensor, attention_kinds: Sequence[AttentionKind],
                  costs: CostModel, network: NetworkModel, act_probs: torch.Tensor | None,
                  activation_kinds: Sequence[ActivationKind] | None,
-                 activation: ActivationKind | str) -> None:
+                 activation: ActivationKind | str, norm_probs: torch.Tensor | None = None,
+                 norm_kinds: Sequence[NormKind | str] | None = None,
+                 norm: NormKind | str = NormKind.LAYERNORM) -> None:
         self.att_probs, self.costs, self.network = att_probs, costs, network
         self.a_kinds = [AttentionKind(k) for k in attention_kinds]
         self.searched = act_probs is not None and activation_kinds is not None
         self.act_probs = act_probs
         self.f_kinds = [ActivationKind(k) for k in activation_kinds] if self.searched else []
         self.fixed_act = ActivationKind(activation)
+        self.norms_searched = norm_probs is not None and norm_kinds is not None
+        self.norm_probs = norm_probs
+        self.n_kinds = [NormKind(k) for k in norm_kinds] if self.norms_searched else []
+        self.fixed_norm = NormKind(norm)
         self.a_price = [planner.head_seconds(costs, k, network) for k in self.a_kinds]
-        self.f_price = [planner.activation_seconds(costs, k, network) for k in self.f_kinds]
+        # an activation's price after each norm kind (a bias-free ReLU's depends on it)
+        self.f_price = {n: [planner.activation_seconds(costs, k, network, norm=n)
+                            for k in self.f_kinds]
+                        for n in (self.n_kinds or [self.fixed_norm])}
+        self.n_price = [planner.norm_seconds(costs, k, network) for k in self.n_kinds]
+        self.final_price = [planner.norm_seconds(costs, k, network, final=True)
+                            for k in self.n_kinds]
 
-    def spec(self, att: list[list[int]], act: list[int]) -> ArchSpec:
-        return ArchSpec(tuple(
-            LayerSpec(tuple(self.a_kinds[i] for i in row),
-                      self.f_kinds[act[layer]] if self.searched else self.fixed_act)
-            for layer, row in enumerate(att)))
+    def _norm_kinds(self, nrm: list[int], depth: int) -> list[NormKind]:
+        if not self.norms_searched:
+            return [self.fixed_norm] * (depth + 1)
+        return [self.n_kinds[i] for i in nrm]
 
-    def seconds(self, att: list[list[int]], act: list[int]) -> float:
-        return plan_seconds(self.costs, self.spec(att, act), self.network)
+    def spec(self, att: list[list[int]], act: list[int], nrm: list[int]) -> ArchSpec:
+        acts = [self.f_kinds[i] for i in act] if self.searched else [self.fixed_act] * len(att)
+        return _spec([[self.a_kinds[i] for i in row] for row in att], acts,
+                     self._norm_kinds(nrm, len(att)))
 
-    def moves(self, att: list[list[int]], act: list[int]) -> Iterator[_Move]:
+    def seconds(self, att: list[list[int]], act: list[int], nrm: list[int]) -> float:
+        return plan_seconds(self.costs, self.spec(att, act, nrm), self.network)
+
+    def moves(self, att: list[list[int]], act: list[int], nrm: list[int]) -> Iterator[_Move]:
+        norms = self._norm_kinds(nrm, len(att))
         for layer, row in enumerate(att):
             for h, cur in enumerate(row):
                 p = self.att_probs[layer, h]
@@ -310,16 +466,26 @@ class _SpecSpace:
                         cand = [r[:] for r in att]
                         cand[layer][h] = k
                         yield _Move(cand, act, float(p[cur]), float(p[k]), self.a_price[cur],
-                                    self.a_price[k], self.a_price[cur] == min(self.a_price))
+                                    self.a_price[k], self.a_price[cur] == min(self.a_price),
+                                    norm=nrm)
             if self.searched:
                 p, cur = self.act_probs[layer], act[layer]
+                price = self.f_price[norms[layer]]
                 for k in range(len(self.f_kinds)):
                     if k != cur:
                         cand_act = act[:]
                         cand_act[layer] = k
-                        yield _Move(att, cand_act, float(p[cur]), float(p[k]),
-                                    self.f_price[cur], self.f_price[k],
-                                    self.f_price[cur] == min(self.f_price))
+                        yield _Move(att, cand_act, float(p[cur]), float(p[k]), price[cur],
+                                    price[k], price[cur] == min(price), norm=nrm)
+        for slot, cur in enumerate(nrm):
+            p = self.norm_probs[slot]
+            price = self.final_price if slot == len(att) else self.n_price
+            for k in range(len(self.n_kinds)):
+                if k != cur:
+                    cand_norm = nrm[:]
+                    cand_norm[slot] = k
+                    yield _Move(att, act, float(p[cur]), float(p[k]), price[cur], price[k],
+                                price[cur] == min(price), norm=cand_norm)
 
 
 def binarize_budget(
@@ -331,28 +497,33 @@ def binarize_budget(
     act_probs: torch.Tensor | None = None,
     activation_kinds: Sequence[ActivationKind] | None = None,
     activation: ActivationKind | str = ActivationKind.GELU,
+    norm_probs: torch.Tensor | None = None,
+    norm_kinds: Sequence[NormKind] | None = None,
+    norm: NormKind | str = NormKind.LAYERNORM,
 ) -> ArchSpec:
     """The spec the search prefers that fits ``budget_s`` under the cost model.
 
-    Start from every head's and layer's argmax kind.  While the prediction exceeds the
-    budget, make the single downgrade (one head or one layer's activation to another kind)
-    losing the least log-weight per second saved; raises ValueError if no downgrade
-    reaches the budget.  Then spend what is left: while an upgrade (a kind with a higher
-    per-head / per-layer price) still fits, take the one whose kind has the most weight.
-    A strong latency penalty can leave the argmax far below the budget; the upgrades rank
-    heads as μ top-k does, but stop at the budget instead of at μ.  The penalty explains
-    only a slot sitting on its cheapest kind: a slot on any other kind moves up only to a
-    kind with more weight (a pricier kind is not a better one: quad costs more than
-    relu_nobias on a WAN, and the search may weight it far lower)."""
+    Start from every head's, layer's and norm's argmax kind.  While the prediction
+    exceeds the budget, make the single downgrade (one head, one layer's activation or
+    one norm to another kind) losing the least log-weight per second saved; raises
+    ValueError if no downgrade reaches the budget.  Then spend what is left: while an
+    upgrade (a kind with a higher per-head / per-layer price) still fits, take the one
+    whose kind has the most weight.  A strong latency penalty can leave the argmax far
+    below the budget; the upgrades rank heads as μ top-k does, but stop at the budget
+    instead of at μ.  The penalty explains only a slot sitting on its cheapest kind: a
+    slot on any other kind moves up only to a kind with more weight (a pricier kind is
+    not a better one: quad costs more than relu_nobias on a WAN, and the search may
+    weight it far lower)."""
     space = _SpecSpace(att_probs, attention_kinds, costs, network, act_probs,
-                       activation_kinds, activation)
+                       activation_kinds, activation, norm_probs, norm_kinds, norm)
     att = att_probs.argmax(-1).tolist()
     act = act_probs.argmax(-1).tolist() if space.searched else []
-    current = space.seconds(att, act)
+    nrm = norm_probs.argmax(-1).tolist() if space.norms_searched else []
+    current = space.seconds(att, act, nrm)
     while current > budget_s:
         best, best_key = None, None
-        for mv in space.moves(att, act):
-            s = space.seconds(mv.att, mv.act)
+        for mv in space.moves(att, act, nrm):
+            s = space.seconds(mv.att, mv.act, mv.norm)
             saved = current - s
             if saved <= 1e-12:
                 continue
@@ -364,21 +535,21 @@ def binarize_budget(
             raise ValueError(f"no spec of these kinds meets the {budget_s:.4g} s budget "
                              f"(reached {current:.4g} s)")
         (mv, current) = best
-        att, act = mv.att, mv.act
+        att, act, nrm = mv.att, mv.act, mv.norm
     while True:
         best, best_key = None, None
-        for mv in space.moves(att, act):
+        for mv in space.moves(att, act, nrm):
             if mv.price_to <= mv.price_from:
                 continue
             if not mv.from_cheapest and mv.weight_to <= mv.weight_from:
                 continue
-            s = space.seconds(mv.att, mv.act)
+            s = space.seconds(mv.att, mv.act, mv.norm)
             key = (-mv.weight_to, s)
             if s <= budget_s and (best_key is None or key < best_key):
                 best, best_key = mv, key
         if best is None:
-            return space.spec(att, act)
-        att, act = best.att, best.act
+            return space.spec(att, act, nrm)
+        att, act, nrm = best.att, best.act, best.norm
 
 
 # ----------------------------------------------------------------------------- search
@@ -443,6 +614,11 @@ class SearchResult:
         p = self.net.activation_probs()
         return None if p is None else p.detach()
 
+    @property
+    def norm_probs(self) -> torch.Tensor | None:
+        p = self.net.norm_probs()
+        return None if p is None else p.detach()
+
 
 def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """(train, validation): a deterministic random ``fraction`` held out for validation."""
@@ -455,13 +631,12 @@ def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, S
 
 
 def argmax_spec(net: SuperNet) -> ArchSpec:
-    """Every head's and layer's highest-weight kind."""
+    """Every head's, layer's and norm's highest-weight kind."""
     kinds = net.attention_kinds
-    rows = net.attention_probs().argmax(-1).tolist()
-    acts = _activations(net.activation_probs(), net.activation_kinds, net.activation,
-                        net.config.depth)
-    return ArchSpec(tuple(LayerSpec(tuple(kinds[i] for i in r), a)
-                          for r, a in zip(rows, acts, strict=True)))
+    rows = [[kinds[i] for i in r] for r in net.attention_probs().argmax(-1).tolist()]
+    depth = net.config.depth
+    acts = _activations(net.activation_probs(), net.activation_kinds, net.activation, depth)
+    return _spec(rows, acts, _norms(net.norm_probs(), net.norm_kinds, net.norm, depth))
 
 
 def search(
@@ -504,7 +679,8 @@ def search(
                 x = augment_batch(x, data.crop_padding, data.hflip, fill, gen)
             logits = net(x)
             task = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            lat = prices.expected(net.attention_probs(), net.activation_probs())
+            lat = prices.expected(net.attention_probs(), net.activation_probs(),
+                                  net.norm_probs())
             loss = task + cfg.lam * lat / prices.reference
             opt.zero_grad(set_to_none=True)
             arch_opt.zero_grad(set_to_none=True)
@@ -520,7 +696,8 @@ def search(
             sums["n"] += b
         _, val_acc = evaluate(net, vx, vy)
         with torch.no_grad():
-            expected = float(prices.expected(net.attention_probs(), net.activation_probs()))
+            expected = float(prices.expected(net.attention_probs(), net.activation_probs(),
+                                             net.norm_probs()))
         n = max(1, sums["n"])
         stats = SearchEpoch(epoch + 1, cfg.epochs, sums["loss"] / n, sums["task"] / n,
                             sums["correct"] / n, val_acc, expected,
@@ -567,7 +744,8 @@ def mu_sweep(
     points = []
     for mu in mus:
         spec = binarize_mu(result.attention_probs, net.attention_kinds, mu, cheap,
-                           result.activation_probs, net.activation_kinds, net.activation)
+                           result.activation_probs, net.activation_kinds, net.activation,
+                           result.norm_probs, net.norm_kinds, net.norm)
         acc = float("nan")
         if result.val is not None:
             vx, vy = result.val.tensors()

@@ -23,7 +23,7 @@ from torch import nn
 from .configs import ViTConfig
 from .plan import ModelPlan
 from .spec import ActivationKind, ArchSpec
-from .vit import Block, CCTBlock, Linear, ViT
+from .vit import BatchNorm, Block, CCTBlock, Linear, ViT
 
 if TYPE_CHECKING:
     from crypten.mpc import MPCTensor
@@ -145,21 +145,51 @@ def _fold_into(norm: nn.LayerNorm, linear: nn.Linear) -> None:
     norm.bias = None
 
 
+def fold_batchnorm(owner: nn.Module, name: str, linear: nn.Linear) -> None:
+    """linear(s ⊙ x + t) = (W·diag s) x + (b + W t), with (s, t) the eval-mode map of the
+    BatchNorm ``owner.<name>`` (running statistics, weight, bias, eps); the norm is then
+    removed (``owner.<name>`` is None: ``vit.normed_linear`` runs the linear layer alone).
+    The folded layer always has a bias, whatever the values, so every party's copy has
+    the same structure."""
+    norm = getattr(owner, name)
+    with torch.no_grad():
+        scale, shift = norm.affine_map()
+        w = linear.weight.detach().clone()
+        bias = w @ shift
+        if linear.bias is not None:
+            bias = bias + linear.bias.detach()
+        linear.weight = nn.Parameter(w * scale)
+        linear.bias = nn.Parameter(bias)
+    delattr(owner, name)
+    setattr(owner, name, None)
+
+
+def _fold_norm(owner: nn.Module, name: str, linear: nn.Linear) -> None:
+    """Fold ``owner.<name>`` into ``linear``: a BatchNorm whole, a LayerNorm's affine
+    part."""
+    if isinstance(getattr(owner, name), BatchNorm):
+        fold_batchnorm(owner, name, linear)
+    else:
+        _fold_into(getattr(owner, name), linear)
+
+
 def fold_norms(model: ViT) -> ViT:
-    """A copy of ``model`` computing the same function whose LayerNorms feeding a single
-    linear layer have no affine part: pre-norm ``norm1`` -> qkv, ``norm2`` -> fc1, the
-    final norm -> head (in a CCT block only ``pre_norm``; its ``norm1`` also feeds the
-    residual).  Under MPC each fold saves a secure multiplication and its round per
-    LayerNorm.  Every party folds its own copy, so the shared structure matches; only
-    the owner's weights are meaningful."""
+    """A copy of ``model`` computing the same function (in eval mode) whose norms feeding
+    a single linear layer are folded into it: pre-norm ``norm1`` -> qkv, ``norm2`` ->
+    fc1, the final norm -> head (in a CCT block only ``pre_norm``; its ``norm1`` also
+    feeds the residual).  A LayerNorm loses its affine part (under MPC each fold saves
+    a secure multiplication and its round); a BatchNorm, an affine map at inference,
+    goes entirely (no norm runs under MPC: 0 rounds, 0 bytes).  Every party folds its
+    own copy before sharing, so the shared structure matches; only the owner's weights
+    (and running statistics) are meaningful, and they are only ever shared folded."""
     model = copy.deepcopy(model)
     for blk in model.blocks:
         if isinstance(blk, Block):
-            _fold_into(blk.norm1, blk.attn.qkv)
-            _fold_into(blk.norm2, blk.mlp.fc1)
+            _fold_norm(blk, "norm1", blk.attn.qkv)
+            _fold_norm(blk, "norm2", blk.mlp.fc1)
         elif isinstance(blk, CCTBlock):
-            _fold_into(blk.pre_norm, blk.attn.qkv)
-    _fold_into(model.norm, model.head)
+            _fold_norm(blk, "pre_norm", blk.attn.qkv)
+    _fold_norm(model, "norm", model.head)
     return model
 
 

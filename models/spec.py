@@ -1,5 +1,5 @@
-"""Architecture spec: which attention kind each head uses and which MLP activation each
-layer uses.
+"""Architecture spec: which attention kind each head uses, which MLP activation and which
+norm kind each layer uses, and which norm feeds the head.
 
 The spec is public (both parties need it to build the same computation), versioned and
 stored as YAML next to checkpoints and produced by the search.
@@ -8,7 +8,7 @@ stored as YAML next to checkpoints and produced by the search.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 SPEC_VERSION = 1
-_LAYER_KEYS = {"attention", "activation", "token_mask"}
+_LAYER_KEYS = {"attention", "activation", "token_mask", "norm"}
 
 
 class AttentionKind(str, Enum):
@@ -37,12 +37,29 @@ class ActivationKind(str, Enum):
     IDENTITY = "identity"
     # ReLU of a bias-free fc1 fed by a LayerNorm without shift (β): relu(W·x̂), which
     # commutes with the norm's positive 1/σ, so under MPC its sign test joins the norm's.
+    # After a BatchNorm (folded into fc1, which then has a bias) there is no norm
+    # comparison to join: the ReLU takes its own, and costs what ``relu`` costs.
     RELU_NOBIAS = "relu_nobias"
 
     @property
     def bias_free(self) -> bool:
-        """Whether the layer's fc1 and the LayerNorm before it carry no bias."""
+        """Whether the layer's fc1 and the norm before it carry no bias."""
         return self is ActivationKind.RELU_NOBIAS
+
+
+class NormKind(str, Enum):
+    """The norm before a block's attention and MLP (and before the head).
+
+    ``layernorm``: per-token statistics, computed under MPC (rsqrt, range comparison).
+    ``batchnorm``: per-channel statistics over all tokens and images of a training batch,
+    running statistics at inference, so an inference norm is a fixed per-channel affine
+    map; the secure model folds it into the linear layer it feeds (``secure.fold_norms``)
+    and no norm runs under MPC.  With ``relu_nobias`` after it, the ReLU cannot ride in a
+    norm's comparison (there is none): it takes its own, priced as ``relu``.
+    """
+
+    LAYERNORM = "layernorm"
+    BATCHNORM = "batchnorm"
 
 
 def _enum(cls: type[Enum], v: Any, where: str) -> Any:
@@ -68,11 +85,14 @@ class LayerSpec:
     ReLU after the MLP's second linear layer instead.  ``None``: every token uses the
     activation.  Like the head kinds the mask is public, so the secure model evaluates
     the activation on the selected tokens only.
+
+    ``norm``: the kind of both norms of the block (:class:`NormKind`).
     """
 
     attention: tuple[AttentionKind, ...]
     activation: ActivationKind
     token_mask: tuple[int, ...] | None = None
+    norm: NormKind = NormKind.LAYERNORM
 
     def __post_init__(self) -> None:
         att = self.attention
@@ -82,6 +102,7 @@ class LayerSpec:
             self, "attention", tuple(_enum(AttentionKind, a, "attention") for a in att)
         )
         object.__setattr__(self, "activation", _enum(ActivationKind, self.activation, "activation"))
+        object.__setattr__(self, "norm", _enum(NormKind, self.norm, "norm"))
         if not self.attention:
             raise ValueError("LayerSpec.attention must list at least one head")
         if self.token_mask is not None:
@@ -115,13 +136,16 @@ def _token_indices(mask: Any) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Per-layer attention/activation kinds for a whole ViT."""
+    """Per-layer attention/activation/norm kinds for a whole ViT; ``final_norm``: the
+    kind of the norm before the head."""
 
     layers: tuple[LayerSpec, ...]
     version: int = SPEC_VERSION
+    final_norm: NormKind = NormKind.LAYERNORM
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "final_norm", _enum(NormKind, self.final_norm, "final_norm"))
         if self.version != SPEC_VERSION:
             raise ValueError(f"unsupported ArchSpec version {self.version!r} (want {SPEC_VERSION})")
         if not self.layers:
@@ -133,6 +157,16 @@ class ArchSpec:
     @property
     def depth(self) -> int:
         return len(self.layers)
+
+    def norms(self) -> tuple[NormKind, ...]:
+        """Every layer's norm kind, then the final norm's."""
+        return (*(layer.norm for layer in self.layers), self.final_norm)
+
+    def with_norm(self, norm: NormKind | str) -> ArchSpec:
+        """This spec with every norm (each layer's and the final one) of kind ``norm``."""
+        norm = _enum(NormKind, norm, "norm")
+        return replace(self, layers=tuple(replace(layer, norm=norm) for layer in self.layers),
+                       final_norm=norm)
 
     def validate(self, depth: int, heads: int, tokens: int | None = None) -> ArchSpec:
         """Raise ValueError unless this spec fits a model with ``depth`` layers of ``heads``
@@ -156,9 +190,11 @@ class ArchSpec:
         heads: int,
         attention: AttentionKind | str = AttentionKind.SOFTMAX,
         activation: ActivationKind | str = ActivationKind.GELU,
+        norm: NormKind | str = NormKind.LAYERNORM,
     ) -> ArchSpec:
-        """Every head of every layer has the same kind."""
-        return cls(tuple(LayerSpec((attention,) * heads, activation) for _ in range(depth)))
+        """Every head of every layer has the same kind (and every norm: ``norm``)."""
+        return cls(tuple(LayerSpec((attention,) * heads, activation, norm=norm)
+                         for _ in range(depth)), final_norm=norm)
 
     @classmethod
     def mix(
@@ -222,8 +258,13 @@ class ArchSpec:
                                  "activation": layer.activation.value}
             if layer.token_mask is not None:  # absent when unmasked: old readers still read it
                 d["token_mask"] = list(layer.token_mask)
+            if layer.norm is not NormKind.LAYERNORM:  # likewise: absent means layernorm
+                d["norm"] = layer.norm.value
             layers.append(d)
-        return {"version": self.version, "layers": layers}
+        out: dict[str, Any] = {"version": self.version, "layers": layers}
+        if self.final_norm is not NormKind.LAYERNORM:
+            out["final_norm"] = self.final_norm.value
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> ArchSpec:
@@ -233,7 +274,7 @@ class ArchSpec:
             raise ValueError("ArchSpec is missing its 'version' field")
         # ``plan``: the protocol plan chosen with the spec (models/plan.py reads it); not
         # part of the architecture, so the spec leaves it to that module.
-        unknown = set(d) - {"version", "layers", "plan"}
+        unknown = set(d) - {"version", "layers", "plan", "final_norm"}
         if unknown:
             raise ValueError(f"unknown ArchSpec fields: {sorted(unknown)}")
         layers = d.get("layers")
@@ -244,27 +285,35 @@ class ArchSpec:
             if not isinstance(layer, dict) or not (
                     {"attention", "activation"} <= set(layer) <= _LAYER_KEYS):
                 raise ValueError(f"layer {i}: need exactly 'attention' and 'activation' keys "
-                                 "(plus an optional 'token_mask')")
+                                 "(plus an optional 'token_mask' and 'norm')")
             att = layer["attention"]
             if not isinstance(att, list):
                 raise ValueError(f"layer {i}: 'attention' must be a list of per-head kinds")
             try:
-                out.append(LayerSpec(tuple(att), layer["activation"], layer.get("token_mask")))
+                out.append(LayerSpec(tuple(att), layer["activation"], layer.get("token_mask"),
+                                     layer.get("norm", NormKind.LAYERNORM)))
             except ValueError as e:
                 raise ValueError(f"layer {i}: {e}") from None
-        return cls(tuple(out), version=d["version"])
+        return cls(tuple(out), version=d["version"],
+                   final_norm=d.get("final_norm", NormKind.LAYERNORM))
 
     @classmethod
     def parse(cls, text: str, depth: int, heads: int) -> ArchSpec:
-        """A spec from a YAML file's path, or from the ``ATTENTION[+ACTIVATION]`` shorthand
-        applied to every head and layer (e.g. ``relu_softmax+relu``; GeLU by default)."""
+        """A spec from a YAML file's path, or from the ``ATTENTION[+ACTIVATION][+NORM]``
+        shorthand applied to every head, layer and norm (e.g. ``relu_softmax+relu``,
+        ``scale+relu+batchnorm``, ``scale+batchnorm``; GeLU and LayerNorm by default)."""
         path = Path(text)
         if path.suffix in (".yaml", ".yml") or path.is_file():
             if not path.is_file():
                 raise FileNotFoundError(f"arch spec not found: {path}")
             return cls.from_yaml(path.read_text()).validate(depth, heads)
-        attention, _, activation = text.partition("+")
-        return cls.uniform(depth, heads, attention, activation or "gelu")
+        attention, *rest = text.split("+")
+        norms = [p for p in rest if p in NormKind._value2member_map_]
+        activations = [p for p in rest if p not in norms]
+        if len(norms) > 1 or len(activations) > 1:
+            raise ValueError(f"arch {text!r}: want ATTENTION[+ACTIVATION][+NORM]")
+        spec = cls.uniform(depth, heads, attention, activations[0] if activations else "gelu")
+        return spec.with_norm(norms[0]) if norms else spec
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
@@ -274,7 +323,9 @@ class ArchSpec:
         return cls.from_dict(yaml.safe_load(text))
 
     def summary(self) -> dict[str, int]:
-        """Head and activation counts by kind (for logs and reports)."""
+        """Head and activation counts by kind (for logs and reports), and counts of the
+        layers (``<kind>_layers``) and final norm (``final_<kind>``) whose norm is not a
+        LayerNorm."""
         out: dict[str, int] = {}
         for layer in self.layers:
             for a in layer.attention:
@@ -282,4 +333,9 @@ class ArchSpec:
             out[layer.activation.value] = out.get(layer.activation.value, 0) + 1
             if layer.token_mask is not None:
                 out["token_masked_layers"] = out.get("token_masked_layers", 0) + 1
+            if layer.norm is not NormKind.LAYERNORM:
+                key = f"{layer.norm.value}_layers"
+                out[key] = out.get(key, 0) + 1
+        if self.final_norm is not NormKind.LAYERNORM:
+            out[f"final_{self.final_norm.value}"] = 1
         return out

@@ -18,13 +18,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from mpcvit.mpc.protocols.plan import ProtocolPlan
 from torch import nn
 
 from . import ops
 from .configs import ViTConfig
 from .plan import ModelPlan
-from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
+from .spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec, NormKind
 
 if TYPE_CHECKING:
     from .secure import SecureModule  # the mirror a secure forward runs these methods on
@@ -49,6 +50,54 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: ops.Tensor) -> ops.Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps, protocol=self.protocol)
+
+
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the channel (last) dim: every token of every image is a sample.
+
+    Training normalises by the batch's statistics and updates running ones; inference
+    uses the running statistics, so the eval-mode norm is the per-channel affine map
+    :meth:`affine_map`.  It has no secure form: ``secure.fold_norms`` folds it into the
+    linear layer it feeds before the weights are shared, so no norm runs under MPC (and
+    the running statistics, part of the model, are never public).  ``bias=False``: no
+    shift β, as a bias-free MLP's norm (``relu_nobias``) has none.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1,
+                 bias: bool = True) -> None:
+        super().__init__(dim, eps=eps, momentum=momentum)
+        if not bias:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not ops.is_plain(x):
+            raise TypeError("a BatchNorm runs folded into the linear layer it feeds "
+                            "(secure.fold_norms), never on secret shares")
+        flat = x.reshape(-1, x.shape[-1])
+        # one row has no variance: normalise it as inference does
+        training = self.training and flat.shape[0] > 1
+        if training:
+            self.num_batches_tracked.add_(1)
+        y = F.batch_norm(flat, self.running_mean, self.running_var, self.weight, self.bias,
+                         training, self.momentum, self.eps)
+        return y.reshape(x.shape)
+
+    def affine_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of the inference map x -> scale ⊙ x + shift."""
+        scale = (self.running_var + self.eps).rsqrt()
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return scale.detach(), shift.detach()
+
+
+def make_norm(kind: NormKind | str, dim: int, eps: float, bias: bool = True) -> nn.Module:
+    """A norm of ``kind`` over ``dim`` channels."""
+    if NormKind(kind) is NormKind.BATCHNORM:
+        return BatchNorm(dim, eps=eps, bias=bias)
+    return LayerNorm(dim, eps=eps, bias=bias)
 
 
 def normed_linear(linear: Linear | SecureModule, x: ops.Tensor,
@@ -250,15 +299,17 @@ def apply_to_rows(x: ops.Tensor, k: int, fn: Callable[[ops.Tensor], ops.Tensor],
 
 
 class Block(nn.Module):
-    """Pre-norm block: x += attn(norm1 x); x += mlp(norm2 x)."""
+    """Pre-norm block: x += attn(norm1 x); x += mlp(norm2 x).  Both norms are of the
+    layer's norm kind (``LayerSpec.norm``)."""
 
     def __init__(self, cfg: ViTConfig, layer: LayerSpec, qkv_bias: bool = True) -> None:
         super().__init__()
-        self.norm1 = LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.norm1 = make_norm(layer.norm, cfg.dim, cfg.ln_eps)
         self.attn = Attention(cfg.dim, cfg.heads, layer.attention, qkv_bias=qkv_bias,
                               eps=cfg.attn_eps)
-        # a bias-free MLP needs a LayerNorm without shift before it (see ActivationKind)
-        self.norm2 = LayerNorm(cfg.dim, eps=cfg.ln_eps, bias=not layer.activation.bias_free)
+        # a bias-free MLP needs a norm without shift before it (see ActivationKind)
+        self.norm2 = make_norm(layer.norm, cfg.dim, cfg.ln_eps,
+                               bias=not layer.activation.bias_free)
         self.mlp = Mlp(cfg.dim, cfg.mlp_hidden, layer.activation, layer.token_mask,
                        cfg.num_tokens)
 
@@ -268,10 +319,17 @@ class Block(nn.Module):
 
 
 class CCTBlock(nn.Module):
-    """MPCViT reference block: x += attn(pre_norm x); x = norm1 x; x += mlp x."""
+    """MPCViT reference block: x += attn(pre_norm x); x = norm1 x; x += mlp x.
+
+    LayerNorms only: ``norm1`` also feeds the residual, so a BatchNorm there could not
+    fold into a linear layer (``secure.fold_norms``) and would run under MPC."""
 
     def __init__(self, cfg: ViTConfig, layer: LayerSpec, qkv_bias: bool = False) -> None:
         super().__init__()
+        if layer.norm is not NormKind.LAYERNORM:
+            raise ValueError(f"a CCT block's norms are LayerNorms, not {layer.norm.value}: "
+                             "its norm1 feeds the residual and cannot fold into a linear "
+                             "layer (use block: prenorm)")
         self.pre_norm = LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.attn = Attention(cfg.dim, cfg.heads, layer.attention, qkv_bias=qkv_bias,
                               eps=cfg.attn_eps)
@@ -286,10 +344,11 @@ class CCTBlock(nn.Module):
 
 
 class ViT(nn.Module):
-    """ViT-Lite: patch tokens + class token + positional embedding, blocks, LN, head.
+    """ViT-Lite: patch tokens + class token + positional embedding, blocks, norm, head.
 
-    Only the class token feeds the head, so the final LayerNorm runs on it alone (LN is
-    per token, so this equals normalising all tokens and then selecting).
+    Only the class token feeds the head, so the final norm runs on it alone (a LayerNorm
+    is per token, so this equals normalising all tokens and then selecting; a final
+    BatchNorm's statistics are the class tokens').
     """
 
     def __init__(self, config: ViTConfig, spec: ArchSpec | None = None,
@@ -304,7 +363,7 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, config.dim))
         block_cls = Block if config.block == "prenorm" else CCTBlock
         self.blocks = nn.ModuleList(block_cls(config, layer) for layer in spec.layers)
-        self.norm = LayerNorm(config.dim, eps=config.ln_eps)
+        self.norm = make_norm(spec.final_norm, config.dim, config.ln_eps)
         self.head = Linear(config.dim, config.num_classes)
         self._init_weights()
         self.set_protocol(protocol)
@@ -336,14 +395,23 @@ class ViT(nn.Module):
 
     def set_spec(self, spec: ArchSpec) -> None:
         """Switch attention/activation kinds in place.  The weights are kind-independent,
-        except that a bias-free activation (``relu_nobias``) has no fc1 and LayerNorm
-        bias: switching to or from it is refused."""
+        except that a bias-free activation (``relu_nobias``) has no fc1 and norm bias,
+        and that norm kinds have different parameters: switching to or from it, or
+        another norm kind, is refused."""
         spec.validate(self.config.depth, self.config.heads, self.config.num_tokens)
+        if spec.final_norm is not self.spec.final_norm:
+            raise ValueError(f"final norm {self.spec.final_norm.value} -> "
+                             f"{spec.final_norm.value} changes the parameters; train a "
+                             "model with that spec instead")
         for i, (old, new) in enumerate(zip(self.spec.layers, spec.layers, strict=True)):
             if old.activation.bias_free != new.activation.bias_free:
                 raise ValueError(f"layer {i}: {old.activation.value} -> "
                                  f"{new.activation.value} changes the MLP's parameters; "
                                  "train a model with that spec instead")
+            if old.norm is not new.norm:
+                raise ValueError(f"layer {i}: norm {old.norm.value} -> {new.norm.value} "
+                                 "changes the parameters; train a model with that spec "
+                                 "instead")
         for blk, layer in zip(self.blocks, spec.layers, strict=True):
             blk.attn.set_kinds(layer.attention)
             blk.mlp.activation = layer.activation
@@ -360,7 +428,8 @@ class ViT(nn.Module):
         return x[:, 0]
 
     def forward_features(self, x: ops.Tensor) -> ops.Tensor:
-        return self.norm(self.class_token(x))
+        h = self.class_token(x)
+        return h if self.norm is None else self.norm(h)  # None: folded into the head
 
     def forward(self, x: ops.Tensor) -> ops.Tensor:
         return normed_linear(self.head, self.class_token(x), self.norm)

@@ -43,6 +43,10 @@ def _measurements() -> dict[str, dict[str, float]]:
     m["layernorm.final"] = {"rounds": 20, "bytes": 7, "compute_s": 0.01}
     m["linear"] = {"rounds": 4, "bytes": 900, "compute_s": 0.03}
     m["linear.stem_head"] = {"rounds": 2, "bytes": 100, "compute_s": 0.004}
+    # folded BatchNorms: nothing; an identity MLP merged without a LayerNorm to fuse
+    m["batchnorm"] = {"rounds": 0, "bytes": 0, "compute_s": 0.0001}
+    m["batchnorm.identity"] = {"rounds": -1, "bytes": -77, "compute_s": -0.002}
+    m["batchnorm.final"] = {"rounds": 0, "bytes": 0, "compute_s": 0.0}
     return m
 
 
@@ -144,6 +148,51 @@ def test_prediction_sums_layers_and_interpolates_heads():
     assert cm.seconds(mixed, lan) == pytest.approx(lan.seconds(cm.predict(mixed)))
 
 
+def test_batchnorm_specs_are_priced_per_layer_norm_kind(tmp_path):
+    m = _measurements()
+    cm = cost_model_from_measurements(DEMO, m)
+    d, h = DEMO.depth, DEMO.heads
+    bn = ArchSpec.uniform(d, h, "softmax", "gelu", "batchnorm")
+    ln = ArchSpec.uniform(d, h, "softmax", "gelu")
+    # the norms cost nothing: only the attention, activation, linear layers and stem
+    assert cm.predict(bn).rounds == d * (80 + 13 + 4) + 2
+    assert cm.predict(ln).rounds - cm.predict(bn).rounds == (2 * d + 1) * 20
+    assert cm.breakdown(bn)["norm"].rounds == 0 and cm.block("batchnorm").rounds == 0
+    # after a BatchNorm a bias-free ReLU is a ReLU (its own comparison, the MLP's plan)
+    # and an identity MLP merges without a norm to fuse with
+    layers = (LayerSpec(("scale",) * 4, "relu_nobias", norm="batchnorm"),
+              LayerSpec(("scale",) * 4, "relu_nobias"),
+              LayerSpec(("scale",) * 4, "identity", norm="batchnorm"),
+              LayerSpec(("scale",) * 4, "identity"))
+    mixed = ArchSpec(layers, final_norm="batchnorm")
+    acts = (13 - 3) + (13 - 12) + (-1) + (13 - 9)
+    norms = 2 * 2 * 20 + 0
+    assert cm.predict(mixed).rounds == d * (60 + 4) + acts + norms + 2
+    parts = cm.breakdown(mixed)
+    assert parts["activation"] == (cm.activation_cost("relu") + cm.activation_cost("identity")
+                                   + Cost.from_dict(m["batchnorm.identity"]))
+    assert parts["norm"] == cm.layernorm_cost().scale(4) + cm.activation_cost("relu_nobias") \
+        + cm.batchnorm["layer"].scale(4) + cm.batchnorm["final"]
+    assert cm.activation_block("relu_nobias", "batchnorm") == "activation"
+    assert cm.activation_block("relu_nobias", "layernorm") == "norm"  # rides in the LN
+    # a cost file from before batchnorm existed still loads and prices layernorm specs
+    old = {k: v for k, v in m.items() if not k.startswith("batchnorm")}
+    path = tmp_path / "old.yaml"
+    cost_model_from_measurements(DEMO, old).save(path)
+    back = CostModel.load(path)
+    assert back.batchnorm == {} and "batchnorm" not in back.block_names()
+    assert back.predict(ln) == cm.predict(ln)
+    with pytest.raises(KeyError, match="no price of batchnorm; re-run mpcvit profile"):
+        back.predict(bn)
+    assert CostModel.load(_saved(cm, tmp_path)).batchnorm == cm.batchnorm
+
+
+def _saved(cm: CostModel, tmp_path) -> str:
+    path = tmp_path / "new.yaml"
+    cm.save(path)
+    return str(path)
+
+
 def test_token_masks_are_priced_per_token():
     cm = cost_model_from_measurements(DEMO, _measurements())
     n, d, h = DEMO.num_tokens, DEMO.depth, DEMO.heads
@@ -208,8 +257,11 @@ def test_profile_cli_reports_every_block(profiled):
         if name != "activation.identity":
             assert b["seconds"] >= b["compute_s"] >= 0.0, name
     for name in BLOCK_NAMES:
-        if name not in ("activation.identity", "activation.relu_nobias"):
+        if name not in ("activation.identity", "activation.relu_nobias", "batchnorm"):
             assert report["blocks"][name]["rounds"] > 0, name
+    # a BatchNorm is folded into the linear layer it feeds: no round, no byte
+    assert report["blocks"]["batchnorm"]["rounds"] == report["blocks"]["batchnorm"]["bytes"] == 0
+    assert costs.batchnorm["identity"].rounds == -1  # the merge saves fc2's round
     # identity merges fc1 and fc2 into one layer: fc2's round and bytes are saved
     assert report["blocks"]["activation.identity"]["rounds"] == -DEMO.depth
     assert report["blocks"]["activation.identity"]["bytes"] < 0
@@ -242,6 +294,14 @@ SPECS = {
                             for act in ("relu", "quad", "identity", "gelu"))),
     "bias_free": ArchSpec(tuple(LayerSpec(("scale",) * 4, act)
                                 for act in ("relu_nobias", "relu", "relu_nobias", "quad"))),
+    # BatchNorms and LayerNorms, a bias-free ReLU and an identity MLP after each
+    "batchnorm": ArchSpec(tuple(LayerSpec(("relu_softmax", "scale", "quad2", "scale"), act,
+                                          norm=norm)
+                                for act, norm in (("relu_nobias", "batchnorm"),
+                                                  ("identity", "batchnorm"),
+                                                  ("relu_nobias", "layernorm"),
+                                                  ("identity", "layernorm"))),
+                          final_norm="batchnorm"),
     "token_masks": ArchSpec((LayerSpec(("relu_softmax", "scale", "scale", "scale"), "gelu",
                                        tuple(range(0, 50, 3))),
                              LayerSpec(("scale",) * 4, "gelu", ()),
@@ -258,10 +318,11 @@ PLAN_NORM = ModelPlan(activation=_FSS.replace(gelu="spline"), norm=_FSS)
 @pytest.mark.slow
 @pytest.mark.parametrize("name,plan", [
     ("softmax", None), ("mixed", None), ("bias_free", None), ("token_masks", None),
-    ("softmax", PLAN_SPLIT), ("mixed", PLAN_ALL), ("bias_free", PLAN_NORM),
-    ("token_masks", PLAN_NORM),
-], ids=["softmax", "mixed", "bias_free", "token_masks", "softmax-split_plan",
-        "mixed-fss_plan", "bias_free-norm_plan", "token_masks-norm_plan"])
+    ("batchnorm", None), ("softmax", PLAN_SPLIT), ("mixed", PLAN_ALL),
+    ("bias_free", PLAN_NORM), ("token_masks", PLAN_NORM), ("batchnorm", PLAN_NORM),
+], ids=["softmax", "mixed", "bias_free", "token_masks", "batchnorm", "softmax-split_plan",
+        "mixed-fss_plan", "bias_free-norm_plan", "token_masks-norm_plan",
+        "batchnorm-norm_plan"])
 def test_blocks_predict_whole_model_run(profiled, name, plan):
     import torch
 
@@ -278,6 +339,9 @@ def test_blocks_predict_whole_model_run(profiled, name, plan):
         assert pred.rounds == run.rounds
         assert math.isclose(pred.bytes, run.bytes, rel_tol=0.01), (pred.bytes, run.bytes)
         assert run.rounds < costs.predict(spec).rounds  # and a plan that changes something
+    if name == "batchnorm":
+        # folded norms cost nothing; each layer's activation priced after its norm kind
+        assert pred.rounds == run.rounds and pred.bytes == run.bytes
     if any(layer.token_mask is not None for layer in spec.layers):
         # token masks are priced from per-token measurements: rounds exact, bytes linear
         # in tokens (measured: exact)

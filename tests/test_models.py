@@ -16,8 +16,8 @@ from mpcvit.models.checkpoint import (
 )
 from mpcvit.models.configs import CONFIGS, ViTConfig, get_config
 from mpcvit.models.reference import ReferenceImportError, import_reference
-from mpcvit.models.spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec
-from mpcvit.models.vit import Attention, ViT, build_model
+from mpcvit.models.spec import ActivationKind, ArchSpec, AttentionKind, LayerSpec, NormKind
+from mpcvit.models.vit import Attention, BatchNorm, ViT, build_model
 from mpcvit.mpc.protocols.functions import gelu_poly_plain
 
 TINY = ViTConfig(image_size=8, in_chans=2, patch=2, dim=16, depth=2, heads=4, num_classes=5)
@@ -85,6 +85,33 @@ def test_spec_yaml_round_trip_and_helpers():
     assert ArchSpec.from_yaml(mixed.to_yaml()) == mixed
     u = ArchSpec.uniform(2, 3, "scale", "gelu")
     assert all(layer.attention == (AttentionKind.SCALE,) * 3 for layer in u.layers)
+
+
+def test_spec_norm_kinds_round_trip_and_stay_backward_compatible():
+    bn = ArchSpec.parse("scale+relu+batchnorm", 3, 4)
+    assert all(layer.norm is NormKind.BATCHNORM for layer in bn.layers)
+    assert bn.final_norm is NormKind.BATCHNORM
+    assert bn.layers[0].activation is ActivationKind.RELU
+    assert ArchSpec.from_yaml(bn.to_yaml()) == bn
+    assert bn.summary() == {"scale": 12, "relu": 3, "batchnorm_layers": 3, "final_batchnorm": 1}
+    assert ArchSpec.parse("scale+batchnorm", 3, 4) == ArchSpec.uniform(3, 4, "scale", "gelu",
+                                                                        "batchnorm")
+    assert ArchSpec.parse("scale+relu_nobias", 3, 4).norms() == (NormKind.LAYERNORM,) * 4
+    # per layer, and the final norm on its own
+    mixed = ArchSpec((LayerSpec(("scale",) * 4, "gelu", norm="batchnorm"),
+                      LayerSpec(("scale",) * 4, "relu")))
+    assert mixed.final_norm is NormKind.LAYERNORM
+    assert ArchSpec.from_dict(mixed.to_dict()) == mixed
+    assert mixed.summary()["batchnorm_layers"] == 1 and "final_batchnorm" not in mixed.summary()
+    # layernorm everywhere writes what older readers read: no norm fields at all
+    plain = ArchSpec.uniform(2, 4, "scale", "relu")
+    assert "norm" not in plain.to_yaml()
+    old = {"version": 1, "layers": [{"attention": ["scale"] * 4, "activation": "relu"}] * 2}
+    assert ArchSpec.from_dict(old) == plain
+    with pytest.raises(ValueError, match="unknown NormKind 'groupnorm'"):
+        ArchSpec.from_dict({**old, "final_norm": "groupnorm"})
+    with pytest.raises(ValueError, match=r"ATTENTION\[\+ACTIVATION\]\[\+NORM\]"):
+        ArchSpec.parse("scale+relu+gelu", 2, 4)
 
 
 @pytest.mark.parametrize(
@@ -480,6 +507,106 @@ def test_folding_layernorm_affine_keeps_the_function():
             assert first.norm1.weight is None and first.norm2.weight is None
         else:  # norm1 also feeds the residual: it keeps its affine part
             assert first.pre_norm.weight is None and first.norm1.weight is not None
+
+
+def _with_running_stats(model: ViT, seed: int = 0) -> ViT:
+    """Trained-like BatchNorm statistics and affine parts (a fresh norm's are 0 and 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BatchNorm):
+                m.running_mean.normal_(0.0, 2.0, generator=g)
+                m.running_var.uniform_(0.05, 30.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                if m.bias is not None:
+                    m.bias.normal_(0.0, 0.3, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu_nobias", "identity", "gelu"])
+def test_folding_batchnorm_removes_it_and_keeps_the_function(activation):
+    from mpcvit.models.secure import fold_norms, prepare_for_mpc
+
+    spec = ArchSpec.uniform(TINY.depth, TINY.heads, "scale", activation, "batchnorm")
+    model = _with_running_stats(_scaled(build_model(TINY, spec))).eval()
+    assert isinstance(model.blocks[0].norm1, BatchNorm) and isinstance(model.norm, BatchNorm)
+    # relu_nobias: no shift in the norm before the bias-free fc1
+    assert (model.blocks[0].norm2.bias is None) == (activation == "relu_nobias")
+    x = torch.randn(3, 2, 8, 8)
+    for prepared in (fold_norms(model), prepare_for_mpc(model)):
+        with torch.no_grad():
+            torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
+        # no norm is left to run under MPC; every folded layer carries a bias
+        assert prepared.norm is None and prepared.head.bias is not None
+        for blk in prepared.blocks:
+            assert blk.norm1 is None and blk.norm2 is None
+            assert blk.attn.qkv.bias is not None and blk.mlp.fc1.bias is not None
+    assert isinstance(model.norm, BatchNorm)  # the model itself is untouched
+
+
+def test_batchnorm_fold_into_a_linear_layer_is_exact():
+    from mpcvit.models.secure import fold_batchnorm
+    from mpcvit.models.vit import Linear
+
+    holder = torch.nn.Module()
+    holder.norm = BatchNorm(16, eps=1e-5)
+    _with_running_stats(holder).eval()
+    linear = Linear(16, 24)
+    x = torch.randn(2, 5, 16) * 4 + 1
+    with torch.no_grad():
+        want = linear(holder.norm(x))
+        fold_batchnorm(holder, "norm", linear)
+        got = linear(x)
+    assert holder.norm is None
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_batchnorm_training_step_updates_running_stats_and_eval_uses_them(tmp_path):
+    spec = ArchSpec.parse("scale+relu+batchnorm", TINY.depth, TINY.heads)
+    model = build_model(TINY, spec)
+    norm = model.blocks[0].norm1
+    before = norm.running_mean.clone(), norm.running_var.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 2, 8, 8) * 3 + 1, torch.randint(0, TINY.num_classes, (8,))
+    model.train()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert norm.weight.grad is not None and model.norm.weight.grad is not None
+    assert not torch.equal(norm.running_mean, before[0])
+    assert not torch.equal(norm.running_var, before[1])
+    assert int(norm.num_batches_tracked) == 1
+    # eval mode: the running statistics, so an image's logits do not depend on its batch
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:1], model(x[:1]))
+        stats = norm.running_mean.clone()
+        model(x)
+    assert torch.equal(norm.running_mean, stats)
+    # the checkpoint keeps the spec's norms and their running statistics
+    save_checkpoint(model, tmp_path / "bn.pt")
+    loaded, _ = load_checkpoint(tmp_path / "bn.pt")
+    assert loaded.spec == spec and torch.equal(loaded.blocks[0].norm1.running_mean, stats)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_batchnorm_refusals():
+    spec = ArchSpec.uniform(TINY.depth, TINY.heads, "scale", "relu", "batchnorm")
+    with pytest.raises(ValueError, match="CCT block's norms are LayerNorms"):
+        ViT(TINY.replace(block="cct"), spec)
+    # a CCT model may still fold a final BatchNorm into its head
+    cct = ArchSpec.uniform(TINY.depth, TINY.heads, "scale", "relu").with_norm("layernorm")
+    ViT(TINY.replace(block="cct"), ArchSpec(cct.layers, final_norm="batchnorm"))
+    model = build_model(TINY, spec)
+    with pytest.raises(ValueError, match="norm batchnorm -> layernorm changes the parameters"):
+        model.set_spec(ArchSpec(spec.with_norm("layernorm").layers, final_norm="batchnorm"))
+    with pytest.raises(ValueError, match="final norm batchnorm -> layernorm"):
+        model.set_spec(ArchSpec(spec.layers))
+    model.set_spec(ArchSpec.uniform(TINY.depth, TINY.heads, "softmax", "gelu", "batchnorm"))
+    # secret shares never meet an unfolded BatchNorm: it has no secure form
+    with pytest.raises(TypeError, match="folded"):
+        model.norm(torch.zeros(2, TINY.dim).numpy())
 
 
 def test_grouped_spec_packs_accurate_heads_into_the_first_layers():

@@ -21,7 +21,7 @@ from mpcvit.models.search import (
     mu_sweep,
     search,
 )
-from mpcvit.models.spec import ArchSpec, AttentionKind, LayerSpec
+from mpcvit.models.spec import ArchSpec, AttentionKind, LayerSpec, NormKind
 
 TINY = ViTConfig(image_size=16, in_chans=1, patch=4, dim=16, depth=2, heads=2, num_classes=4)
 LAN = NETWORKS["lan"]
@@ -39,8 +39,12 @@ def _costs(config: ViTConfig) -> CostModel:
         m[f"attention.{kind}.all_heads"] = {"rounds": rounds, "bytes": nbytes,
                                             "compute_s": 0.04}
     for kind, rounds, nbytes in (("gelu", 13, 6.7e6), ("relu", 9, 3e6), ("quad", 1, 2e5),
-                                 ("identity", 0, 0)):
+                                 ("identity", 0, 0), ("relu_nobias", 0, 3e6)):
         m[f"activation.{kind}"] = {"rounds": rounds, "bytes": nbytes, "compute_s": 0.01}
+    # folded BatchNorms cost nothing; an identity MLP merged without a LayerNorm
+    m["batchnorm"] = {"rounds": 0, "bytes": 0, "compute_s": 0.0}
+    m["batchnorm.final"] = {"rounds": 0, "bytes": 0, "compute_s": 0.0}
+    m["batchnorm.identity"] = {"rounds": -1, "bytes": -1e5, "compute_s": 0.0}
     m["layernorm"] = {"rounds": 20, "bytes": 5e5, "compute_s": 0.01}
     m["layernorm.final"] = {"rounds": 20, "bytes": 1e4, "compute_s": 0.001}
     m["linear"] = {"rounds": 4, "bytes": 8e5, "compute_s": 0.01}
@@ -97,6 +101,89 @@ def test_expected_latency_prices_match_cost_model():
         ArchSpec.uniform(TINY.depth, TINY.heads, "softmax", "gelu"), LAN))
     with pytest.raises(ValueError):
         LatencyPrices.from_costs(_costs(get_config("demo")), LAN, net)
+
+
+def _one_hot(n: int, *index: int) -> torch.Tensor:
+    t = torch.zeros(*index[:-1], n) if len(index) > 1 else torch.zeros(n)
+    t[..., index[-1]] = 1.0
+    return t
+
+
+def test_norm_search_supernet_equals_derived_vit_and_prices_each_norm_kind():
+    torch.manual_seed(0)
+    net = SuperNet(TINY, ["scale", "relu_softmax"], ["relu", "relu_nobias"],
+                   norm_kinds=["layernorm", "batchnorm"])
+    spec = ArchSpec((LayerSpec(("scale", "relu_softmax"), "relu_nobias", norm="batchnorm"),
+                     LayerSpec(("relu_softmax",) * 2, "relu_nobias")), final_norm="batchnorm")
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(16, 1, 16, 16) * 2 + 1)  # running statistics for every BatchNorm
+        for name, p in net.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)  # shifts the bias-free layer must leave out
+        for i, (blk, layer) in enumerate(zip(net.vit.blocks, spec.layers, strict=True)):
+            blk.attn.alpha.fill_(-60.0)
+            for h, kind in enumerate(layer.attention):
+                blk.attn.alpha[h, net.attention_kinds.index(kind)] = 60.0
+            blk.mlp.beta.fill_(-60.0)
+            blk.mlp.beta[net.activation_kinds.index(layer.activation)] = 60.0
+            blk.norm1.delta.fill_(-60.0)
+            blk.norm1.delta[net.norm_kinds.index(spec.norms()[i])] = 60.0
+        net.vit.norm.delta.fill_(-60.0)
+        net.vit.norm.delta[net.norm_kinds.index(spec.final_norm)] = 60.0
+    assert net.vit.blocks[0].norm2.delta is net.vit.blocks[0].norm1.delta  # one per block
+    x = torch.randn(3, 1, 16, 16)
+    model = net.derive(spec).eval()
+    net.eval()
+    torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(net.arch_parameters()) == 3 * TINY.depth + 1
+    # one-hot mixtures price what the cost model predicts: a bias-free ReLU rides in a
+    # LayerNorm's comparison, not after a folded BatchNorm
+    costs = _costs(TINY)
+    prices = LatencyPrices.from_costs(costs, LAN, net)
+    d, h = TINY.depth, TINY.heads
+    for a in range(2):
+        for f in range(2):
+            for n in range(2):
+                want = ArchSpec.uniform(d, h, net.attention_kinds[a], net.activation_kinds[f],
+                                        net.norm_kinds[n])
+                got = prices.expected(_one_hot(2, d, h, a), _one_hot(2, d, f),
+                                      _one_hot(2, d + 1, n))
+                assert float(got) == pytest.approx(costs.seconds(want, LAN)), (a, f, n)
+    # a fixed activation is priced after each candidate norm
+    fixed = SuperNet(TINY, ["scale"], None, "relu_nobias", ["layernorm", "batchnorm"])
+    prices = LatencyPrices.from_costs(costs, LAN, fixed)
+    for n in range(2):
+        want = ArchSpec.uniform(d, h, "scale", "relu_nobias", fixed.norm_kinds[n])
+        got = prices.expected(_one_hot(1, d, h, 0), None, _one_hot(2, d + 1, n))
+        assert float(got) == pytest.approx(costs.seconds(want, LAN))
+    with pytest.raises(ValueError, match="pre-norm"):
+        SuperNet(TINY.replace(block="cct"), ["scale"], norm_kinds=["layernorm", "batchnorm"])
+
+
+def test_budget_mode_chooses_norm_kinds():
+    costs = _costs(TINY)
+    kinds, d, h = [AttentionKind.SCALE], TINY.depth, TINY.heads
+    att = torch.ones(d, h, 1)
+    norm_kinds = [NormKind.LAYERNORM, NormKind.BATCHNORM]
+    prefer_ln = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2]])
+    ln = ArchSpec.uniform(d, h, "scale", "relu")
+    bn = ln.with_norm("batchnorm")
+    # generous: every norm keeps its argmax; tight: only BatchNorms fit
+    loose = binarize_budget(att, kinds, costs, LAN, 10 * costs.seconds(ln, LAN), None, None,
+                            "relu", prefer_ln, norm_kinds)
+    assert loose == ln
+    tight = binarize_budget(att, kinds, costs, LAN, costs.seconds(bn, LAN) * 1.0001, None,
+                            None, "relu", prefer_ln, norm_kinds)
+    assert tight == bn
+    # in between: the layer whose LayerNorm weighs least gives it up first
+    one = ArchSpec((ln.layers[0], bn.layers[1]))
+    mid = binarize_budget(att, kinds, costs, LAN, costs.seconds(one, LAN) * 1.0001, None,
+                          None, "relu", prefer_ln, norm_kinds)
+    assert mid.norms() == (NormKind.LAYERNORM, NormKind.BATCHNORM, NormKind.LAYERNORM)
+    # μ top-k: norms take their argmax
+    spec = binarize_mu(att, kinds, 0.0, 0, norm_probs=1 - prefer_ln, norm_kinds=norm_kinds)
+    assert spec.norms() == (NormKind.BATCHNORM,) * 3
 
 
 # ----------------------------------------------------------------------------- search
@@ -261,6 +348,30 @@ def test_search_cli_then_distilled_train_of_searched_arch(tmp_path):
     student, extra = load_checkpoint(tmp_path / "student.pt")
     assert student.spec == spec
     assert 0.0 <= extra["test_acc"] <= 1.0
+
+
+def test_search_cli_offers_norm_kinds(tmp_path):
+    from mpcvit.models.vit import BatchNorm, ViT
+
+    demo = get_config("demo")
+    costs = tmp_path / "costs.yaml"
+    _costs(demo).save(costs, LAN)
+    data = "synthetic:size=28,classes=4,train=256,test=128"
+    arch = tmp_path / "arch.yaml"
+    rc, out = _cli("search", "--model", "demo", "--data", data, "--costs", str(costs),
+                   "--mu", "0.25", "--epochs", "1", "--out", str(arch), "--threads", "1",
+                   "--batch-size", "64", "--activations", "relu,relu_nobias",
+                   "--norms", "layernorm,batchnorm", "--lam", "20")
+    assert rc == 0, out
+    assert "norms layernorm,batchnorm" in out
+    spec = ArchSpec.from_yaml(arch.read_text())
+    model = ViT(demo.replace(num_classes=4), spec)  # a valid spec for the model
+    # the heavy latency penalty moved weight to the free BatchNorm
+    assert NormKind.BATCHNORM in spec.norms()
+    assert any(isinstance(m, BatchNorm) for m in model.modules())
+    rc, out = _cli("train", "--model", "demo", "--data", data, "--epochs", "1",
+                   "--arch", str(arch), "--out", str(tmp_path / "m.pt"), "--threads", "1")
+    assert rc == 0, out
 
 
 def test_search_cli_errors(tmp_path):

@@ -28,7 +28,8 @@ SMALL = ViTConfig(image_size=16, in_chans=3, patch=4, dim=32, depth=2, heads=4, 
 
 
 def _trained_like(model: torch.nn.Module, gain: float, seed: int) -> torch.nn.Module:
-    """Scale an initialised model's weights to trained-like magnitudes."""
+    """Scale an initialised model's weights to trained-like magnitudes (and give its
+    BatchNorms trained-like running statistics)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -38,6 +39,11 @@ def _trained_like(model: torch.nn.Module, gain: float, seed: int) -> torch.nn.Mo
                 p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
             elif p.dim() >= 2 and "embed" not in name and "token" not in name:
                 p.mul_(gain)
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + 2 * torch.rand(b.shape, generator=g))
     return model
 
 
@@ -236,6 +242,14 @@ MODEL_CASES = {
     "identity": (SMALL, ArchSpec.uniform(2, 4, "scale", "identity")),
     "relu_nobias": (SMALL, ArchSpec.uniform(2, 4, "scale", "relu_nobias")),
     "mpcvit_mix": (SMALL, ArchSpec.mix(2, 4, activation="gelu")),
+    # BatchNorms folded into qkv, fc1 and the head: no norm runs under MPC
+    "batchnorm": (SMALL, ArchSpec.uniform(2, 4, "relu_softmax", "gelu", "batchnorm")),
+    "batchnorm_relu_nobias": (SMALL, ArchSpec((
+        LayerSpec(("scale",) * 4, "relu_nobias", norm="batchnorm"),
+        LayerSpec(("softmax",) * 4, "relu_nobias")), final_norm="batchnorm")),
+    "cct_final_batchnorm": (SMALL.replace(block="cct"),
+                            ArchSpec(ArchSpec.uniform(2, 4, "scale", "relu").layers,
+                                     final_norm="batchnorm")),
     "all_kinds_cct": (
         SMALL.replace(block="cct"),
         ArchSpec((LayerSpec(("scale", "softmax", "relu_softmax", "quad2"), "gelu"),
@@ -333,6 +347,31 @@ def test_secure_model_logits_match_plaintext(model_results, name):
     # Measured: ~5e-4 on logits of magnitude ~1.
     assert err <= 2e-3 + 2e-3 * want.abs().max().item(), f"{name}: max abs error {err:.3e}"
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_batchnorm_runs_no_norm_under_mpc():
+    """A batchnorm spec's secure run agrees with its plaintext model and takes fewer
+    rounds than the same kinds with LayerNorms; a bias-free ReLU after a (folded)
+    BatchNorm takes its own comparison: the rounds of a ReLU."""
+    from mpcvit.models.profiler import measure_secure_model
+
+    x = torch.randn(1, SMALL.in_chans, SMALL.image_size, SMALL.image_size)
+    runs = {}
+    for activation in ("relu", "relu_nobias"):
+        for norm in ("batchnorm", "layernorm"):
+            spec = ArchSpec.uniform(2, 4, "scale", activation, norm)
+            torch.manual_seed(1)
+            model = _trained_like(ViT(SMALL, spec), 4.0, seed=1).eval()
+            run = measure_secure_model(SMALL, spec, x, model.state_dict(), provider="dealer")
+            with torch.no_grad():
+                want = model(x)
+            err = (run.logits - want).abs().max().item()
+            assert err <= 2e-3 + 2e-3 * want.abs().max().item(), (activation, norm, err)
+            runs[activation, norm] = run
+    for activation in ("relu", "relu_nobias"):
+        bn, ln = runs[activation, "batchnorm"], runs[activation, "layernorm"]
+        assert bn.rounds < ln.rounds and bn.bytes < ln.bytes, (activation, bn, ln)
+    assert runs["relu_nobias", "batchnorm"].rounds == runs["relu", "batchnorm"].rounds
 
 
 # ----------------------------------------------------------------------------- rounds
