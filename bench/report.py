@@ -55,8 +55,14 @@ SPECS_NETWORKS = [
 ]
 
 
-def build_spec(config: ViTConfig, attention: str, mu: float, activation: str) -> ArchSpec:
+def build_spec(config: ViTConfig, attention: str, mu: float, activation: str,
+               norm: str = "layernorm") -> ArchSpec:
     from mpcvit.models.spec import ArchSpec
+
+    if norm != "layernorm":
+        if attention in ("grouped", "mix"):
+            raise ValueError(f"bench spec: norm {norm!r} only with uniform attention")
+        return ArchSpec.uniform(config.depth, config.heads, attention, activation, norm)
 
     if attention == "grouped":
         return ArchSpec.grouped(config.depth, config.heads, mu, activation=activation)
@@ -157,8 +163,9 @@ def section_networks(config: ViTConfig, networks: list[str], log: Log, images: i
 # The protocols section: (row label, attention, mu, activation).  scale + relu_nobias is the
 # best searched MPCViT+ spec at WAN prices (docs/search.md).
 SPECS_PROTOCOLS = [
-    ("softmax ViT (softmax + gelu)", "softmax", 0.0, "gelu"),
-    ("MPCViT+ (scale + relu_nobias)", "scale", 0.0, "relu_nobias"),
+    ("softmax ViT (softmax + gelu)", "softmax", 0.0, "gelu", "layernorm"),
+    ("MPCViT+ (scale + relu_nobias)", "scale", 0.0, "relu_nobias", "layernorm"),
+    ("MPCViT+ (scale + relu, BatchNorms folded)", "scale", 0.0, "relu", "batchnorm"),
 ]
 
 
@@ -192,8 +199,8 @@ def measure_protocols(config: ViTConfig, costs: CostModel, networks: list[str], 
     from .network import bench_loopback, bench_network
 
     rows = []
-    for name, att, mu, act in SPECS_PROTOCOLS:
-        spec = build_spec(config, att, mu, act)
+    for name, att, mu, act, norm in SPECS_PROTOCOLS:
+        spec = build_spec(config, att, mu, act, norm)
         loops: dict[str, dict] = {}
 
         def loop(plan: ModelPlan, spec: ArchSpec = spec, loops: dict[str, dict] = loops,
