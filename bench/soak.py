@@ -380,11 +380,34 @@ def kill_round(sc: SoakCluster, who: Any, phase: str, image: np.ndarray,
     killed = time.monotonic()
     sc.cluster.kill(who)
     error_s, error = _first_error(sc, image, killed, in_flight)
+    up = _ProcessUp(sc.log(who))
     restarted = time.monotonic()
     sc.cluster.restart(who)
     recover_s = _first_success(sc, image, restarted)
+    startup_s = up.seconds_since(restarted)
+    rejoin_s = (recover_s - startup_s if recover_s is not None and startup_s is not None
+                else None)
     return {"who": str(who), "phase": reached, "error_s": error_s, "error": error[:160],
-            "recover_s": recover_s}
+            "recover_s": recover_s, "startup_s": startup_s, "rejoin_s": rejoin_s}
+
+
+class _ProcessUp:
+    """When a restarted process writes its first log line: its start-up (imports, TLS,
+    listening) is over, and what follows until a request succeeds is the service's own
+    recovery (the survivor pairing again, the weights shared again)."""
+
+    def __init__(self, tail: LogTail) -> None:
+        self.at: float | None = None
+        self._thread = threading.Thread(target=self._watch, args=(tail,), daemon=True)
+        self._thread.start()
+
+    def _watch(self, tail: LogTail) -> None:
+        if tail.wait_for("\n", _DEADLINE_S):
+            self.at = time.monotonic()
+
+    def seconds_since(self, since: float) -> float | None:
+        self._thread.join(_DEADLINE_S)
+        return None if self.at is None else max(0.0, self.at - since)
 
 
 def run_kills(sc: SoakCluster, ref: Reference, who: Any, count: int, phases: tuple[str, ...],
@@ -397,12 +420,14 @@ def run_kills(sc: SoakCluster, ref: Reference, who: Any, count: int, phases: tup
             row = kill_round(sc, who, phase, ref.images[i % len(ref)], rng)
         except (TimeoutError, RuntimeError) as exc:  # the cluster did not come back
             row = {"who": str(who), "phase": phase, "error_s": None, "recover_s": None,
+                   "startup_s": None, "rejoin_s": None,
                    "error": f"not ready before the kill: {str(exc)[:120]}"}
             sc.cluster.restart(who)
         rounds.append(row)
         progress(f"kill {who} #{i + 1}/{count} at {row['phase']}: error after "
                  f"{_fmt(row['error_s'])} ({row['error'][:70]}), recovered "
-                 f"{_fmt(row['recover_s'])} after restart")
+                 f"{_fmt(row['recover_s'])} after restart (process up after "
+                 f"{_fmt(row['startup_s'])}, serving {_fmt(row['rejoin_s'])} later)")
     return rounds
 
 
@@ -642,6 +667,8 @@ def soak(cfg: SoakConfig, progress: Callable[[str], None] = print,
         seconds = time.perf_counter() - tic
     errors = [k["error_s"] for k in kills if k["error_s"] is not None]
     recovers = [k["recover_s"] for k in kills if k["recover_s"] is not None]
+    startups = [k["startup_s"] for k in kills if k.get("startup_s") is not None]
+    rejoins = [k["rejoin_s"] for k in kills if k.get("rejoin_s") is not None]
     summary = {
         "requests": seq["requests"] + conc["requests"],
         "failures": seq["failures"] + conc["failures"],
@@ -656,6 +683,10 @@ def soak(cfg: SoakConfig, progress: Callable[[str], None] = print,
         "recovered": len(recovers),
         "max_error_s": round(max(errors), 2) if len(errors) == len(kills) and errors else None,
         "max_recover_s": round(max(recovers), 2) if recovers else None,
+        # max_recover_s split: the restarted process's own start-up (mostly importing
+        # torch, which grows with the machine's load) and the service's recovery after it
+        "max_startup_s": round(max(startups), 2) if startups else None,
+        "max_rejoin_s": round(max(rejoins), 2) if rejoins else None,
         "unauthorized_accepted": accepted,
         "hostile_unexpected": hostile["unexpected"],
         "role_probes": attempts,

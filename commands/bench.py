@@ -223,7 +223,9 @@ def _soak(args: argparse.Namespace) -> int:
           f"mismatches, {s['crossed']} crossed sessions; RSS growth after warm-up "
           f"{s['rss_growth_mb']} MB")
     print(f"{s['kills']} kills: {s['recovered']} recovered; max time to error "
-          f"{s['max_error_s']} s, max time to recover {s['max_recover_s']} s")
+          f"{s['max_error_s']} s, max time to recover {s['max_recover_s']} s (start-up of "
+          f"the restarted process at most {s['max_startup_s']} s, then serving within "
+          f"{s['max_rejoin_s']} s)")
     print(f"hostile inputs: {s['hostile_unexpected']} unexpected outcomes; "
           f"{s['unauthorized_accepted']} of {s['role_probes']} unauthorized connections accepted")
     if args.json:

@@ -103,6 +103,8 @@ def test_bench_soak_json_contract(capsys, tmp_path):
     assert res["failures"] == res["crossed"] == res["unauthorized_accepted"] == 0
     assert res["kills"] == res["recovered"] == 2
     assert res["hostile_unexpected"] == 0
+    # the recovery splits into the restarted process's start-up and the service's rejoin
+    assert 0 <= res["max_startup_s"] and 0 <= res["max_rejoin_s"] <= res["max_recover_s"]
 
 
 def test_bench_network_json_reports_the_plan_it_ran(capsys):
