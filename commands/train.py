@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-augment", action="store_true", help="no random crop/flip")
     parser.add_argument("--limit", type=int, default=None, help="use N training images")
     parser.add_argument("--test-limit", type=int, default=None, help="use N test images")
-    parser.add_argument("--teacher", type=Path, default=None, help="softmax teacher checkpoint")
+    parser.add_argument("--teacher", default=None,
+                        help="softmax teacher: a checkpoint path or a shipped name (teacher)")
     parser.add_argument("--kd-temperature", type=float, default=4.0)
     parser.add_argument("--kd-weight", type=float, default=1.0, help="soft-logit loss weight")
     parser.add_argument("--feature-weight", type=float, default=1.0, help="feature MSE weight")
@@ -83,11 +84,11 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(config, spec, plan)
     teacher = None
     if args.teacher is not None:
-        from mpcvit.models.checkpoint import CheckpointError, load_model
+        from mpcvit.models.checkpoint import CheckpointError, load_model, resolve_checkpoint
 
         try:
-            teacher = load_model(args.teacher)
-        except CheckpointError as exc:
+            teacher = load_model(resolve_checkpoint(args.teacher))
+        except (CheckpointError, FileNotFoundError) as exc:
             print(f"error: teacher: {exc}", file=sys.stderr)
             return 2
         if teacher.config.replace(name="") != config.replace(name=""):

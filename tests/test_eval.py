@@ -45,4 +45,5 @@ def test_secure_eval_agrees_with_plaintext(capsys):
     res = _last_json(capsys)
     assert res["agreement"] == 1.0
     assert res["max_abs_err"] < 0.05
-    assert res["rounds"] > 100 and res["bytes"] > 1e6 and res["seconds"] > 0
+    # the shipped demo's counts per image (docs/benchmarks.md, section 1.3)
+    assert res["rounds"] == 89 and res["bytes"] > 1e6 and res["seconds"] > 0

@@ -390,3 +390,14 @@ def test_shipped_demo_checkpoint_classifies_real_fashion_mnist():
     # all 10,000 test images: the figure models/assets/README.md states, recomputed
     _, acc = evaluate(model, *load_fashion_mnist().test.tensors())
     assert acc == pytest.approx(extra["test_acc"], abs=1e-4) and acc >= 0.905
+
+
+def test_shipped_teacher_is_the_softmax_vit_the_readme_states():
+    from mpcvit.models.checkpoint import load_checkpoint, resolve_checkpoint
+    from mpcvit.models.data import load_fashion_mnist
+
+    model, extra = load_checkpoint(resolve_checkpoint("teacher"))
+    assert model.config.name == "demo" and extra["dataset"] == "fashion-mnist"
+    assert model.spec.summary() == {"softmax": 16, "gelu": 4}
+    _, acc = evaluate(model, *load_fashion_mnist().test.tensors())
+    assert acc == pytest.approx(extra["test_acc"], abs=1e-4) and acc >= 0.895
