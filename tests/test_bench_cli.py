@@ -78,12 +78,14 @@ def test_pareto_report_shows_measured_wan_speed_ups(tmp_path):
     rows = [row("softmax", 0.745, 0.367, 8.42), row("cheap", 0.745, 0.116, 2.5)]
     args = argparse.Namespace(limit=20000, test_limit=2000, epochs=5, search_epochs=2,
                               search_limit=10000, network="lan", teacher=None, images=20,
-                              wan_images=5, plus_network="loopback", out=tmp_path)
+                              wan_images=5, plus_network="loopback", out=tmp_path,
+                              batch_size=256, distill=False)
     md = pareto.markdown(rows, args)
     cheap = next(line for line in md.splitlines() if line.startswith("| cheap |"))
     assert "| 2.500 | 3.37x |" in cheap  # 8.42 / 2.5
     assert "| 3.16x |" in cheap  # loopback: 0.367 / 0.116
     assert "namespaces + tbf + relays" in md and "median of 5 test images" in md
+    assert "(batch 256)" in md and "no distillation" in md
     pareto.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
 
