@@ -43,7 +43,7 @@ class ServiceLimits:
     max_inputs_per_request: int = 64
     max_pending: int = 256
     max_concurrent_rpcs: int = 64  # beyond this, calls get RESOURCE_EXHAUSTED at once
-    max_batch: int = 1  # requests per secure session (issue 6 raises this)
+    max_batch: int = 1  # requests one secure session may carry (more: they share its rounds)
     max_wait: float = 0.0  # seconds the leader waits for a batch to fill
     # Single-image sessions whose correlated randomness the parties fetch from the
     # dealer while idle (offline phase); 0 prepares none.
