@@ -35,6 +35,7 @@ import torch
 
 from ..models.configs import get_config
 from ..models.costs import NETWORKS, CostModel
+from ..models.plan import ModelPlan, arch_plan, arch_yaml
 from ..models.secure import program_fingerprint
 from ..models.spec import ArchSpec
 
@@ -49,6 +50,10 @@ BASELINES = {"softmax": ("softmax", "gelu"), "relu_softmax": ("relu_softmax", "g
 # network it is priced on; None: --plus-network).
 PLUS_BUDGETS = {"plus": (0.4, None), "plus3x": (1 / 3, None), "plus3x_wan": (1 / 3, "wan")}
 PLUS_ACTIVATIONS = "gelu,relu,relu_nobias,quad,identity"
+# Baselines under a named protocol plan: name -> (trained baseline, plan).  Same weights,
+# so no training: the softmax ViT under the planner's WAN pick is the baseline a searched
+# model that runs an FSS plan has to beat.
+REPLANNED = {"softmax_wan": ("softmax", "wan")}
 BEGIN, END = "<!-- pareto:begin -->", "<!-- pareto:end -->"
 
 
@@ -218,7 +223,9 @@ def _trained_models(models: dict[str, dict], out: Path) -> tuple[bytes, dict[str
         model = load_model(str(ckpt))
         if model.spec != ArchSpec.from_yaml(m["spec"].read_text()):
             raise ValueError(f"{ckpt} has another spec than {m['spec']}")
-        entries[name] = (model.config.to_dict(), model.spec.to_dict(), model.state_dict())
+        # the protocol plan the checkpoint carries (the search's pick) runs with it
+        entries[name] = (model.config.to_dict(), model.spec.to_dict(), model.state_dict(),
+                         model.protocol.to_dict())
         plain[name] = model
     buf = io.BytesIO()
     torch.save(entries, buf)
@@ -375,8 +382,19 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
                             argv=_cli("train", *train_common, "--arch", str(m["spec"]),
                                       "--teacher", str(teacher), "--out",
                                       str(out / "ckpt" / f"{name}_kd.pt")), after=alone))
+    for name, (source, plan_name) in REPLANNED.items():
+        spec = out / "specs" / f"{name}.yaml"
+        if not spec.exists():
+            spec.write_text(arch_yaml(ArchSpec.from_yaml(models[source]["spec"].read_text()),
+                                      ModelPlan.of(plan_name)))
+        jobs.append(Job(f"replan_{name}", out / "ckpt" / f"{name}.pt", [f"train_{source}"],
+                        fn=replan_step(out / "ckpt" / f"{source}.pt", plan_name,
+                                       out / "ckpt" / f"{name}.pt")))
+        models[name] = {"spec": spec, "group": "baseline", "dep": f"replan_{name}"}
     # Secure measurements last, in one session, so that all models share the same load.
-    trainings = [j.name for j in jobs if j.name.startswith(("train_", "distill_"))]
+    trainings = [j.name for j in jobs if j.name.startswith(("train_", "distill_", "replan_"))]
+    # the softmax ViT's rows first, then the others in the order they were added
+    models = dict(sorted(models.items(), key=lambda kv: not kv[0].startswith("softmax")))
     # always re-run: it skips the checkpoints it has already scored
     (out / "eval" / "all.json").unlink(missing_ok=True)
     jobs.append(Job("evaluate", out / "eval" / "all.json", [], after=trainings,
@@ -388,6 +406,19 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, dict]]:
                         after=[*trainings, "measure"],
                         fn=measure_wan_step(models, out, args.wan_images)))
     return jobs, models
+
+
+def replan_step(source: Path, plan_name: str, out: Path) -> Callable[[], None]:
+    """``source``'s checkpoint under the named protocol plan (weights and scores kept)."""
+
+    def step() -> None:
+        from ..models.checkpoint import load_checkpoint, save_checkpoint
+
+        model, extra = load_checkpoint(source)
+        model.set_protocol(plan_name)
+        save_checkpoint(model, out, extra)
+
+    return step
 
 
 def _plus_budget(costs: Path, network: str, fraction: float) -> float:
@@ -431,8 +462,10 @@ def collect(args: argparse.Namespace, models: dict[str, dict]) -> list[dict]:
         if not m["spec"].exists():
             continue
         spec = ArchSpec.from_yaml(m["spec"].read_text())
-        pred = costs.predict(spec)
+        plan = arch_plan(str(m["spec"])) or ModelPlan()
+        pred = costs.predict(spec, plan)
         row = {"name": name, "group": m["group"], "kinds": spec.summary(),
+               "plan": "default" if plan.is_default else plan.describe(),
                "acc": checkpoint_accuracy(out / "ckpt" / f"{name}.pt"),
                "acc_kd": (None if name == "softmax"
                           else checkpoint_accuracy(out / "ckpt" / f"{name}_kd.pt")),
@@ -506,11 +539,14 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "",
         "| model | kinds | acc | acc (distilled) | rounds meas / pred | MB meas / pred "
         "| loopback s meas / pred | speed-up vs softmax | LAN s | WAN s | WAN meas s "
-        "| speed-up on WAN meas | secure = plain argmax |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| speed-up on WAN meas | vs softmax_wan on WAN meas | secure = plain argmax |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    planned = next((r for r in rows if r["name"] == "softmax_wan"), None)
     for r in rows:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
+        if r.get("plan", "default") != "default":
+            kinds += f"; plan {r['plan']}"
         speed = None
         if base is not None and r.get("meas_s") and base.get("meas_s"):
             speed = base["meas_s"] / r["meas_s"]
@@ -518,6 +554,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         wan_speed = None
         if base is not None and r.get("wan_meas_s") and base.get("wan_meas_s"):
             wan_speed = base["wan_meas_s"] / r["wan_meas_s"]
+        planned_speed = None
+        if planned is not None and r.get("wan_meas_s") and planned.get("wan_meas_s"):
+            planned_speed = planned["wan_meas_s"] / r["wan_meas_s"]
         lines.append(
             f"| {r['name']} | {kinds} | {_fmt(r['acc'], '.4f')} | {_fmt(r['acc_kd'], '.4f')} "
             f"| {_fmt(r.get('meas_rounds'), '.0f')} / {r['pred_rounds']:.0f} "
@@ -525,6 +564,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             f"| {_fmt(r.get('meas_s'))} / {r['pred_compute_s']:.3f} | {_fmt(speed, '.2f')}x "
             f"| {_fmt(r.get('meas_lan_s'))} | {_fmt(r.get('meas_wan_s'))} "
             f"| {_fmt(r.get('wan_meas_s'))} | {_fmt(wan_speed, '.2f')}x "
+            f"| {_fmt(planned_speed, '.2f')}{'x' if planned_speed else ''} "
             f"| {r.get('agree', '—')} |")
     stale = [r["name"] for r in rows if r.get("ops_match") is False]
     if stale:

@@ -60,6 +60,44 @@ def test_pareto_scores_every_checkpoint_on_the_whole_test_set(tmp_path):
     assert pareto.checkpoint_accuracy(ckpt) == want != 0.5
 
 
+def test_pareto_models_run_under_their_own_protocol_plan(tmp_path):
+    """A searched spec's plan (and the replanned softmax baseline's) travels from the spec
+    file into the checkpoint, the measured party program and the prediction: the
+    pipeline must not time an FSS-planned model under the default plan."""
+    import argparse
+    import io
+
+    import torch
+    from mpcvit.bench import pareto
+    from mpcvit.models.checkpoint import load_checkpoint, save_checkpoint
+    from mpcvit.models.plan import ModelPlan
+    from mpcvit.models.vit import build_model
+
+    args = argparse.Namespace(out=tmp_path, limit=100, test_limit=100, epochs=1,
+                              batch_size=32, threads=1, search_limit=None, network="lan",
+                              search_epochs=1, plus_network="loopback", teacher=None,
+                              distill=False, images=1, wan_images=0)
+    jobs, models = pareto.plan(args)
+    assert list(models)[:2] == ["softmax", "softmax_wan"]
+    replan = next(j for j in jobs if j.name == "replan_softmax_wan")
+    assert replan.deps == ["train_softmax"] and replan.fn is not None
+    torch.manual_seed(0)
+    save_checkpoint(build_model("demo").eval(), tmp_path / "ckpt" / "softmax.pt",
+                    extra={"test_acc": 0.25})
+    replan.fn()
+    model, extra = load_checkpoint(tmp_path / "ckpt" / "softmax_wan.pt")
+    assert model.protocol == ModelPlan.of("wan") and extra == {"test_acc": 0.25}
+    blob, plain = pareto._trained_models(models, tmp_path)
+    entries = torch.load(io.BytesIO(blob), weights_only=True)
+    assert ModelPlan.from_dict(entries["softmax_wan"][3]) == ModelPlan.of("wan")
+    assert ModelPlan.from_dict(entries["softmax"][3]).is_default
+    # the spec file the prediction reads carries the plan too
+    from mpcvit.models.plan import arch_plan
+
+    assert arch_plan(str(models["softmax_wan"]["spec"])) == ModelPlan.of("wan")
+    assert arch_plan(str(models["softmax"]["spec"])) is None
+
+
 def test_pareto_report_shows_measured_wan_speed_ups(tmp_path):
     """Rows with a measurement on the emulated WAN get that column and its speed-up
     against the softmax ViT; the setup line says how the link was emulated."""
