@@ -465,7 +465,7 @@ def collect(args: argparse.Namespace, models: dict[str, dict]) -> list[dict]:
         plan = arch_plan(str(m["spec"])) or ModelPlan()
         pred = costs.predict(spec, plan)
         row = {"name": name, "group": m["group"], "kinds": spec.summary(),
-               "plan": "default" if plan.is_default else plan.describe(),
+               "plan": plan.describe(),
                "acc": checkpoint_accuracy(out / "ckpt" / f"{name}.pt"),
                "acc_kd": (None if name == "softmax"
                           else checkpoint_accuracy(out / "ckpt" / f"{name}_kd.pt")),
@@ -543,20 +543,19 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     planned = next((r for r in rows if r["name"] == "softmax_wan"), None)
+
+    def speed_up(ref: dict | None, r: dict, key: str) -> float | None:
+        """``ref``'s seconds over ``r``'s under ``key``, when both were measured."""
+        return ref[key] / r[key] if ref is not None and r.get(key) and ref.get(key) else None
+
     for r in rows:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
         if r.get("plan", "default") != "default":
             kinds += f"; plan {r['plan']}"
-        speed = None
-        if base is not None and r.get("meas_s") and base.get("meas_s"):
-            speed = base["meas_s"] / r["meas_s"]
+        speed = speed_up(base, r, "meas_s")
         mb = None if r.get("meas_bytes") is None else r["meas_bytes"] / 1e6
-        wan_speed = None
-        if base is not None and r.get("wan_meas_s") and base.get("wan_meas_s"):
-            wan_speed = base["wan_meas_s"] / r["wan_meas_s"]
-        planned_speed = None
-        if planned is not None and r.get("wan_meas_s") and planned.get("wan_meas_s"):
-            planned_speed = planned["wan_meas_s"] / r["wan_meas_s"]
+        wan_speed = speed_up(base, r, "wan_meas_s")
+        planned_speed = speed_up(planned, r, "wan_meas_s")
         lines.append(
             f"| {r['name']} | {kinds} | {_fmt(r['acc'], '.4f')} | {_fmt(r['acc_kd'], '.4f')} "
             f"| {_fmt(r.get('meas_rounds'), '.0f')} / {r['pred_rounds']:.0f} "

@@ -70,7 +70,7 @@ def test_pareto_models_run_under_their_own_protocol_plan(tmp_path):
     import torch
     from mpcvit.bench import pareto
     from mpcvit.models.checkpoint import load_checkpoint, save_checkpoint
-    from mpcvit.models.plan import ModelPlan
+    from mpcvit.models.plan import ModelPlan, arch_plan
     from mpcvit.models.vit import build_model
 
     args = argparse.Namespace(out=tmp_path, limit=100, test_limit=100, epochs=1,
@@ -92,8 +92,6 @@ def test_pareto_models_run_under_their_own_protocol_plan(tmp_path):
     assert ModelPlan.from_dict(entries["softmax_wan"][3]) == ModelPlan.of("wan")
     assert ModelPlan.from_dict(entries["softmax"][3]).is_default
     # the spec file the prediction reads carries the plan too
-    from mpcvit.models.plan import arch_plan
-
     assert arch_plan(str(models["softmax_wan"]["spec"])) == ModelPlan.of("wan")
     assert arch_plan(str(models["softmax"]["spec"])) is None
 
